@@ -1,0 +1,71 @@
+# Two commands do everything on a fresh machine:
+#   make test   install what the tests need, then lint, type-check and test
+#   make demo   run the whole BYOK flow locally (Azurite + emulator + packager + pipeline)
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INFRA_VENV := .venv-infra
+APT_PACKAGES := softhsm2 openssl
+
+.PHONY: help test demo lint typecheck unit deps system-deps node-deps infra-deps bench clean
+
+help:
+	@echo "make test   - install dependencies, run ruff, mypy and pytest"
+	@echo "make demo   - end-to-end BYOK walk-through on local services"
+	@echo "make bench  - print benchmark figures (not part of the tests)"
+
+# System packages: SoftHSM2 (the PKCS#11 HSM for tests) and the OpenSSL CLI (independent
+# implementation of the wrap). Installed only when missing; needs root (CI runs as root).
+system-deps:
+	@missing=""; \
+	command -v softhsm2-util >/dev/null || missing="$$missing softhsm2"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.stamp: requirements.txt requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+deps: system-deps $(VENV)/.stamp node-deps
+
+node_modules/.stamp: package.json
+	npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+node-deps: node_modules/.stamp
+
+$(INFRA_VENV)/.stamp: requirements-infra.txt
+	$(PYTHON) -m venv $(INFRA_VENV)
+	$(INFRA_VENV)/bin/python -m pip install -q --upgrade pip
+	$(INFRA_VENV)/bin/python -m pip install -q -r requirements-infra.txt
+	touch $@
+
+infra-deps: $(INFRA_VENV)/.stamp
+
+lint: $(VENV)/.stamp
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(VENV)/.stamp
+	$(VENV)/bin/mypy offline_packager byok_pipeline managed_hsm_emulator function_app.py tests benchmarks scripts
+
+test: deps infra-deps lint typecheck
+	BYOK_INFRA_PYTHON=$(CURDIR)/$(INFRA_VENV)/bin/python $(VENV)/bin/pytest
+
+demo: deps
+	$(PY) scripts/demo.py
+
+bench: deps
+	$(PY) benchmarks/packager_bench.py
+
+clean:
+	rm -rf $(VENV) $(INFRA_VENV) node_modules .mypy_cache .ruff_cache .pytest_cache .demo

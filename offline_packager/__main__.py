@@ -1,0 +1,7 @@
+"""``python -m offline_packager``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,66 @@
+"""Typed errors with stable reason codes.
+
+Every refusal raised by the packager (and by the format checks the connected side reuses) is a
+:class:`ByokError` subclass carrying a ``reason`` code. Reason codes are part of the public
+interface: automation and dashboards match on them, so they never change meaning.
+Messages never contain key material.
+"""
+
+from __future__ import annotations
+
+
+class ByokError(Exception):
+    """Base class: a refusal with a stable ``reason`` code and a human sentence."""
+
+    reason: str = "error"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.reason
+
+
+class PackageFormatError(ByokError):
+    """The .byok file is malformed (JSON, fields, base64url, lengths)."""
+
+    reason = "malformed_package"
+
+
+class KidError(ByokError):
+    """A key identifier is malformed, versionless, or names another HSM."""
+
+    reason = "bad_kid"
+
+
+class KekError(ByokError):
+    """The KEK is not an acceptable RSA 2048/3072/4096 public key, or does not match."""
+
+    reason = "kek_invalid"
+
+
+class TargetKeyError(ByokError):
+    """The target key cannot be read, or is of an unsupported type, size or curve."""
+
+    reason = "unsupported_target"
+
+
+class WrapError(ByokError):
+    """Wrapping or unwrapping failed (wrong KEK, tampered ciphertext)."""
+
+    reason = "unwrap_failed"
+
+
+class OutputError(ByokError):
+    """An output file exists (and --force was not given) or cannot be written."""
+
+    reason = "output_exists"
+
+
+class Pkcs11Error(ByokError):
+    """A PKCS#11 token operation failed or the token lacks a needed mechanism."""
+
+    reason = "pkcs11_error"

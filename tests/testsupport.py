@@ -1,0 +1,36 @@
+"""Shared test helpers (importable from any test: pytest's pythonpath includes tests/)."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_VECTORS = REPO.parent / "shared" / "vectors"
+VENDOR_SAMPLE = SHARED_VECTORS / "securosys-primus-rsa4096.byok"
+
+
+def write_kek(tmp: Path, key: rsa.RSAPrivateKey) -> tuple[Path, Path]:
+    """Write a KEK's public PEM and private PEM (for the OpenSSL CLI unwrap) into ``tmp``."""
+    pub = tmp / f"kek{key.key_size}.pem"
+    priv = tmp / f"kek{key.key_size}.key"
+    pub.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    priv.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return pub, priv
+
+
+def make_kid(name: str = "kek", host: str = "contoso.managedhsm.azure.net") -> str:
+    return f"https://{host}/keys/{name}/{secrets.token_hex(16)}"
