@@ -1,0 +1,322 @@
+"""Processing one dropped package, exactly once: claim → validate → import → verify → record.
+
+Exactly-once rests on three mechanisms (see README "How exactly-once works"):
+1. the status document ``packages/<sha256>.json`` is created with ``if_none_match='*'``:
+   the first delivery of these bytes claims them;
+2. a blob lease on that document serialises workers; a delivery that finds it leased raises
+   :class:`InProgress` so the platform redelivers later;
+3. before every import attempt the HSM is searched for a version tagged with the package's
+   SHA-256, so a crash between import and status write never imports twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from azure.storage.blob import BlobLeaseClient
+
+from offline_packager.kid import KEY_NAME_RE
+
+from .audit import AuditSink, event_for_state, utc_now, verified_event
+from .blobstore import BlobGone, BlobStore, IncomingBlob
+from .errors import Rejected, TransientError
+from .keyvault import TAG_KEK_KID, TAG_PACKAGE_SHA256, HsmAdapter, ImportedKey
+from .metadata import ImportOptions, parse_metadata
+from .settings import Settings
+from .status import ARCHIVED, StatusDoc, utc
+from .validation import ValidatedPackage, check_against_kek, check_kek_facts, read_package
+from .verification import fingerprint_matches, spki_sha256_of_public_jwk
+
+_BLOB_NAME_RE = re.compile(r"^(?P<name>.+)\.byok$")
+Fault = Callable[[str], None]
+
+
+def _no_fault(stage: str) -> None:
+    """Production: no fault injection. Tests pass a hook that crashes at a named stage."""
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class Deps:
+    """Everything processing needs; clock, ids and fault points are seams for tests."""
+
+    settings: Settings
+    store: BlobStore
+    hsm: HsmAdapter
+    audit: AuditSink
+    clock: Callable[[], datetime] = utc_now
+    new_id: Callable[[], str] = _new_id
+    fault: Fault = _no_fault
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one delivery."""
+
+    state: str  # a status state, or "gone" (nothing left to do)
+    status_path: str | None = None
+    doc: StatusDoc | None = field(default=None, repr=False)
+
+    @property
+    def reason_code(self) -> str | None:
+        return self.doc.reason_code if self.doc else None
+
+
+def key_name_of(blob_name: str) -> str:
+    """``NAME.byok`` → ``NAME``.
+
+    Raises:
+        Rejected: reason ``bad_key_name``.
+    """
+    match = _BLOB_NAME_RE.match(blob_name)
+    if match is None or not KEY_NAME_RE.match(match["name"]):
+        raise Rejected(
+            "bad_key_name", "blob must be named NAME.byok, NAME matching ^[0-9a-zA-Z-]{1,127}$"
+        )
+    return match["name"]
+
+
+def _drop_hash(blob: IncomingBlob) -> str:
+    return hashlib.sha256(f"{blob.name}\n{blob.etag}".encode()).hexdigest()[:32]
+
+
+def _fresh_doc(blob: IncomingBlob, sha: str | None, deps: Deps) -> StatusDoc:
+    doc = StatusDoc(
+        blob_name=blob.name,
+        package_sha256=sha,
+        etag=blob.etag,
+        correlation_id=deps.new_id(),
+        drop_time=utc(blob.created.astimezone(UTC)) if blob.created else None,
+        uploader=(blob.metadata or {}).get("byok_uploader"),
+    )
+    doc.advance("received", deps.clock())
+    return doc
+
+
+class _Run:
+    """One leased processing run of one status document."""
+
+    def __init__(
+        self, deps: Deps, blob: IncomingBlob, path: str, doc: StatusDoc, lease: BlobLeaseClient
+    ) -> None:
+        self.deps = deps
+        self.blob = blob
+        self.path = path
+        self.doc = doc
+        self.lease = lease
+
+    # -- recording --------------------------------------------------------------------------
+    def save(self) -> None:
+        self.deps.store.save_status(self.path, self.doc, self.lease)
+
+    def flush_audit(self) -> None:
+        """Emit every history entry not yet audited, in order, then mark them (next save)."""
+        for entry in self.doc.unaudited():
+            self.deps.audit.emit(event_for_state(self.doc, entry.state, entry.attempt, entry.time))
+            if entry.state == "imported" and self.doc.fingerprint_result == "match":
+                self.deps.audit.emit(verified_event(self.doc, self.deps.clock()))
+            entry.audited = True
+
+    def record(self, state: str) -> None:
+        """Advance, write the status durably, then audit the change."""
+        if self.doc.advance(state, self.deps.clock()):
+            self.save()
+            self.flush_audit()
+
+    def finish(self, state: str, *, reason: str | None = None, message: str | None = None) -> None:
+        self.doc.reason_code = reason
+        self.doc.message = message
+        self.record(state)
+        self.save()  # persist the audited marks
+        self.dispose()
+
+    def dispose(self) -> None:
+        """Move the package out of incoming (status already durable), then note where."""
+        s = self.deps.settings
+        container = s.archive_container if self.doc.state in ARCHIVED else s.quarantine_container
+        if self.blob.data is None:
+            dest = f"_oversize/{_drop_hash(self.blob)}.byok"
+        else:
+            folder = self.doc.key_name or "_invalid-name"
+            dest = f"{folder}/{self.doc.package_sha256}.byok"
+        meta = {"original_name": self.blob.name.encode("ascii", "replace").decode()[:512],
+                "state": self.doc.state or "", "correlation_id": self.doc.correlation_id}  # fmt: skip
+        where = self.deps.store.dispose(self.blob, container, dest, meta)
+        if self.doc.disposition != where:
+            self.doc.disposition = where
+            self.save()
+
+    # -- the steps --------------------------------------------------------------------------
+    def run(self) -> None:
+        doc, deps = self.doc, self.deps
+        if self.blob.data is None:
+            raise Rejected("too_large", f"package is {self.blob.size} bytes, over the "
+                           f"{deps.settings.max_package_bytes}-byte limit")  # fmt: skip
+        data = self.blob.data
+        doc.key_name = key_name_of(self.blob.name)
+        options = parse_metadata(self.blob.metadata)
+        doc.manifest_sha256 = options.manifest_sha256
+        if options.package_sha256 and options.package_sha256 != doc.package_sha256:
+            raise Rejected(
+                "manifest_mismatch", "the package differs from the one its manifest describes"
+            )
+        if options.fingerprint is not None:
+            doc.fingerprint_expected = f"{options.fingerprint.kind}:{options.fingerprint.value}"
+
+        imported: ImportedKey | None = None
+        _, kid = read_package(data, deps.settings)
+        doc.kek_kid = kid.kid
+        assert doc.package_sha256 is not None  # noqa: S101  # data was read, so it was hashed
+        if doc.reached("importing"):  # resumed after a crash: the import may have happened
+            imported = deps.hsm.find_imported(
+                doc.key_name, doc.package_sha256, request_id=doc.correlation_id
+            )
+        if imported is None:
+            kek_facts = deps.hsm.get_kek(kid, request_id=doc.correlation_id)
+            kek = check_kek_facts(kek_facts, deps.clock())
+            validated = check_against_kek(data, kek, kid, options, deps.settings)
+            doc.target_type = validated.target_type.name
+            doc.target_type_source = "inferred" if validated.target_type_inferred else "stated"
+            doc.key_ops = list(validated.key_ops)
+            self.record("validated")
+            self.record("importing")
+            deps.fault("before_import")
+            imported = self._import(validated, options, data)
+            deps.fault("after_import")
+        doc.imported_kid = imported.kid
+        self._verify(imported, options)
+
+    def _import(
+        self, validated: ValidatedPackage, options: ImportOptions, data: bytes
+    ) -> ImportedKey:
+        doc = self.doc
+        assert doc.key_name is not None  # noqa: S101  # set by run()
+        assert doc.package_sha256 is not None  # noqa: S101  # set by process_blob()
+        tags = dict(options.tags)
+        tags[TAG_PACKAGE_SHA256] = doc.package_sha256
+        tags[TAG_KEK_KID] = validated.kek_kid.kid
+        t = validated.target_type
+        return self.deps.hsm.import_once(
+            doc.key_name, package_bytes=data, package_sha256=doc.package_sha256, kty=t.kty,
+            crv=t.crv, key_ops=validated.key_ops, tags=tags, request_id=doc.correlation_id,
+        )  # fmt: skip
+
+    def _verify(self, imported: ImportedKey, options: ImportOptions) -> None:
+        doc, hsm = self.doc, self.deps.hsm
+        expected = options.fingerprint
+        actual: str | None = None
+        if expected is not None and expected.kind == "spki-sha256":
+            actual = spki_sha256_of_public_jwk(imported.kty, n=imported.n, e=imported.e,
+                                               crv=imported.crv, x=imported.x, y=imported.y)  # fmt: skip
+        elif expected is not None and "encrypt" in imported.key_ops and doc.target_type:
+            size = int(doc.target_type.split("-")[1])
+            actual = hsm.aes_check_value(imported.kid, size, request_id=doc.correlation_id)
+        if expected is None or actual is None:
+            doc.fingerprint_result = "unverified"
+            self.finish("imported")
+        elif fingerprint_matches(expected, actual):
+            doc.fingerprint_result = "match"
+            self.finish("imported")
+        else:
+            doc.fingerprint_result = "mismatch"
+            hsm.disable_version(imported.name, imported.version, request_id=doc.correlation_id)
+            self.finish("verification_failed", reason="fingerprint_mismatch",
+                        message=f"imported key's {expected.kind} differs from the manifest's; "
+                        "the new version was disabled")  # fmt: skip
+
+
+def process_blob(name: str, deps: Deps) -> Outcome:
+    """Process one delivery of ``incoming/name``. Safe to call any number of times, concurrently.
+
+    Returns the outcome for handled cases (terminal states, or "gone").
+
+    Raises:
+        InProgress: another worker holds the package; redeliver later.
+        TransientError: a dependency failed and attempts remain; redeliver later.
+    """
+    store = deps.store
+    try:
+        blob = store.read_incoming(name)
+    except BlobGone:
+        return Outcome("gone")
+    if blob.data is None:
+        sha = None
+        path = f"packages/oversize-{_drop_hash(blob)}.json"
+    else:
+        sha = hashlib.sha256(blob.data).hexdigest()
+        path = f"packages/{sha}.json"
+
+    store.create_status(path, _fresh_doc(blob, sha, deps))
+    lease = store.lease(path)
+    try:
+        doc = store.load_status(path)
+        assert doc is not None  # noqa: S101  # created above or before, never deleted
+        if doc.etag != blob.etag:
+            if doc.state in ("rejected", "failed", "verification_failed"):
+                # the same bytes dropped again after a refusal: keep the old record, start over
+                store.put_status(
+                    f"history/{sha}/{_drop_hash(blob)}-{doc.etag.strip(chr(34))}.json", doc
+                )
+                doc = _fresh_doc(blob, sha, deps)
+            else:
+                return _duplicate(blob, path, doc, deps)
+        run = _Run(deps, blob, path, doc, lease)
+        if doc.terminal:
+            run.flush_audit()
+            run.save()
+            run.dispose()
+            return Outcome(doc.state or "", path, doc)
+        doc.attempts += 1
+        run.save()
+        run.flush_audit()
+        try:
+            run.run()
+        except Rejected as exc:
+            doc.service_code = exc.service_code
+            run.finish("rejected", reason=exc.reason, message=exc.message)
+        except TransientError as exc:
+            doc.last_error = exc.message
+            if doc.attempts >= deps.settings.max_attempts:
+                run.finish("failed", reason="attempts_exhausted",
+                           message=f"gave up after {doc.attempts} attempts: {exc.message}")  # fmt: skip
+            else:
+                run.save()
+                raise
+        return Outcome(doc.state or "", path, doc)
+    finally:
+        store.release(lease)
+
+
+def _duplicate(blob: IncomingBlob, first_path: str, first: StatusDoc, deps: Deps) -> Outcome:
+    """A new drop of bytes already claimed: record ``duplicate`` pointing at the first result."""
+    path = f"duplicates/{first.package_sha256}/{_drop_hash(blob)}.json"
+    doc = deps.store.load_status(path)
+    if doc is None:
+        doc = _fresh_doc(blob, first.package_sha256, deps)
+        doc.key_name = first.key_name
+        doc.target_type = first.target_type
+        doc.kek_kid = first.kek_kid
+        doc.imported_kid = first.imported_kid
+        doc.duplicate_of = first_path
+        doc.message = (f"same bytes as {first.blob_name} ({first.state}"
+                       + (f", imported as {first.imported_kid})" if first.imported_kid else ")"))  # fmt: skip
+        doc.attempts = 1
+        doc.advance("duplicate", deps.clock())
+        deps.store.put_status(path, doc)
+    for entry in doc.unaudited():
+        deps.audit.emit(event_for_state(doc, entry.state, entry.attempt, entry.time))
+        entry.audited = True
+    deps.store.put_status(path, doc)
+    dest = f"{doc.key_name or '_invalid-name'}/{doc.package_sha256}.byok"
+    doc.disposition = deps.store.dispose(blob, deps.settings.archive_container, dest,
+                                         {"original_name": blob.name, "state": "duplicate"})  # fmt: skip
+    deps.store.put_status(path, doc)
+    return Outcome("duplicate", path, doc)

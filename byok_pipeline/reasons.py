@@ -1,0 +1,46 @@
+"""The documented list of reason codes. Stable: dashboards and automation match on them.
+
+A test checks that every reason code the pipeline can produce is listed here and in the README.
+"""
+
+from __future__ import annotations
+
+REASONS: dict[str, str] = {
+    # reading
+    "too_large": "The package is over the size limit (BYOK_MAX_PACKAGE_BYTES).",
+    "bad_key_name": "The blob is not named NAME.byok with NAME matching ^[0-9a-zA-Z-]{1,127}$.",
+    "bad_metadata": "The upload metadata (target type, key ops, tags, fingerprint) is invalid.",
+    "manifest_mismatch": "The package's SHA-256 differs from the manifest SHA-256 it was uploaded with.",
+    # package structure
+    "malformed_package": "Not a strict JSON .byok document with the expected fields.",
+    "unsupported_schema_version": "schema_version is not 1.0.0.",
+    "wrong_alg": "header.alg is not 'dir'.",
+    "wrong_enc": "header.enc is not 'CKM_RSA_AES_KEY_WRAP'.",
+    "bad_base64": "The ciphertext is not base64url.",
+    "bad_kid": "header.kid is not a versioned key identifier.",
+    "kid_wrong_hsm": "header.kid names another HSM than the configured one.",
+    # the KEK
+    "kek_not_allowed": "The KEK's name is not in BYOK_ALLOWED_KEK_NAMES.",
+    "kek_missing": "No key with the kid's name and exact version exists in the HSM.",
+    "kek_disabled": "The KEK is disabled.",
+    "kek_not_yet_valid": "The KEK's nbf (not before) is in the future.",
+    "kek_expired": "The KEK's exp (expiry) has passed.",
+    "kek_not_rsa": "The KEK is not an RSA-HSM key.",
+    "kek_wrong_size": "The KEK is not RSA 2048, 3072 or 4096.",
+    "kek_not_import_only": "The KEK's key operations are not exactly ['import'].",
+    # ciphertext vs KEK and target
+    "ciphertext_length_mismatch": "The ciphertext is not an RSA block of the KEK's size plus an AES-KWP block.",
+    "rsa_block_out_of_range": "The RSA block's integer is not below the KEK modulus.",
+    "target_type_unknown": "No target type was stated and none can be inferred from the length.",
+    "target_type_mismatch": "The stated target type cannot fit the wrapped length.",
+    "target_type_not_allowed": "The target type is not in BYOK_ALLOWED_TARGET_TYPES.",
+    # the HSM
+    "hsm_refused": "Managed HSM refused the import; the service's error code is kept.",
+    "fingerprint_mismatch": "The imported key does not match the manifest fingerprint (version disabled).",
+    "attempts_exhausted": "Transient failures persisted for BYOK_MAX_ATTEMPTS deliveries.",
+}
+
+
+def describe(reason: str) -> str:
+    """The documented sentence for ``reason`` (unknown codes are a programming error)."""
+    return REASONS[reason]
