@@ -141,8 +141,8 @@ class BlobStore:
         src = self.service.get_blob_client(self.settings.incoming_container, blob.name)
         dest = self.service.get_blob_client(container, dest_name)
         try:
-            copy = dest.start_copy_from_url(src.url, metadata=metadata, etag=blob.etag,
-                                            match_condition=_if_match())  # fmt: skip
+            copy = dest.start_copy_from_url(src.url, metadata=metadata, source_etag=blob.etag,
+                                            source_match_condition=_if_match())  # fmt: skip
             if copy.get("copy_status") not in ("success", None):
                 self._wait_copy(dest)
             src.delete_blob(etag=blob.etag, match_condition=_if_match())

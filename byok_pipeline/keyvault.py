@@ -51,6 +51,11 @@ class ImportedKey:
     tags: dict[str, str]
 
 
+def _s(value: Any) -> str:
+    """The SDK returns enums (JsonWebKeyType, KeyOperation, KeyCurveName); we want their values."""
+    return str(getattr(value, "value", value))
+
+
 def _jwk(key: KeyVaultKey) -> Any:
     """The key's JsonWebKey; its fields are set dynamically, so mypy cannot see them."""
     return key.key
@@ -60,8 +65,8 @@ def _imported(key: KeyVaultKey) -> ImportedKey:
     jwk = _jwk(key)
     return ImportedKey(
         kid=str(key.id), name=str(key.name), version=str(key.properties.version),
-        kty=str(jwk.kty), key_ops=tuple(str(o) for o in (jwk.key_ops or ())),
-        n=jwk.n, e=jwk.e, crv=str(jwk.crv) if jwk.crv else None, x=jwk.x, y=jwk.y,
+        kty=_s(jwk.kty), key_ops=tuple(_s(o) for o in (jwk.key_ops or ())),
+        n=jwk.n, e=jwk.e, crv=_s(jwk.crv) if jwk.crv else None, x=jwk.x, y=jwk.y,
         tags=dict(key.properties.tags or {}),
     )  # fmt: skip
 
@@ -131,7 +136,7 @@ class HsmAdapter:
             ).public_key()
         props = key.properties
         return KekFacts(
-            kid=str(key.id), kty=str(jwk.kty), key_ops=tuple(str(o) for o in (jwk.key_ops or ())),
+            kid=str(key.id), kty=_s(jwk.kty), key_ops=tuple(_s(o) for o in (jwk.key_ops or ())),
             enabled=bool(props.enabled), not_before=props.not_before, expires_on=props.expires_on,
             public_key=public,
         )  # fmt: skip

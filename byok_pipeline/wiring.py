@@ -1,0 +1,132 @@
+"""Build the pipeline's dependencies from settings: SDK clients with bounded retries.
+
+Production credentials: a user-assigned managed identity (``AZURE_CLIENT_ID``) or
+``DefaultAzureCredential``. The local runner passes the emulator's credential explicitly.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from azure.core.credentials import TokenCredential
+from azure.keyvault.keys import KeyClient
+from azure.keyvault.keys.crypto import CryptographyClient
+from azure.storage.blob import BlobServiceClient
+
+from .audit import AuditSink, JsonLinesAuditSink, MemoryAuditSink
+from .blobstore import BlobStore
+from .errors import ConfigError
+from .keyvault import HsmAdapter
+from .processor import Deps
+from .settings import Settings
+
+CONNECTION_TIMEOUT = 10
+READ_TIMEOUT = 30  # well below the lease (>= 15 s ... 60 s) so a hung import cannot outlive it
+
+
+def default_credential(env: Mapping[str, str] | None = None) -> TokenCredential:
+    """Managed identity in Azure (user-assigned when AZURE_CLIENT_ID is set)."""
+    from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
+
+    env = os.environ if env is None else env
+    client_id = env.get("AZURE_CLIENT_ID")
+    if client_id and env.get("IDENTITY_ENDPOINT"):
+        return ManagedIdentityCredential(client_id=client_id)
+    return DefaultAzureCredential(managed_identity_client_id=client_id)
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _retry_kwargs(settings: Settings) -> dict[str, Any]:
+    return {
+        "retry_total": settings.retry_total,
+        "retry_backoff_factor": settings.retry_backoff,
+        "retry_backoff_max": settings.retry_backoff_max,
+        "connection_timeout": CONNECTION_TIMEOUT,
+        "read_timeout": READ_TIMEOUT,
+    }
+
+
+def key_client(
+    settings: Settings, credential: TokenCredential, *, ca_bundle: str | None = None
+) -> KeyClient:
+    """A KeyClient for the configured HSM. Challenge-resource verification stays on except for
+    a loopback HSM (the local emulator), where the SDK cannot verify it."""
+    kwargs = _retry_kwargs(settings)
+    if _is_loopback(settings.hsm_url):
+        kwargs["verify_challenge_resource"] = False
+    if ca_bundle:
+        kwargs["connection_verify"] = ca_bundle
+    return KeyClient(settings.hsm_url, credential, **kwargs)
+
+
+def hsm_adapter(
+    settings: Settings, credential: TokenCredential, *, ca_bundle: str | None = None
+) -> HsmAdapter:
+    client = key_client(settings, credential, ca_bundle=ca_bundle)
+    crypto_kwargs = _retry_kwargs(settings)
+    if _is_loopback(settings.hsm_url):
+        crypto_kwargs["verify_challenge_resource"] = False
+    if ca_bundle:
+        crypto_kwargs["connection_verify"] = ca_bundle
+
+    def crypto(kid: str) -> CryptographyClient:
+        return CryptographyClient(kid, credential, **crypto_kwargs)
+
+    return HsmAdapter(client, settings, crypto_factory=crypto)
+
+
+def blob_service(settings: Settings, env: Mapping[str, str] | None = None,
+                 credential: TokenCredential | None = None) -> BlobServiceClient:  # fmt: skip
+    """``BYOK_STORAGE`` as a connection string, or identity-based ``BYOK_STORAGE__blobServiceUri``.
+
+    Raises:
+        ConfigError: neither is set.
+    """
+    env = os.environ if env is None else env
+    kwargs: dict[str, Any] = {"retry_total": settings.retry_total, "connection_timeout": CONNECTION_TIMEOUT,
+              "read_timeout": READ_TIMEOUT}  # fmt: skip
+    conn = env.get("BYOK_STORAGE")
+    if conn:
+        return BlobServiceClient.from_connection_string(conn, **kwargs)
+    uri = env.get("BYOK_STORAGE__blobServiceUri")
+    if uri:
+        return BlobServiceClient(uri, credential=credential or default_credential(env), **kwargs)
+    raise ConfigError("set BYOK_STORAGE (connection string) or BYOK_STORAGE__blobServiceUri")
+
+
+def audit_sink(settings: Settings) -> AuditSink:
+    """The local JSON-lines sink when BYOK_AUDIT_LOG is set; else an in-memory sink."""
+    if settings.audit_log:
+        return JsonLinesAuditSink(settings.audit_log)
+    return MemoryAuditSink()
+
+
+def build_deps(
+    settings: Settings,
+    *,
+    env: Mapping[str, str] | None = None,
+    credential: TokenCredential | None = None,
+    ca_bundle: str | None = None,
+    audit: AuditSink | None = None,
+) -> Deps:
+    """All dependencies of :func:`byok_pipeline.processor.process_blob`."""
+    env = os.environ if env is None else env
+    cred = credential or default_credential(env)
+    ca = ca_bundle or env.get("BYOK_HSM_CA_BUNDLE") or None
+    return Deps(
+        settings=settings,
+        store=BlobStore(blob_service(settings, env), settings),
+        hsm=hsm_adapter(settings, cred, ca_bundle=ca),
+        audit=audit or audit_sink(settings),
+    )

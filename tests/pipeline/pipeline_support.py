@@ -1,0 +1,133 @@
+"""A local stack for pipeline tests: settings, deps, packaging and delivery helpers."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from azure.storage.blob import BlobServiceClient
+from cryptography.hazmat.primitives import serialization
+
+from byok_pipeline.audit import MemoryAuditSink
+from byok_pipeline.azurite import Azurite
+from byok_pipeline.blobstore import BlobStore
+from byok_pipeline.keyvault import HsmAdapter
+from byok_pipeline.metadata import ImportOptions, options_from_manifest
+from byok_pipeline.processor import Deps, Outcome, process_blob
+from byok_pipeline.settings import Settings
+from managed_hsm_emulator.testing import EmulatorHandle
+from offline_packager.kek import load_kek_pem
+from offline_packager.kid import parse_kid
+from offline_packager.packager import build_package
+from offline_packager.target_keys import TargetKey, generate_target
+from offline_packager.wrap import wrap_target
+from datetime import UTC, datetime
+
+
+@dataclass
+class Package:
+    """A package made by the offline packager, with its manifest and the target (for checks)."""
+
+    name: str
+    data: bytes
+    manifest: dict[str, Any]
+    target: TargetKey
+
+    @property
+    def options(self) -> ImportOptions:
+        return options_from_manifest(self.manifest)
+
+
+@dataclass
+class Stack:
+    azurite: Azurite
+    hsm: EmulatorHandle
+    kek_name: str
+    settings: Settings
+    service: BlobServiceClient
+    deps: Deps
+    audit: MemoryAuditSink
+    tmp: Path
+    kek_kid: str = ""
+    kek_pem: bytes = b""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, azurite: Azurite, hsm: EmulatorHandle, kek_name: str, prefix: str, tmp: Path,
+               service: BlobServiceClient, **overrides: Any) -> Stack:  # fmt: skip
+        settings = Settings(
+            hsm_url=hsm.url,
+            incoming_container=f"{prefix}-incoming",
+            status_container=f"{prefix}-status",
+            archive_container=f"{prefix}-archive",
+            quarantine_container=f"{prefix}-quarantine",
+            audit_container=f"{prefix}-audit",
+            retry_total=3,
+            retry_backoff=0.05,
+            retry_backoff_max=2.0,
+            lease_seconds=15,
+            **overrides,
+        )
+        client = hsm.key_client(retry_total=3, retry_backoff_factor=0.05, retry_backoff_max=2.0)
+        adapter = HsmAdapter(client, settings, crypto_factory=lambda kid: hsm.crypto_client(kid))
+        audit = MemoryAuditSink()
+        store = BlobStore(service, settings)
+        store.ensure_containers()
+        deps = Deps(settings=settings, store=store, hsm=adapter, audit=audit)
+        stack = cls(azurite, hsm, kek_name, settings, service, deps, audit, tmp)
+        kek = client.get_key(kek_name)
+        stack.kek_kid = str(kek.id)
+        stack.kek_pem = _pem_of(kek)
+        return stack
+
+    def close(self) -> None:
+        self.service.close()
+
+    def package(self, type_name: str, name: str | None = None, *, kid: str | None = None,
+                key_ops: tuple[str, ...] | None = None) -> Package:  # fmt: skip
+        target = generate_target(type_name)
+        kek = load_kek_pem(self.kek_pem)
+        key_id = parse_kid(kid or self.kek_kid)
+        ciphertext = wrap_target(kek.public_key, target.plaintext)
+        file_name = f"{name or type_name}.byok"
+        built = build_package(
+            kek=kek, kek_kid=key_id, ciphertext=ciphertext, target=target.public,
+            key_ops=key_ops or target.type.default_key_ops, key_source={"kind": "software-generated"},
+            package_name=file_name, created=datetime.now(UTC),
+        )  # fmt: skip
+        return Package(file_name, built.package_bytes, built.manifest, target)
+
+    def drop(self, blob_name: str, data: bytes, metadata: dict[str, str] | None = None) -> str:
+        return self.deps.store.upload_incoming(blob_name, data, metadata or {})
+
+    def drop_package(self, pkg: Package, *, with_manifest: bool = True) -> str:
+        meta = pkg.options.to_metadata() if with_manifest else {}
+        return self.drop(pkg.name, pkg.data, meta)
+
+    def deliver(self, blob_name: str) -> Outcome:
+        return process_blob(blob_name, self.deps)
+
+    def blobs(self, container: str) -> list[str]:
+        return sorted(b.name for b in self.service.get_container_client(container).list_blobs())
+
+    def status_docs(self) -> list[dict[str, Any]]:
+        c = self.service.get_container_client(self.settings.status_container)
+        return [
+            json.loads(c.download_blob(b.name).readall())
+            for b in c.list_blobs()
+            if b.name.startswith(("packages/", "duplicates/"))
+        ]
+
+
+def _pem_of(key: Any) -> bytes:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    n = int.from_bytes(key.key.n, "big")
+    e = int.from_bytes(key.key.e, "big")
+    return (
+        rsa.RSAPublicNumbers(e, n)
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
