@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import selectors
 import shutil
 import signal
 import subprocess
@@ -56,60 +55,40 @@ class Azurite:
 
     @classmethod
     def start(cls, location: Path, *, timeout: float = 30.0) -> Azurite:
-        """Start on 127.0.0.1 with a free port; wait until it listens.
+        """Start on 127.0.0.1 with a free port (output to ``location/azurite.log``); wait
+        until it listens. The process outlives this one unless stopped (``byok dev up``).
 
         Raises:
             ConfigError: Azurite is missing, exits, or does not listen within ``timeout``.
         """
         location.mkdir(parents=True, exist_ok=True)
+        log_path = location / "azurite.log"
         args = [str(azurite_binary()), "--blobHost", "127.0.0.1", "--blobPort", "0",
                 "--location", str(location), "--skipApiVersionCheck", "--disableTelemetry",
                 "--silent"]  # fmt: skip
-        proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        assert proc.stdout is not None  # noqa: S101  # stdout=PIPE
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        buf = b""
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline:
-                if not sel.select(timeout=0.2):
-                    if proc.poll() is not None:
-                        break
-                    continue
-                chunk = os.read(proc.stdout.fileno(), 4096)
-                if not chunk:
-                    break
-                buf += chunk
-                match = _LISTENING.search(buf)
-                if match:
-                    # keep draining output in the background so Azurite never blocks on a pipe
-                    _drain(proc)
-                    return cls(proc, match[1].decode(), location)
-        finally:
-            sel.close()
-        cls._kill(proc)
-        raise ConfigError(f"Azurite did not start: {buf.decode(errors='replace')[-500:]}")
+        while time.monotonic() < deadline and proc.poll() is None:
+            match = _LISTENING.search(log_path.read_bytes())
+            if match:
+                return cls(proc, match[1].decode(), location)
+            time.sleep(0.05)
+        cls._kill(proc.pid)
+        tail = log_path.read_bytes().decode(errors="replace")[-500:]
+        raise ConfigError(f"Azurite did not start: {tail}")
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 10 s."""
-        self._kill(self.process)
+        """SIGTERM to its process group, then SIGKILL after 10 s."""
+        self._kill(self.process.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=1)
 
     @staticmethod
-    def _kill(proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    def _kill(pid: int) -> None:
+        stop_process_group(pid)
 
     def __enter__(self) -> Self:
         return self
@@ -123,13 +102,20 @@ class Azurite:
         self.stop()
 
 
-def _drain(proc: subprocess.Popen[bytes]) -> None:
-    import threading
-
-    def run() -> None:
-        assert proc.stdout is not None  # noqa: S101  # stdout=PIPE
-        with contextlib.suppress(OSError, ValueError):
-            while proc.stdout.read(4096):
-                pass
-
-    threading.Thread(target=run, daemon=True, name="azurite-drain").start()
+def stop_process_group(pid: int, *, timeout: float = 10.0) -> None:
+    """SIGTERM the process group led by ``pid``; SIGKILL it if still alive after ``timeout``."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)

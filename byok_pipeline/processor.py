@@ -25,12 +25,12 @@ from offline_packager.kid import KEY_NAME_RE
 from .audit import AuditSink, event_for_state, utc_now, verified_event
 from .blobstore import BlobGone, BlobStore, IncomingBlob
 from .errors import Rejected, TransientError
-from .keyvault import TAG_KEK_KID, TAG_PACKAGE_SHA256, HsmAdapter, ImportedKey
-from .metadata import ImportOptions, parse_metadata
+from .importer import fingerprint_result, import_validated, validate
+from .keyvault import HsmAdapter, ImportedKey
+from .metadata import parse_metadata
 from .settings import Settings
 from .status import ARCHIVED, StatusDoc, utc
-from .validation import ValidatedPackage, check_against_kek, check_kek_facts, read_package
-from .verification import fingerprint_matches, spki_sha256_of_public_jwk
+from .validation import read_package
 
 _BLOB_NAME_RE = re.compile(r"^(?P<name>.+)\.byok$")
 Fault = Callable[[str], None]
@@ -180,57 +180,30 @@ class _Run:
                 doc.key_name, doc.package_sha256, request_id=doc.correlation_id
             )
         if imported is None:
-            kek_facts = deps.hsm.get_kek(kid, request_id=doc.correlation_id)
-            kek = check_kek_facts(kek_facts, deps.clock())
-            validated = check_against_kek(data, kek, kid, options, deps.settings)
+            validated = validate(data, options, settings=deps.settings, hsm=deps.hsm,
+                                 clock=deps.clock, request_id=doc.correlation_id)  # fmt: skip
             doc.target_type = validated.target_type.name
             doc.target_type_source = "inferred" if validated.target_type_inferred else "stated"
             doc.key_ops = list(validated.key_ops)
             self.record("validated")
             self.record("importing")
             deps.fault("before_import")
-            imported = self._import(validated, options, data)
+            imported = import_validated(
+                deps.hsm, doc.key_name, data=data, package_sha256=doc.package_sha256,
+                validated=validated, options=options, request_id=doc.correlation_id,
+            )  # fmt: skip
             deps.fault("after_import")
         doc.imported_kid = imported.kid
-        self._verify(imported, options)
-
-    def _import(
-        self, validated: ValidatedPackage, options: ImportOptions, data: bytes
-    ) -> ImportedKey:
-        doc = self.doc
-        assert doc.key_name is not None  # noqa: S101  # set by run()
-        assert doc.package_sha256 is not None  # noqa: S101  # set by process_blob()
-        tags = dict(options.tags)
-        tags[TAG_PACKAGE_SHA256] = doc.package_sha256
-        tags[TAG_KEK_KID] = validated.kek_kid.kid
-        t = validated.target_type
-        return self.deps.hsm.import_once(
-            doc.key_name, package_bytes=data, package_sha256=doc.package_sha256, kty=t.kty,
-            crv=t.crv, key_ops=validated.key_ops, tags=tags, request_id=doc.correlation_id,
-        )  # fmt: skip
-
-    def _verify(self, imported: ImportedKey, options: ImportOptions) -> None:
-        doc, hsm = self.doc, self.deps.hsm
-        expected = options.fingerprint
-        actual: str | None = None
-        if expected is not None and expected.kind == "spki-sha256":
-            actual = spki_sha256_of_public_jwk(imported.kty, n=imported.n, e=imported.e,
-                                               crv=imported.crv, x=imported.x, y=imported.y)  # fmt: skip
-        elif expected is not None and "encrypt" in imported.key_ops and doc.target_type:
-            size = int(doc.target_type.split("-")[1])
-            actual = hsm.aes_check_value(imported.kid, size, request_id=doc.correlation_id)
-        if expected is None or actual is None:
-            doc.fingerprint_result = "unverified"
-            self.finish("imported")
-        elif fingerprint_matches(expected, actual):
-            doc.fingerprint_result = "match"
-            self.finish("imported")
-        else:
-            doc.fingerprint_result = "mismatch"
-            hsm.disable_version(imported.name, imported.version, request_id=doc.correlation_id)
+        result = fingerprint_result(deps.hsm, imported, options.fingerprint, doc.target_type,
+                                    request_id=doc.correlation_id)  # fmt: skip
+        doc.fingerprint_result = result
+        if result == "mismatch":
+            deps.hsm.disable_version(imported.name, imported.version, request_id=doc.correlation_id)
             self.finish("verification_failed", reason="fingerprint_mismatch",
-                        message=f"imported key's {expected.kind} differs from the manifest's; "
+                        message="the imported key differs from the manifest's fingerprint; "
                         "the new version was disabled")  # fmt: skip
+        else:
+            self.finish("imported")
 
 
 def process_blob(name: str, deps: Deps) -> Outcome:

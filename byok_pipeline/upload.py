@@ -9,8 +9,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from offline_packager.package_format import load_json_strict
 from offline_packager.manifest import parse_manifest
+from offline_packager.package_format import load_json_strict
 
 from .blobstore import BlobStore
 from .errors import Rejected

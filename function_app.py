@@ -1,0 +1,44 @@
+"""Azure Functions (Python v2 model): triggers and wiring only. Logic lives in byok_pipeline."""
+
+from __future__ import annotations
+
+import azure.functions as func
+
+from byok_pipeline import runtime
+
+app = func.FunctionApp()
+
+
+@app.function_name("process_package")
+@app.blob_trigger(
+    arg_name="blob",
+    path="%BYOK_INCOMING_CONTAINER%/{name}",
+    connection="BYOK_STORAGE",
+    source=func.BlobSource.EVENT_GRID,
+)
+def process_package(blob: func.InputStream) -> None:
+    """A package was dropped. Transient failures raise, so the platform redelivers."""
+    runtime.handle_blob(blob.name or "")
+
+
+def _response(result: tuple[int, bytes]) -> func.HttpResponse:
+    status, body = result
+    return func.HttpResponse(body, status_code=status, mimetype="application/json")
+
+
+@app.function_name("list_packages")
+@app.route(route="packages", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def list_packages(req: func.HttpRequest) -> func.HttpResponse:
+    return _response(runtime.list_packages(req.params.get("state")))
+
+
+@app.function_name("get_package")
+@app.route(route="packages/{name}", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def get_package(req: func.HttpRequest) -> func.HttpResponse:
+    return _response(runtime.get_package(req.route_params.get("name", "")))
+
+
+@app.function_name("get_kek")
+@app.route(route="kek", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def get_kek(req: func.HttpRequest) -> func.HttpResponse:
+    return _response(runtime.get_kek())
