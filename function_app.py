@@ -40,5 +40,5 @@ def get_package(req: func.HttpRequest) -> func.HttpResponse:
 
 @app.function_name("get_kek")
 @app.route(route="kek", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
-def get_kek(req: func.HttpRequest) -> func.HttpResponse:
+def get_kek(req: func.HttpRequest) -> func.HttpResponse:  # noqa: ARG001  # the binding requires the parameter
     return _response(runtime.get_kek())

@@ -25,11 +25,11 @@ param kekKid string = ''
 @description('Optional: comma-separated KEK names the pipeline accepts (empty = any KEK in the HSM).')
 param allowedKekNames string = ''
 
-@description('Optional: comma-separated target key types the pipeline accepts, e.g. RSA-HSM,EC-HSM (empty = all).')
+@description('Optional: comma-separated target types the pipeline accepts, e.g. rsa-3072,rsa-4096,ec-p384,oct-256 (empty = all).')
 param allowedTargetTypes string = ''
 
 @description('Largest .byok package the pipeline reads, in bytes.')
-@minValue(4096)
+@minValue(1024)
 @maxValue(1048576)
 param maxPackageBytes int = 65536
 
@@ -160,7 +160,6 @@ module functionApp 'modules/functionapp.bicep' = {
     archiveContainerName: containerNames.archive
     quarantineContainerName: containerNames.quarantine
     auditContainerName: containerNames.audit
-    deadletterContainerName: containerNames.deadletter
     maxPackageBytes: maxPackageBytes
     maxAttempts: maxAttempts
     allowedKekNames: allowedKekNames

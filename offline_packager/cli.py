@@ -115,6 +115,8 @@ def cmd_wrap(args: argparse.Namespace, clock: Clock) -> dict[str, Any]:
         if args.generate:
             resolve_key_ops(TARGET_TYPES[args.generate], args.key_ops)
         result = wrap_in_token(request, kek=kek)
+        for warning in result.warnings:
+            print(f"{TOOL_NAME}: warning: {warning}", file=sys.stderr)
         ciphertext, target, source = result.ciphertext, result.target, dict(result.key_source)
         key_ops = resolve_key_ops(target.type, args.key_ops)
     else:

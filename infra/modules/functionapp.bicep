@@ -17,7 +17,6 @@ param statusContainerName string
 param archiveContainerName string
 param quarantineContainerName string
 param auditContainerName string
-param deadletterContainerName string
 param maxPackageBytes int
 param maxAttempts int
 param allowedKekNames string
@@ -143,10 +142,6 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'BYOK_AUDIT_CONTAINER'
           value: auditContainerName
-        }
-        {
-          name: 'BYOK_DEADLETTER_CONTAINER'
-          value: deadletterContainerName
         }
         {
           name: 'BYOK_MAX_PACKAGE_BYTES'

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,6 @@ from offline_packager.kid import parse_kid
 from offline_packager.packager import build_package
 from offline_packager.target_keys import TargetKey, generate_target
 from offline_packager.wrap import wrap_target
-from datetime import UTC, datetime
 
 
 @dataclass
@@ -71,7 +71,7 @@ class Stack:
             **overrides,
         )
         client = hsm.key_client(retry_total=3, retry_backoff_factor=0.05, retry_backoff_max=2.0)
-        adapter = HsmAdapter(client, settings, crypto_factory=lambda kid: hsm.crypto_client(kid))
+        adapter = HsmAdapter(client, settings, crypto_factory=hsm.crypto_client)
         audit = MemoryAuditSink()
         store = BlobStore(service, settings)
         store.ensure_containers()

@@ -1,0 +1,404 @@
+"""``byok``: the connected side's command line (KEKs, upload, import, status, watch, dev stack).
+
+Settings come from the same environment variables as the Function (flags override).
+Exit codes: 0 success; 2 refused (the reason code on stderr); 1 failure (retry may help).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from offline_packager.atomic import write_files_atomically
+from offline_packager.errors import ByokError
+from offline_packager.kid import parse_kid
+
+from . import __version__
+from .errors import ConfigError, PipelineError, Rejected, TransientError
+from .reasons import REASONS
+from .settings import Settings
+
+EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(None, BYOK_HSM_URL=getattr(args, "hsm_url", None),
+                             BYOK_STORAGE=getattr(args, "storage", None))  # fmt: skip
+
+
+def _credential() -> Any:
+    """The emulator's credential when BYOK_HSM_EMULATOR_DIR is set (local runner); else the
+    Azure default chain (managed identity, Azure CLI login, ...)."""
+    emulator_dir = os.environ.get("BYOK_HSM_EMULATOR_DIR")
+    if emulator_dir:
+        from managed_hsm_emulator import EmulatorCredential
+
+        return EmulatorCredential(emulator_dir)
+    from .wiring import default_credential
+
+    return default_credential()
+
+
+def _hsm(settings: Settings) -> Any:
+    from .wiring import hsm_adapter
+
+    return hsm_adapter(settings, _credential(), ca_bundle=os.environ.get("BYOK_HSM_CA_BUNDLE"))
+
+
+def _deps(settings: Settings) -> Any:
+    from .wiring import build_deps
+
+    env = dict(os.environ)
+    if settings is not None and getattr(settings, "hsm_url", None):
+        env["BYOK_HSM_URL"] = settings.hsm_url
+    return build_deps(settings, env=env, credential=_credential(),
+                      ca_bundle=os.environ.get("BYOK_HSM_CA_BUNDLE"))  # fmt: skip
+
+
+def _audit(settings: Settings, event: dict[str, Any]) -> None:
+    from .wiring import audit_sink
+
+    audit_sink(settings).emit(event)
+
+
+def _out(args: argparse.Namespace, result: dict[str, Any], human: str) -> None:
+    print(json.dumps(result, indent=2, sort_keys=True) if args.json else human)
+
+
+# -- kek ------------------------------------------------------------------------------------------
+def cmd_kek_create(args: argparse.Namespace) -> int:
+    from .audit import cli_event
+
+    settings = _settings(args)
+    hsm = _hsm(settings)
+    expires = datetime.now(UTC) + timedelta(days=args.expires_days) if args.expires_days else None
+    cid = uuid.uuid4().hex
+    try:
+        key = hsm.client.create_rsa_key(args.name, size=args.size, hardware_protected=True,
+                                        key_operations=["import"], expires_on=expires,
+                                        request_id=cid)  # fmt: skip
+    except Exception as exc:  # noqa: BLE001  # translated below into exit codes
+        return _sdk_failure(exc, "creating the KEK")
+    _audit(settings, cli_event("byok.kek.created", correlation_id=cid, kek_kid=str(key.id),
+                               key_name=args.name))  # fmt: skip
+    result = {"kid": str(key.id), "key_size": args.size, "key_ops": ["import"],
+              "expires_on": expires.isoformat() if expires else None}  # fmt: skip
+    _out(args, result, f"created KEK {key.id}\n  RSA-{args.size}, operations: import only"
+         + (f", expires {expires:%Y-%m-%d}" if expires else ""))  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_kek_download(args: argparse.Namespace) -> int:
+    from .audit import cli_event
+    from .kek_info import kek_info
+
+    settings = _settings(args)
+    hsm = _hsm(settings)
+    kid_text = args.kid or settings.kek_kid
+    if not kid_text and args.name:
+        try:
+            kid_text = str(hsm.client.get_key(args.name).id)
+        except Exception as exc:  # noqa: BLE001  # translated into exit codes
+            return _sdk_failure(exc, "reading the KEK")
+    if not kid_text:
+        raise Rejected("bad_kid", "give --kid, --name or set BYOK_KEK_KID")
+    cid = uuid.uuid4().hex
+    info = kek_info(hsm, parse_kid(kid_text, expected_host=settings.hsm_host), request_id=cid)
+    out = Path(args.out)
+    write_files_atomically([(out, info["public_key_pem"].encode())], force=args.force)
+    _audit(settings, cli_event("byok.kek.downloaded", correlation_id=cid, kek_kid=info["kid"],
+                               kek_spki_sha256=info["spki_sha256"]))  # fmt: skip
+    result = {k: v for k, v in info.items() if k != "public_key_pem"} | {"pem": str(out)}
+    _out(args, result, f"wrote {out}\n  kid:         {info['kid']}\n"
+         f"  SPKI SHA-256: {info['spki_sha256']}\n  Carry both to the offline machine: "
+         f"byok-package wrap --kek {out} --kek-kid {info['kid']} --kek-sha256 {info['spki_sha256']} ...")  # fmt: skip
+    return EXIT_OK
+
+
+# -- upload / import ------------------------------------------------------------------------------
+def _read_package(path: str, limit: int) -> bytes:
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if size > limit:
+            raise Rejected("too_large", f"{path} is {size} bytes, over the {limit}-byte limit")
+        return p.read_bytes()
+    except OSError as exc:
+        raise Rejected("malformed_package", f"cannot read {path}: {exc.strerror}") from None
+
+
+def _manifest_path(args: argparse.Namespace) -> Path | None:
+    if args.manifest:
+        return Path(args.manifest)
+    beside = Path(args.package).with_suffix(".manifest.json")
+    return beside if beside.is_file() and not args.no_manifest else None
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    from .processor import key_name_of
+    from .upload import default_uploader, options_for, upload
+
+    settings = _settings(args)
+    data = _read_package(args.package, settings.max_package_bytes)
+    blob_name = args.name or Path(args.package).name
+    key_name_of(blob_name)
+    options = options_for(data, _manifest_path(args), args.uploader or default_uploader())
+    from azure.core.exceptions import ResourceExistsError
+
+    deps = _deps(settings)
+    try:
+        result = upload(deps.store, blob_name, data, options)
+    except ResourceExistsError:
+        raise Rejected(
+            "duplicate_upload", f"{blob_name} is already waiting in {settings.incoming_container}"
+        ) from None
+    _out(args, result, f"uploaded {blob_name} to {result['container']} (SHA-256 {result['package_sha256']})"
+         + ("" if options.fingerprint else "\n  no manifest: the import will be 'unverified'"))  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .importer import fingerprint_result, import_validated, validate
+    from .processor import key_name_of
+    from .upload import default_uploader, options_for
+
+    settings = _settings(args)
+    data = _read_package(args.package, settings.max_package_bytes)
+    key_name = args.name or key_name_of(Path(args.package).name)
+    options = options_for(data, _manifest_path(args), default_uploader())
+    hsm = _hsm(settings)
+    cid = uuid.uuid4().hex
+    sha = hashlib.sha256(data).hexdigest()
+    validated = validate(
+        data, options, settings=settings, hsm=hsm, clock=lambda: datetime.now(UTC), request_id=cid
+    )
+    existing = hsm.find_imported(key_name, sha, request_id=cid)
+    imported = existing or import_validated(hsm, key_name, data=data, package_sha256=sha,
+                                            validated=validated, options=options, request_id=cid)  # fmt: skip
+    result = fingerprint_result(
+        hsm, imported, options.fingerprint, validated.target_type.name, request_id=cid
+    )
+    if result == "mismatch":
+        hsm.disable_version(imported.name, imported.version, request_id=cid)
+    summary = {"key_name": key_name, "imported_kid": imported.kid, "package_sha256": sha,
+               "target_type": validated.target_type.name, "fingerprint_result": result,
+               "already_imported": existing is not None, "correlation_id": cid}  # fmt: skip
+    if result == "mismatch":
+        summary["reason_code"] = "fingerprint_mismatch"
+        _out(args, summary, f"verification FAILED for {imported.kid}: the version was disabled")
+        print(
+            f"byok: refused [fingerprint_mismatch]: {REASONS['fingerprint_mismatch']}",
+            file=sys.stderr,
+        )
+        return EXIT_REFUSED
+    _out(args, summary, f"{'already imported' if existing else 'imported'} {imported.kid}\n"
+         f"  {validated.target_type.name}, fingerprint: {result}")  # fmt: skip
+    return EXIT_OK
+
+
+# -- status / watch -------------------------------------------------------------------------------
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    store = _deps(settings).store
+    if args.name:
+        doc = store.status_by_name(args.name)
+        if doc is None:
+            print(f"byok: no status for {args.name}", file=sys.stderr)
+            return EXIT_FAILED
+        docs = [doc]
+    else:
+        docs = list(store.iter_statuses(args.state))
+    rows = [d.summary() for d in docs]
+    if args.json:
+        print(json.dumps(rows if not args.name else rows[0], indent=2, sort_keys=True))
+        return EXIT_OK
+    print(f"{'BLOB':28} {'STATE':20} {'TYPE':9} {'FINGERPRINT':11} {'REASON':26} IMPORTED KID")
+    for r in rows:
+        print(f"{r['blob_name'][:28]:28} {r['state'] or '':20} {r['target_type'] or '-':9} "
+              f"{r['fingerprint_result'] or '-':11} {r['reason_code'] or '-':26} {r['imported_kid'] or '-'}")  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from .processor import Outcome
+    from .watch import run_forever, watch
+
+    settings = _settings(args)
+    deps = _deps(settings)
+
+    def report(name: str, outcome: Outcome | None, exc: Exception | None) -> None:
+        if args.json:
+            row: dict[str, Any] = {"blob_name": name}
+            if outcome is not None:
+                row |= {"state": outcome.state, "reason_code": outcome.reason_code}
+            else:
+                row |= {"state": "retry", "reason_code": getattr(exc, "reason", None)}
+            print(json.dumps(row), flush=True)
+        elif outcome is not None:
+            reason = f" [{outcome.reason_code}]" if outcome.reason_code else ""
+            print(f"{name}: {outcome.state}{reason}", flush=True)
+        else:
+            print(f"{name}: will retry ({exc})", flush=True)
+
+    if args.once:
+        stats = watch(deps, once=True, interval=args.interval, workers=args.workers, report=report)
+    else:
+        print(f"watching {settings.incoming_container} (Ctrl-C to stop)", file=sys.stderr)
+        stats = run_forever(deps, interval=args.interval, workers=args.workers, report=report)
+    if not args.json:
+        print(f"delivered {stats.delivered}, outcomes {stats.outcomes}, redeliveries {stats.redeliveries}",
+              file=sys.stderr)  # fmt: skip
+    return EXIT_OK if not deps.store.list_incoming() else EXIT_FAILED
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from . import localdev
+
+    directory = Path(args.dir)
+    if args.dev_command == "up":
+        result = localdev.up(directory)
+        _out(args, result, f"local stack up: HSM {result['env']['BYOK_HSM_URL']}, "
+             f"storage {result['env']['BYOK_STORAGE'].split('BlobEndpoint=')[1].rstrip(';')}\n"
+             f"  source {result['env_file']}")  # fmt: skip
+    else:
+        result = localdev.down(directory)
+        _out(args, result, f"stopped: {', '.join(result['stopped']) or 'nothing was running'}")
+    return EXIT_OK
+
+
+def cmd_reasons(args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps(REASONS, indent=2))
+    else:
+        for code, text in REASONS.items():
+            print(f"{code:28} {text}")
+    return EXIT_OK
+
+
+def _sdk_failure(exc: Exception, what: str) -> int:
+    from azure.core.exceptions import AzureError
+
+    from .keyvault import translate
+
+    if isinstance(exc, AzureError):
+        err = translate(exc, what)
+        raise err from None
+    raise exc
+
+
+# -- parser ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--hsm-url", help="Managed HSM URL (default: $BYOK_HSM_URL)")
+    common.add_argument("--storage", help="storage connection string (default: $BYOK_STORAGE)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+
+    parser = argparse.ArgumentParser(
+        prog="byok",
+        description="Connected side of BYOK into Azure Managed HSM. Settings come from the "
+        "environment (see README); `byok dev up` writes them for a local stack. "
+        "Exit codes: 0 ok, 2 refused (reason code on stderr), 1 failure.",
+    )
+    parser.add_argument("--version", action="version", version=f"byok {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    kek = sub.add_parser("kek", help="create or download a Key Exchange Key")
+    kek_sub = kek.add_subparsers(dest="kek_command", required=True)
+    kc = kek_sub.add_parser(
+        "create", parents=[common], help="create an import-only RSA-HSM KEK; prints its kid"
+    )
+    kc.add_argument("--name", required=True, help="key name (1-127 of 0-9 a-z A-Z -)")
+    kc.add_argument("--size", type=int, choices=[2048, 3072, 4096], default=4096)
+    kc.add_argument(
+        "--expires-days",
+        type=int,
+        metavar="N",
+        help="KEK expiry N days from now (recommended: short)",
+    )
+    kd = kek_sub.add_parser(
+        "download", parents=[common], help="write the KEK public PEM; print kid and SPKI SHA-256"
+    )
+    kd.add_argument("--kid", help="the KEK's kid with version (default: $BYOK_KEK_KID)")
+    kd.add_argument("--name", help="or the KEK's name (its latest version)")
+    kd.add_argument("--out", required=True, metavar="KEK.pem")
+    kd.add_argument("--force", action="store_true", help="replace an existing file")
+
+    up = sub.add_parser(
+        "upload", parents=[common], help="drop a package into the incoming container"
+    )
+    up.add_argument("package", metavar="NAME.byok")
+    up.add_argument("--manifest", help="its manifest (default: NAME.manifest.json beside it)")
+    up.add_argument(
+        "--no-manifest", action="store_true", help="do not pick up a manifest beside it"
+    )
+    up.add_argument("--name", help="blob name (default: the file name)")
+    up.add_argument("--uploader", help="who uploads, recorded in the audit (default: user@host)")
+
+    im = sub.add_parser("import", parents=[common],
+                        help="validate, import and verify directly (no storage); safe to repeat")  # fmt: skip
+    im.add_argument("package", metavar="NAME.byok")
+    im.add_argument("--manifest", help="its manifest (default: NAME.manifest.json beside it)")
+    im.add_argument("--no-manifest", action="store_true")
+    im.add_argument("--name", help="key name (default: NAME from the file name)")
+
+    st = sub.add_parser("status", parents=[common], help="status of one package or all")
+    st.add_argument("name", nargs="?", help="blob name, e.g. payments.byok")
+    st.add_argument("--state", help="only this state (imported, rejected, ...)")
+
+    wa = sub.add_parser(
+        "watch", parents=[common], help="local runner: deliver dropped packages like Event Grid"
+    )
+    wa.add_argument("--once", action="store_true", help="process what is there, then exit")
+    wa.add_argument("--interval", type=float, default=2.0, help="seconds between polls")
+    wa.add_argument("--workers", type=int, default=1, help="concurrent deliveries")
+
+    dev = sub.add_parser("dev", help="start/stop a local stack (Azurite + Managed HSM emulator)")
+    dev_sub = dev.add_subparsers(dest="dev_command", required=True)
+    for name, text in (("up", "start it and write DIR/env"), ("down", "stop it")):
+        p = dev_sub.add_parser(name, help=text)
+        p.add_argument("--dir", default=".byok-dev", help="state directory (default .byok-dev)")
+        p.add_argument("--json", action="store_true")
+
+    rs = sub.add_parser("reasons", help="list the reason codes")
+    rs.add_argument("--json", action="store_true")
+    return parser
+
+
+_COMMANDS = {
+    "upload": cmd_upload, "import": cmd_import, "status": cmd_status, "watch": cmd_watch,
+    "dev": cmd_dev, "reasons": cmd_reasons,
+}  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "kek":
+            return cmd_kek_create(args) if args.kek_command == "create" else cmd_kek_download(args)
+        return _COMMANDS[args.command](args)
+    except Rejected as exc:
+        _fail(args, exc.reason, exc.message)
+        return EXIT_REFUSED
+    except ByokError as exc:
+        if isinstance(exc, TransientError | ConfigError | PipelineError):
+            _fail(args, exc.reason, exc.message, refused=False)
+            return EXIT_FAILED
+        _fail(args, exc.reason, exc.message)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+
+
+def _fail(args: argparse.Namespace, reason: str, message: str, *, refused: bool = True) -> None:
+    word = "refused" if refused else "failed"
+    print(f"byok: {word} [{reason}]: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"status": word, "reason": reason, "message": message}))

@@ -1,0 +1,1294 @@
+"""Infrastructure as code: the Bicep parses, scans clean and keeps its security properties.
+
+pycep-parser and checkov live in their own virtualenv (.venv-infra, made by `make infra-deps`);
+`make test` passes its interpreter in BYOK_INFRA_PYTHON. These tests run that interpreter by
+subprocess: pycep_dump.py (next to this file) turns each .bicep file into a JSON model, and the
+checks below run over the model here. Each check returns a list of findings, so the same code
+is shown to pass on infra/ and to fail on copies of infra/ weakened one property at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+INFRA_DIR = REPO_ROOT / "infra"
+PYCEP_DUMP = Path(__file__).resolve().with_name("pycep_dump.py")
+AUDIT_SCHEMA = REPO_ROOT / "byok_pipeline" / "schemas" / "audit-event.schema.json"
+CHECKOV_SKIPS = INFRA_DIR / "checkov-skips.json"
+WORKBOOK = INFRA_DIR / "workbook.json"
+QUERY_DIR = INFRA_DIR / "queries"
+ROLE_SCRIPT = INFRA_DIR / "assign-hsm-roles.sh"
+PARAMETERS_EXAMPLE = INFRA_DIR / "main.parameters.example.json"
+README = INFRA_DIR / "README.md"
+
+# Fixed by the pipeline (its settings) and by the lead: the names the Bicep must produce.
+EXPECTED_CONTAINERS = {
+    "incoming": "byok-incoming",
+    "status": "byok-status",
+    "archive": "byok-archive",
+    "quarantine": "byok-quarantine",
+    "audit": "byok-audit",
+    "deadletter": "byok-deadletter",
+}
+EXPECTED_CONTAINER_SETTINGS = {
+    "BYOK_INCOMING_CONTAINER": "byok-incoming",
+    "BYOK_STATUS_CONTAINER": "byok-status",
+    "BYOK_ARCHIVE_CONTAINER": "byok-archive",
+    "BYOK_QUARANTINE_CONTAINER": "byok-quarantine",
+    "BYOK_AUDIT_CONTAINER": "byok-audit",
+}
+REQUIRED_APP_SETTINGS = {
+    "BYOK_HSM_URL",
+    "BYOK_KEK_KID",
+    "BYOK_STORAGE__blobServiceUri",
+    "BYOK_STORAGE__queueServiceUri",
+    "BYOK_STORAGE__credential",
+    "BYOK_STORAGE__clientId",
+    "AzureWebJobsStorage__blobServiceUri",
+    "AzureWebJobsStorage__queueServiceUri",
+    "AzureWebJobsStorage__credential",
+    "AzureWebJobsStorage__clientId",
+    "AZURE_CLIENT_ID",
+    "BYOK_MAX_PACKAGE_BYTES",
+    "BYOK_MAX_ATTEMPTS",
+    "BYOK_ALLOWED_KEK_NAMES",
+    "BYOK_ALLOWED_TARGET_TYPES",
+    "APPLICATIONINSIGHTS_CONNECTION_STRING",
+    "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
+    *EXPECTED_CONTAINER_SETTINGS,
+}
+# A bare connection name means a connection string; these carry account keys or SAS tokens.
+FORBIDDEN_SETTING_NAMES = {
+    "AzureWebJobsStorage",
+    "BYOK_STORAGE",
+    "WEBSITE_CONTENTAZUREFILECONNECTIONSTRING",
+    "WEBSITE_CONTENTSHARE",
+    "WEBSITE_RUN_FROM_PACKAGE",
+    "DEPLOYMENT_STORAGE_CONNECTION_STRING",
+}
+SECRET_MARKERS = (
+    "accountkey",
+    "sharedaccesssignature",
+    "defaultendpointsprotocol",
+    "listkeys",
+    "listaccountsas",
+    "listservicesas",
+    "sig=",
+)
+GEO_REDUNDANT_SKUS = {"Standard_GRS", "Standard_GZRS", "Standard_RAGRS", "Standard_RAGZRS"}
+
+# Built-in Azure role definition ids.
+ROLE_BLOB_DATA_CONTRIBUTOR = "ba92f5b4-2d11-453d-a403-e96b0029c9fe"
+ROLE_BLOB_DATA_READER = "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1"
+ROLE_QUEUE_DATA_CONTRIBUTOR = "974c5e8b-45b9-4653-ba55-5f855dd0fb88"
+ROLE_MONITORING_METRICS_PUBLISHER = "3913510d-42f4-4e42-8a64-420c390055eb"
+ALLOWED_ROLES = {
+    ROLE_BLOB_DATA_CONTRIBUTOR,
+    ROLE_BLOB_DATA_READER,
+    ROLE_QUEUE_DATA_CONTRIBUTOR,
+    ROLE_MONITORING_METRICS_PUBLISHER,
+}
+FORBIDDEN_ROLES = {
+    "8e3af657-a8ff-443c-a75c-2fe8c4bcb635": "Owner",
+    "b24988ac-6180-42a0-ab88-20f7382dd24c": "Contributor",
+    "18d7d88d-d35e-4fb5-a5c3-7773c20a72c9": "User Access Administrator",
+    "f58310d9-a9f6-439a-9e8d-f62e7b41a168": "Role Based Access Control Administrator",
+    "b7e6dc6d-f1e8-4753-8033-0f276bb0955b": "Storage Blob Data Owner",
+    "17d1049b-9a84-46fb-8f53-869881c3d3ab": "Storage Account Contributor (can list keys)",
+    "81a9662b-bebf-436f-a333-f67b29880f12": "Storage Account Key Operator Service Role",
+}
+GUID_RE = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+IDENTIFIER_RE = re.compile(r"[A-Za-z_]\w*")
+INTERPOLATION_RE = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")
+# In KQL: event names ("byok.imported") and audit fields (Properties.reason_code).
+EVENT_RE = re.compile(r"\bbyok(?:\.[a-z0-9_]+)+")
+PROPERTY_RE = re.compile(r"\bProperties(?:\.([A-Za-z_]\w*)|\[\s*[\"']([^\"']+)[\"']\s*\])")
+KQL_COMMENT_RE = re.compile(r"//[^\n]*")
+
+# The audit events that end a package's processing: "waiting" means received without one.
+FINAL_EVENTS = {
+    "byok.imported",
+    "byok.rejected",
+    "byok.failed",
+    "byok.verification_failed",
+    "byok.duplicate",
+}
+
+Findings = list[str]
+
+
+# --------------------------------------------------------------------------- infra interpreter
+
+
+def _infra_python() -> Path:
+    configured = os.environ.get("BYOK_INFRA_PYTHON")
+    python = Path(configured) if configured else REPO_ROOT / ".venv-infra" / "bin" / "python"
+    if not python.exists():
+        pytest.fail(
+            f"infrastructure interpreter {python} not found: run `make infra-deps` "
+            "(or set BYOK_INFRA_PYTHON to a Python with checkov and pycep-parser)"
+        )
+    return python
+
+
+@pytest.fixture(scope="module")
+def infra_python() -> Path:
+    return _infra_python()
+
+
+def parse_bicep(python: Path, files: list[Path]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Parse files with pycep in the infra interpreter: (models by path, errors by path)."""
+    proc = subprocess.run(
+        [str(python), str(PYCEP_DUMP), *(str(f) for f in files)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=180,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"pycep_dump.py failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    result = json.loads(proc.stdout)
+    return result["models"], result["errors"]
+
+
+# --------------------------------------------------------------------------- the parsed model
+
+
+def _unwrap(config: dict[str, Any]) -> dict[str, Any]:
+    """The object of a resource or module, inside any `for` loop or `if` condition."""
+    body = config
+    while isinstance(body.get("config"), dict) and ("loop_type" in body or "condition" in body):
+        body = body["config"]
+    return body
+
+
+def _dig(value: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+@dataclass(frozen=True)
+class Resource:
+    file: str
+    symbol: str
+    type: str
+    existing: bool
+    body: dict[str, Any]
+    loop_var: str | None
+    loop_source: Any
+
+
+class Deployment:
+    """The parsed .bicep files of one infra/ tree, with module parameters bound from main.bicep."""
+
+    def __init__(self, root: Path, models: dict[str, Any]) -> None:
+        self.root = root
+        self.files: dict[str, dict[str, Any]] = {
+            Path(path).resolve().relative_to(root.resolve()).as_posix(): model
+            for path, model in models.items()
+        }
+        self.bindings: dict[str, dict[str, Any]] = {}
+        for module in self.files["main.bicep"].get("modules", {}).values():
+            path = module["detail"]["path"]
+            self.bindings[path] = _unwrap(module["config"]).get("params", {})
+
+    # -- resources
+
+    def resources(self, type_: str, *, existing: bool = False) -> list[Resource]:
+        found = []
+        for file, model in self.files.items():
+            for symbol, resource in model.get("resources", {}).items():
+                if resource["type"] != type_ or bool(resource.get("existing")) != existing:
+                    continue
+                config = resource["config"]
+                loop = _dig(config, "loop_type", "detail") or {}
+                found.append(
+                    Resource(
+                        file=file,
+                        symbol=symbol,
+                        type=resource["type"],
+                        existing=bool(resource.get("existing")),
+                        body=_unwrap(config),
+                        loop_var=loop.get("item_name"),
+                        loop_source=loop.get("array_name"),
+                    )
+                )
+        return found
+
+    def symbol(self, file: str, symbol: str) -> dict[str, Any] | None:
+        resource = self.files[file].get("resources", {}).get(symbol)
+        return _unwrap(resource["config"]) if resource else None
+
+    # -- values
+
+    def resolve(self, file: str, value: Any, depth: int = 0) -> Any:
+        """Evaluate what can be evaluated statically: parameters (bound from main.bicep or their
+        defaults), variables, property access on objects, string(), and ${name} interpolation.
+        Anything else (resource properties, most functions) is returned as it is."""
+        if depth > 30:
+            return value
+        if isinstance(value, str):
+            if IDENTIFIER_RE.fullmatch(value):
+                return self._resolve_name(file, value, depth)
+            if "${" in value:
+                return INTERPOLATION_RE.sub(
+                    lambda match: self._interpolate(file, match, depth), value
+                )
+            return value
+        if isinstance(value, list):
+            return [self.resolve(file, item, depth + 1) for item in value]
+        if not isinstance(value, dict):
+            return value
+        operator = value.get("operator")
+        if isinstance(operator, dict) and operator.get("type") == "property_accessor":
+            return self._resolve_path(file, _accessor_path(value), value, depth)
+        function = value.get("function")
+        if isinstance(function, dict):
+            params = {
+                key: self.resolve(file, item, depth + 1)
+                for key, item in (function.get("parameters") or {}).items()
+            }
+            if function.get("type") == "string" and isinstance(
+                params.get("value_to_convert"), (int, str)
+            ):
+                return str(params["value_to_convert"])
+            return {"function": {**function, "parameters": params}}
+        return {key: self.resolve(file, item, depth + 1) for key, item in value.items()}
+
+    def _resolve_name(self, file: str, name: str, depth: int) -> Any:
+        model = self.files[file]
+        bindings = self.bindings.get(file, {})
+        if name in bindings:
+            return self.resolve("main.bicep", bindings[name], depth + 1)
+        variables = model.get("variables", {})
+        if name in variables:
+            return self.resolve(file, variables[name]["value"], depth + 1)
+        parameter = model.get("parameters", {}).get(name)
+        if parameter is not None and "default" in parameter:
+            return self.resolve(file, parameter["default"], depth + 1)
+        return name
+
+    def _resolve_path(self, file: str, path: list[Any], original: Any, depth: int) -> Any:
+        if not path or not isinstance(path[0], str):
+            return original
+        current = self.resolve(file, path[0], depth + 1)
+        for key in path[1:]:
+            if not isinstance(current, dict) or not isinstance(key, str) or key not in current:
+                return original
+            current = current[key]
+        return current
+
+    def _interpolate(self, file: str, match: re.Match[str], depth: int) -> str:
+        path: list[Any] = match.group(1).split(".")
+        resolved = self._resolve_path(file, path, None, depth)
+        if isinstance(resolved, (str, int)) and not isinstance(resolved, bool):
+            return str(resolved)
+        return match.group(0)
+
+
+def _accessor_path(value: Any) -> list[Any]:
+    """`a.b.c` as pycep writes it (nested property_accessor operators) -> ["a", "b", "c"]."""
+    operator = value.get("operator") if isinstance(value, dict) else None
+    if isinstance(operator, dict) and operator.get("type") == "property_accessor":
+        operands = operator["operands"]
+        return _accessor_path(operands["operand_1"]) + _accessor_path(operands["operand_2"])
+    return [value]
+
+
+def load_deployment(python: Path, root: Path) -> tuple[Deployment, dict[str, str]]:
+    files = sorted(root.rglob("*.bicep"))
+    models, errors = parse_bicep(python, files)
+    return Deployment(root, models), errors
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_storage(dep: Deployment) -> Findings:
+    findings: Findings = []
+    accounts = dep.resources("Microsoft.Storage/storageAccounts")
+    if len(accounts) != 1:
+        return [f"expected one storage account, found {len(accounts)}"]
+    account = accounts[0]
+    props = account.body.get("properties", {})
+    if props.get("allowSharedKeyAccess") is not False:
+        findings.append("storage: allowSharedKeyAccess must be false (Entra ID only)")
+    if props.get("defaultToOAuthAuthentication") is not True:
+        findings.append("storage: defaultToOAuthAuthentication must be true")
+    if dep.resolve(account.file, props.get("minimumTlsVersion")) != "TLS1_2":
+        findings.append("storage: minimumTlsVersion must be TLS1_2")
+    if props.get("allowBlobPublicAccess") is not False:
+        findings.append("storage: allowBlobPublicAccess must be false")
+    if props.get("supportsHttpsTrafficOnly") is not True:
+        findings.append("storage: supportsHttpsTrafficOnly must be true")
+    sku = dep.resolve(account.file, _dig(account.body, "sku", "name"))
+    if sku not in GEO_REDUNDANT_SKUS:
+        findings.append(f"storage: sku {sku!r} is not geo-redundant")
+    allowed = _decorator(dep.files["main.bicep"], "storageSkuName", "allowed")
+    if not allowed or not set(allowed) <= GEO_REDUNDANT_SKUS:
+        findings.append(f"storage: main.bicep allows SKUs that are not geo-redundant: {allowed}")
+
+    services = dep.resources("Microsoft.Storage/storageAccounts/blobServices")
+    if len(services) != 1:
+        return [*findings, f"storage: expected one blobServices resource, found {len(services)}"]
+    service = services[0]
+    blob_props = service.body.get("properties", {})
+    if blob_props.get("isVersioningEnabled") is not True:
+        findings.append("storage: blob versioning must be enabled")
+    for policy in ("deleteRetentionPolicy", "containerDeleteRetentionPolicy"):
+        if _dig(blob_props, policy, "enabled") is not True:
+            findings.append(f"storage: {policy} (soft delete) must be enabled")
+        days = dep.resolve(service.file, _dig(blob_props, policy, "days"))
+        if not isinstance(days, int) or days < 7:
+            findings.append(f"storage: {policy} must keep at least 7 days, got {days!r}")
+    return findings
+
+
+def _decorator(model: dict[str, Any], parameter: str, kind: str) -> Any:
+    for decorator in model.get("parameters", {}).get(parameter, {}).get("decorators", []):
+        if decorator.get("type") == kind:
+            return decorator.get("argument")
+    return None
+
+
+def container_names(dep: Deployment) -> dict[str, Resource]:
+    """Every container the Bicep creates, by resolved name."""
+    names: dict[str, Resource] = {}
+    for container in dep.resources("Microsoft.Storage/storageAccounts/blobServices/containers"):
+        name = container.body.get("name")
+        if container.loop_var is not None and name == container.loop_var:
+            resolved = dep.resolve(container.file, container.loop_source)
+            for item in resolved if isinstance(resolved, list) else [resolved]:
+                names[str(item)] = container
+        else:
+            names[str(dep.resolve(container.file, name))] = container
+    return names
+
+
+def check_containers(dep: Deployment) -> Findings:
+    findings: Findings = []
+    declared = dep.resolve("main.bicep", "containerNames")
+    for key, name in EXPECTED_CONTAINERS.items():
+        if not isinstance(declared, dict) or declared.get(key) != name:
+            findings.append(f"containers: main.bicep containerNames.{key} must be {name!r}")
+    created = container_names(dep)
+    missing = set(EXPECTED_CONTAINERS.values()) - set(created)
+    if missing:
+        findings.append(f"containers: not created: {sorted(missing)}")
+    for name, container in created.items():
+        if _dig(container.body, "properties", "publicAccess") != "None":
+            findings.append(f"containers: {name} must have publicAccess 'None'")
+    return findings
+
+
+def check_audit_immutability(dep: Deployment) -> Findings:
+    kind = "Microsoft.Storage/storageAccounts/blobServices/containers/immutabilityPolicies"
+    policies = dep.resources(kind)
+    if len(policies) != 1:
+        return [f"audit: expected one immutability policy, found {len(policies)}"]
+    policy = policies[0]
+    findings: Findings = []
+    parent = dep.symbol(policy.file, str(policy.body.get("parent")))
+    parent_name = dep.resolve(policy.file, (parent or {}).get("name"))
+    if parent_name != EXPECTED_CONTAINERS["audit"]:
+        findings.append(
+            f"audit: immutability policy is on {parent_name!r}, not the audit container"
+        )
+    props = policy.body.get("properties", {})
+    days = dep.resolve(policy.file, props.get("immutabilityPeriodSinceCreationInDays"))
+    if not isinstance(days, int) or days < 1:
+        findings.append(f"audit: immutability period must be a positive number of days: {days!r}")
+    appends = [props.get("allowProtectedAppendWrites"), props.get("allowProtectedAppendWritesAll")]
+    if appends.count(True) != 1:
+        findings.append(
+            "audit: exactly one of allowProtectedAppendWrites(All) must be true, "
+            "or the append-blob audit log cannot grow"
+        )
+    return findings
+
+
+def _app_settings(dep: Deployment, site: Resource) -> dict[str, Any]:
+    settings = _dig(site.body, "properties", "siteConfig", "appSettings") or []
+    return {
+        str(dep.resolve(site.file, item.get("name"))): dep.resolve(site.file, item.get("value"))
+        for item in settings
+        if isinstance(item, dict)
+    }
+
+
+def _function_sites(dep: Deployment) -> list[Resource]:
+    return dep.resources("Microsoft.Web/sites")
+
+
+def check_function_app(dep: Deployment) -> Findings:
+    findings: Findings = []
+    plans = dep.resources("Microsoft.Web/serverfarms")
+    if [(_dig(p.body, "sku", "name"), _dig(p.body, "sku", "tier")) for p in plans] != [
+        ("FC1", "FlexConsumption")
+    ]:
+        findings.append("function: expected one Flex Consumption (FC1) plan")
+    sites = _function_sites(dep)
+    if len(sites) != 1:
+        return [*findings, f"function: expected one function app, found {len(sites)}"]
+    site = sites[0]
+    kind = str(site.body.get("kind"))
+    if "functionapp" not in kind or "linux" not in kind:
+        findings.append(f"function: kind must be a Linux function app, got {kind!r}")
+    props = site.body.get("properties", {})
+    if props.get("httpsOnly") is not True:
+        findings.append("function: httpsOnly must be true")
+    if _dig(site.body, "identity", "type") != "UserAssigned":
+        findings.append("function: must use a user-assigned managed identity")
+    site_config = props.get("siteConfig", {})
+    if site_config.get("ftpsState") != "Disabled":
+        findings.append("function: ftpsState must be Disabled")
+    if site_config.get("minTlsVersion") != "1.2":
+        findings.append("function: minTlsVersion must be 1.2")
+    runtime = _dig(props, "functionAppConfig", "runtime")
+    if runtime != {"name": "python", "version": "3.11"}:
+        findings.append(f"function: runtime must be python 3.11, got {runtime!r}")
+    auth = _dig(props, "functionAppConfig", "deployment", "storage", "authentication", "type")
+    if auth != "UserAssignedIdentity":
+        findings.append(f"function: deployment storage must use the managed identity, got {auth!r}")
+    policies = {
+        str(p.body.get("name")): _dig(p.body, "properties", "allow")
+        for p in dep.resources("Microsoft.Web/sites/basicPublishingCredentialsPolicies")
+    }
+    if policies != {"ftp": False, "scm": False}:
+        findings.append(f"function: FTP and SCM basic-auth publishing must be off: {policies}")
+    return findings
+
+
+def check_app_settings(dep: Deployment) -> Findings:
+    sites = _function_sites(dep)
+    if len(sites) != 1:
+        return ["settings: expected one function app"]
+    settings = _app_settings(dep, sites[0])
+    findings: Findings = []
+    missing = REQUIRED_APP_SETTINGS - set(settings)
+    if missing:
+        findings.append(f"settings: missing {sorted(missing)}")
+    for name, value in settings.items():
+        if name in FORBIDDEN_SETTING_NAMES or name.lower().endswith(
+            ("__connectionstring", "__accountkey", "__sastoken")
+        ):
+            findings.append(f"settings: {name} is a connection string or key setting")
+        text = json.dumps(value).lower()
+        for marker in SECRET_MARKERS:
+            if marker in text:
+                findings.append(f"settings: {name} carries a storage key or SAS ({marker})")
+    for prefix in ("AzureWebJobsStorage", "BYOK_STORAGE"):
+        if settings.get(f"{prefix}__credential") != "managedidentity":
+            findings.append(f"settings: {prefix}__credential must be 'managedidentity'")
+        client_id = settings.get(f"{prefix}__clientId")
+        if client_id is None or client_id != settings.get("AZURE_CLIENT_ID"):
+            findings.append(f"settings: {prefix}__clientId must be the identity's client id")
+    for name, container in EXPECTED_CONTAINER_SETTINGS.items():
+        if settings.get(name) != container:
+            findings.append(f"settings: {name} must be {container!r}, got {settings.get(name)!r}")
+    if settings.get("BYOK_MAX_PACKAGE_BYTES") != "65536":
+        findings.append("settings: BYOK_MAX_PACKAGE_BYTES must default to 65536")
+    if settings.get("BYOK_MAX_ATTEMPTS") != "5":
+        findings.append("settings: BYOK_MAX_ATTEMPTS must default to 5")
+    auth = str(settings.get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING"))
+    if not auth.startswith("Authorization=AAD;ClientId="):
+        findings.append("settings: Application Insights must authenticate with Entra ID")
+    return findings
+
+
+def check_event_grid(dep: Deployment) -> Findings:
+    findings: Findings = []
+    topics = dep.resources("Microsoft.EventGrid/systemTopics")
+    if len(topics) != 1 or _dig(topics[0].body, "properties", "topicType") != (
+        "Microsoft.Storage.StorageAccounts"
+    ):
+        findings.append("eventgrid: expected one system topic on the storage account")
+    subscriptions = dep.resources("Microsoft.EventGrid/systemTopics/eventSubscriptions")
+    if len(subscriptions) != 1:
+        return [*findings, f"eventgrid: expected one subscription, found {len(subscriptions)}"]
+    sub = subscriptions[0]
+    props = sub.body.get("properties", {})
+    event_filter = props.get("filter", {})
+    if event_filter.get("includedEventTypes") != ["Microsoft.Storage.BlobCreated"]:
+        findings.append(
+            "eventgrid: includedEventTypes must be exactly Microsoft.Storage.BlobCreated"
+        )
+    subject = dep.resolve(sub.file, event_filter.get("subjectBeginsWith"))
+    expected_subject = f"/blobServices/default/containers/{EXPECTED_CONTAINERS['incoming']}/blobs/"
+    if subject != expected_subject:
+        findings.append(
+            f"eventgrid: subjectBeginsWith must be {expected_subject!r}, got {subject!r}"
+        )
+    destination = props.get("destination", {})
+    url = str(dep.resolve(sub.file, _dig(destination, "properties", "endpointUrl")))
+    if destination.get("endpointType") != "WebHook" or (
+        "/runtime/webhooks/blobs?functionName=Host.Functions.process_package&code=" not in url
+        or "systemKeys.blobs_extension" not in url
+    ):
+        findings.append(f"eventgrid: endpoint must be the blob extension webhook: {url!r}")
+    retry = props.get("retryPolicy", {})
+    if not isinstance(retry.get("maxDeliveryAttempts"), int) or not isinstance(
+        retry.get("eventTimeToLiveInMinutes"), int
+    ):
+        findings.append("eventgrid: retryPolicy must set attempts and time to live")
+    dead_letter = props.get("deadLetterWithResourceIdentity", {})
+    container = dep.resolve(
+        sub.file, _dig(dead_letter, "deadLetterDestination", "properties", "blobContainerName")
+    )
+    if container != EXPECTED_CONTAINERS["deadletter"] or not _dig(dead_letter, "identity", "type"):
+        findings.append(
+            "eventgrid: dead letters must go to byok-deadletter with a managed identity"
+        )
+    return findings
+
+
+def check_role_assignments(dep: Deployment) -> Findings:
+    findings: Findings = []
+    granted: set[tuple[str, str]] = set()
+    assignments = dep.resources("Microsoft.Authorization/roleAssignments")
+    if not assignments:
+        return ["roles: no role assignments found"]
+    for assignment in assignments:
+        where = f"roles: {assignment.file}:{assignment.symbol}"
+        name = assignment.body.get("name")
+        function = _dig(name, "function")
+        if not isinstance(function, dict) or function.get("type") != "guid":
+            findings.append(f"{where} must be named with guid(scope, principal, role)")
+        elif len([p for p in function["parameters"].values() if p is not None]) < 3:
+            findings.append(f"{where} guid() must take scope, principal and role")
+        props = assignment.body.get("properties", {})
+        role_text = json.dumps(dep.resolve(assignment.file, props.get("roleDefinitionId")))
+        roles = set(GUID_RE.findall(role_text))
+        if len(roles) != 1:
+            findings.append(
+                f"{where} roleDefinitionId does not name one built-in role: {role_text}"
+            )
+        for role in roles:
+            if role in FORBIDDEN_ROLES:
+                findings.append(f"{where} grants {FORBIDDEN_ROLES[role]}")
+            elif role not in ALLOWED_ROLES:
+                findings.append(f"{where} grants a role outside the allowed narrow set: {role}")
+            granted.add((str(props.get("principalId")), role))
+    for role in (ROLE_BLOB_DATA_CONTRIBUTOR, ROLE_QUEUE_DATA_CONTRIBUTOR):
+        if ("functionPrincipalId", role) not in granted:
+            findings.append(f"roles: the function identity lacks {role} on the storage account")
+    if ("functionPrincipalId", ROLE_MONITORING_METRICS_PUBLISHER) not in granted:
+        findings.append("roles: the function identity lacks Monitoring Metrics Publisher")
+    return findings
+
+
+def check_forbidden_role_ids(root: Path) -> Findings:
+    """No Owner-class role id anywhere in the templates, whatever the checks above make of them."""
+    findings: Findings = []
+    for path in sorted([*root.rglob("*.bicep"), *root.rglob("*.json")]):
+        text = path.read_text(encoding="utf-8").lower()
+        for role, name in FORBIDDEN_ROLES.items():
+            if role in text:
+                findings.append(f"roles: {path.relative_to(root)} mentions {name} ({role})")
+    return findings
+
+
+def _diagnostic_categories(resource: Resource) -> set[str]:
+    logs = _dig(resource.body, "properties", "logs") or []
+    return {str(log.get("category")) for log in logs if log.get("enabled") is True}
+
+
+def check_monitoring(dep: Deployment) -> Findings:
+    findings: Findings = []
+    hsms = dep.resources("Microsoft.KeyVault/managedHSMs", existing=True)
+    if len(hsms) != 1:
+        return [f"monitoring: the Managed HSM must be referenced as existing (found {len(hsms)})"]
+    if dep.resources("Microsoft.KeyVault/managedHSMs"):
+        findings.append("monitoring: the Managed HSM must not be created or modified here")
+    diagnostics = dep.resources("Microsoft.Insights/diagnosticSettings")
+    by_scope = {(d.file, str(d.body.get("scope"))): d for d in diagnostics}
+    hsm_diag = by_scope.get((hsms[0].file, hsms[0].symbol))
+    if hsm_diag is None or "AuditEvent" not in _diagnostic_categories(hsm_diag):
+        findings.append("monitoring: the HSM's AuditEvent logs must go to the workspace")
+    for service in dep.resources("Microsoft.Storage/storageAccounts/blobServices"):
+        blob_diag = by_scope.get((service.file, service.symbol))
+        wanted = {"StorageRead", "StorageWrite", "StorageDelete"}
+        if blob_diag is None or not wanted <= _diagnostic_categories(blob_diag):
+            findings.append("monitoring: blob read/write/delete logs must go to the workspace")
+    for diag in diagnostics:
+        if not _dig(diag.body, "properties", "workspaceId"):
+            findings.append(f"monitoring: {diag.file}:{diag.symbol} has no workspaceId")
+    components = dep.resources("Microsoft.Insights/components")
+    if len(components) != 1:
+        return [*findings, "monitoring: expected one Application Insights component"]
+    component = _dig(components[0].body, "properties") or {}
+    if component.get("DisableLocalAuth") is not True or not component.get("WorkspaceResourceId"):
+        findings.append("monitoring: App Insights must be workspace-based with local auth disabled")
+    if len(dep.resources("Microsoft.OperationalInsights/workspaces")) != 1:
+        findings.append("monitoring: expected one Log Analytics workspace")
+    return findings
+
+
+def _loaded_file(dep: Deployment, resource: Resource, value: Any) -> Path | None:
+    function = _dig(value, "function")
+    if not isinstance(function, dict) or function.get("type") != "load_text_content":
+        return None
+    relative = str(function["parameters"]["file_path"])
+    return (dep.root / resource.file).parent / relative
+
+
+def check_dashboards(dep: Deployment) -> Findings:
+    findings: Findings = []
+    workbooks = dep.resources("Microsoft.Insights/workbooks")
+    if len(workbooks) != 1:
+        return [f"dashboards: expected one workbook, found {len(workbooks)}"]
+    workbook = workbooks[0]
+    data = _loaded_file(dep, workbook, _dig(workbook.body, "properties", "serializedData"))
+    if data is None or data.resolve() != (dep.root / "workbook.json").resolve():
+        findings.append("dashboards: the workbook must load infra/workbook.json")
+    alert_events: set[str] = set()
+    for rule in dep.resources("Microsoft.Insights/scheduledQueryRules"):
+        for criterion in _dig(rule.body, "properties", "criteria", "allOf") or []:
+            query_file = _loaded_file(dep, rule, criterion.get("query"))
+            if query_file is None or not query_file.is_file():
+                findings.append(f"dashboards: {rule.symbol} must load its query from infra/queries")
+                continue
+            alert_events |= set(EVENT_RE.findall(query_file.read_text(encoding="utf-8")))
+    for event in ("byok.verification_failed", "byok.failed"):
+        if event not in alert_events:
+            findings.append(f"dashboards: no alert rule for {event}")
+    return findings
+
+
+BICEP_CHECKS = {
+    "storage": check_storage,
+    "containers": check_containers,
+    "audit-immutability": check_audit_immutability,
+    "function-app": check_function_app,
+    "app-settings": check_app_settings,
+    "event-grid": check_event_grid,
+    "role-assignments": check_role_assignments,
+    "monitoring": check_monitoring,
+    "dashboards": check_dashboards,
+}
+
+
+def all_findings(dep: Deployment) -> Findings:
+    findings = [f for check in BICEP_CHECKS.values() for f in check(dep)]
+    return findings + check_forbidden_role_ids(dep.root)
+
+
+# --------------------------------------------------------------------------- queries
+
+
+@dataclass(frozen=True)
+class AuditSchema:
+    fields: frozenset[str]
+    events: frozenset[str]
+
+
+def load_audit_schema() -> AuditSchema:
+    schema = json.loads(AUDIT_SCHEMA.read_text(encoding="utf-8"))
+    return AuditSchema(
+        fields=frozenset(schema["properties"]),
+        events=frozenset(schema["properties"]["event"]["enum"]),
+    )
+
+
+def workbook_queries(node: Any) -> Iterator[str]:
+    """Every KQL query in a workbook, including those in groups."""
+    if isinstance(node, dict):
+        content = node.get("content")
+        if node.get("type") == 3 and isinstance(content, dict) and "query" in content:
+            yield str(content["query"])
+        for value in node.values():
+            yield from workbook_queries(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from workbook_queries(item)
+
+
+def query_findings(query: str, schema: AuditSchema) -> Findings:
+    query = KQL_COMMENT_RE.sub("", query)
+    findings: Findings = []
+    for dotted, indexed in PROPERTY_RE.findall(query):
+        name = dotted or indexed
+        if name not in schema.fields:
+            findings.append(f"query names field Properties.{name}, which the pipeline never emits")
+    for event in EVENT_RE.findall(query):
+        if event not in schema.events:
+            findings.append(f"query names event {event!r}, which the pipeline never emits")
+    if "customDimensions" in query:
+        findings.append("query uses customDimensions: in the workspace the column is Properties")
+    if "Properties" in query and "AppTraces" not in query:
+        findings.append("query reads Properties but not from table AppTraces")
+    return findings
+
+
+def workbook_findings(workbook: Any, schema: AuditSchema) -> Findings:
+    queries = list(workbook_queries(workbook))
+    if not queries:
+        return ["workbook: no queries"]
+    findings = [f for query in queries for f in query_findings(query, schema)]
+    text = KQL_COMMENT_RE.sub("", "\n".join(queries))
+    events = set(EVENT_RE.findall(text))
+    fields = {dotted or indexed for dotted, indexed in PROPERTY_RE.findall(text)}
+    findings.extend(
+        f"workbook: no query covers {event}"
+        for event in sorted({"byok.received"} | FINAL_EVENTS)
+        if event not in events
+    )
+    findings.extend(
+        f"workbook: no query uses Properties.{name}"
+        for name in ("reason_code", "drop_time", "time", "package_sha256")
+        if name not in fields
+    )
+    if not re.search(r"percentile\([^)]*,\s*50\)", text) or not re.search(
+        r"percentile\([^)]*,\s*95\)", text
+    ):
+        findings.append("workbook: time from drop to import needs p50 and p95")
+    return findings
+
+
+# --------------------------------------------------------------------------- checkov
+
+
+def run_checkov(python: Path, directory: Path) -> dict[str, Any]:
+    env = {**os.environ, "BC_SKIP_MAPPING": "TRUE", "LOG_LEVEL": "WARNING"}
+    proc = subprocess.run(
+        [
+            str(python),
+            "-m",
+            "checkov.main",
+            "--framework",
+            "bicep",
+            "--directory",
+            str(directory),
+            "--output",
+            "json",
+            "--compact",
+            "--skip-download",
+            "--soft-fail",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+        env=env,
+        cwd=directory,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"checkov exited {proc.returncode}: {proc.stderr[-3000:]}")
+    report = json.loads(proc.stdout)
+    if isinstance(report, list):  # one report per framework when more than one ran
+        report = next(r for r in report if r.get("check_type") == "bicep")
+    assert isinstance(report, dict)
+    return report
+
+
+def failed_checks(report: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
+        (c["check_id"], c["file_path"], c["resource"]) for c in report["results"]["failed_checks"]
+    }
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def parsed(infra_python: Path) -> tuple[Deployment, dict[str, str]]:
+    return load_deployment(infra_python, INFRA_DIR)
+
+
+@pytest.fixture(scope="module")
+def deployment(parsed: tuple[Deployment, dict[str, str]]) -> Deployment:
+    dep, errors = parsed
+    assert errors == {}, f"pycep could not parse: {errors}"
+    return dep
+
+
+@pytest.fixture(scope="module")
+def checkov_report(infra_python: Path) -> dict[str, Any]:
+    return run_checkov(infra_python, INFRA_DIR)
+
+
+@pytest.fixture(scope="module")
+def audit_schema() -> AuditSchema:
+    return load_audit_schema()
+
+
+# Each mutation weakens one property in a copy of infra/; the checks must notice.
+# (id, file, text to replace, replacement, a phrase the findings must contain)
+MUTATIONS = [
+    (
+        "shared-key",
+        "modules/storage.bicep",
+        "allowSharedKeyAccess: false",
+        "allowSharedKeyAccess: true",
+        "allowSharedKeyAccess",
+    ),
+    (
+        "tls",
+        "modules/storage.bicep",
+        "minimumTlsVersion: 'TLS1_2'",
+        "minimumTlsVersion: 'TLS1_0'",
+        "minimumTlsVersion",
+    ),
+    (
+        "public-blob",
+        "modules/storage.bicep",
+        "allowBlobPublicAccess: false",
+        "allowBlobPublicAccess: true",
+        "allowBlobPublicAccess",
+    ),
+    (
+        "http",
+        "modules/storage.bicep",
+        "supportsHttpsTrafficOnly: true",
+        "supportsHttpsTrafficOnly: false",
+        "supportsHttpsTrafficOnly",
+    ),
+    (
+        "versioning",
+        "modules/storage.bicep",
+        "isVersioningEnabled: true",
+        "isVersioningEnabled: false",
+        "versioning",
+    ),
+    (
+        "append-writes",
+        "modules/storage.bicep",
+        "allowProtectedAppendWrites: true",
+        "allowProtectedAppendWrites: false",
+        "allowProtectedAppendWrites",
+    ),
+    (
+        "immutability-elsewhere",
+        "modules/storage.bicep",
+        "parent: auditContainer\n  name: 'default'",
+        "parent: blobService\n  name: 'default'",
+        "not the audit container",
+    ),
+    (
+        "container-renamed",
+        "main.bicep",
+        "incoming: 'byok-incoming'",
+        "incoming: 'byok-inbox'",
+        "subjectBeginsWith",
+    ),
+    (
+        "event-type",
+        "modules/eventgrid.bicep",
+        "'Microsoft.Storage.BlobCreated'",
+        "'Microsoft.Storage.BlobDeleted'",
+        "includedEventTypes",
+    ),
+    (
+        "event-subject",
+        "modules/eventgrid.bicep",
+        "containers/${incomingContainerName}/blobs/",
+        "containers/${deadletterContainerName}/blobs/",
+        "subjectBeginsWith",
+    ),
+    (
+        "connection-string",
+        "modules/functionapp.bicep",
+        "name: 'BYOK_STORAGE__credential'\n          value: 'managedidentity'",
+        "name: 'BYOK_STORAGE'\n          value: 'DefaultEndpointsProtocol=https;AccountKey=x'",
+        "connection string",
+    ),
+    (
+        "blob-data-owner",
+        "modules/roles.bicep",
+        f"storageBlobDataContributor: '{ROLE_BLOB_DATA_CONTRIBUTOR}'",
+        "storageBlobDataContributor: 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'",
+        "Storage Blob Data Owner",
+    ),
+    (
+        "role-name-not-guid",
+        "modules/roles.bicep",
+        "name: guid(storageAccount.id, functionPrincipalId, roleIds.storageQueueDataContributor)",
+        "name: 'function-queue-access'",
+        "guid(scope, principal, role)",
+    ),
+    (
+        "https-only",
+        "modules/functionapp.bicep",
+        "httpsOnly: true",
+        "httpsOnly: false",
+        "httpsOnly",
+    ),
+    (
+        "python-version",
+        "modules/functionapp.bicep",
+        "version: '3.11'",
+        "version: '3.10'",
+        "python 3.11",
+    ),
+    (
+        "ftp",
+        "modules/functionapp.bicep",
+        "name: 'ftp'\n  properties: {\n    allow: false",
+        "name: 'ftp'\n  properties: {\n    allow: true",
+        "FTP",
+    ),
+    (
+        "appinsights-local-auth",
+        "modules/monitoring.bicep",
+        "DisableLocalAuth: true",
+        "DisableLocalAuth: false",
+        "local auth",
+    ),
+    (
+        "hsm-audit-log",
+        "modules/hsm-diagnostics.bicep",
+        "category: 'AuditEvent'",
+        "category: 'AzurePolicyEvaluationDetails'",
+        "AuditEvent",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def mutants(
+    infra_python: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Deployment, dict[str, str]]]:
+    """Every mutated copy of infra/, parsed with one pycep run."""
+    base = tmp_path_factory.mktemp("mutants")
+    roots: dict[str, Path] = {}
+    for mutation_id, relative, old, new, _ in MUTATIONS:
+        root = base / mutation_id
+        shutil.copytree(INFRA_DIR, root)
+        target = root / relative
+        text = target.read_text(encoding="utf-8")
+        assert text.count(old) == 1, f"{mutation_id}: {old!r} must occur once in {relative}"
+        target.write_text(text.replace(old, new), encoding="utf-8")
+        roots[mutation_id] = root
+    files = [f for root in roots.values() for f in sorted(root.rglob("*.bicep"))]
+    models, errors = parse_bicep(infra_python, files)
+    result = {}
+    for mutation_id, root in roots.items():
+        prefix = str(root) + os.sep
+        own_models = {p: m for p, m in models.items() if p.startswith(prefix)}
+        own_errors = {p: e for p, e in errors.items() if p.startswith(prefix)}
+        result[mutation_id] = (Deployment(root, own_models), own_errors)
+    return result
+
+
+# --------------------------------------------------------------------------- tests: Bicep
+
+
+def test_every_bicep_file_parses(parsed: tuple[Deployment, dict[str, str]]) -> None:
+    dep, errors = parsed
+    assert errors == {}
+    expected = {p.relative_to(INFRA_DIR).as_posix() for p in INFRA_DIR.rglob("*.bicep")}
+    assert set(dep.files) == expected
+    assert {"main.bicep", "modules/storage.bicep", "modules/functionapp.bicep"} <= expected
+
+
+def test_every_module_is_used_once_from_main(deployment: Deployment) -> None:
+    modules = {p for p in deployment.files if p != "main.bicep"}
+    assert set(deployment.bindings) == modules
+
+
+@pytest.mark.parametrize("check", sorted(BICEP_CHECKS))
+def test_security_property_holds(deployment: Deployment, check: str) -> None:
+    assert BICEP_CHECKS[check](deployment) == []
+
+
+def test_no_owner_class_role_anywhere() -> None:
+    assert check_forbidden_role_ids(INFRA_DIR) == []
+
+
+@pytest.mark.parametrize(
+    ("mutation_id", "phrase"), [(m[0], m[4]) for m in MUTATIONS], ids=[m[0] for m in MUTATIONS]
+)
+def test_checks_catch_a_weakened_copy(
+    mutants: dict[str, tuple[Deployment, dict[str, str]]], mutation_id: str, phrase: str
+) -> None:
+    dep, errors = mutants[mutation_id]
+    assert errors == {}, "the mutated copy must still parse, or the test proves nothing"
+    findings = all_findings(dep)
+    assert any(phrase.lower() in f.lower() for f in findings), findings
+
+
+def test_parameters_example_matches_main(deployment: Deployment) -> None:
+    example = json.loads(PARAMETERS_EXAMPLE.read_text(encoding="utf-8"))
+    declared = deployment.files["main.bicep"]["parameters"]
+    given = set(example["parameters"])
+    assert given <= set(declared), f"unknown parameters: {given - set(declared)}"
+    required = {name for name, p in declared.items() if "default" not in p}
+    assert required <= given, f"required parameters missing from the example: {required - given}"
+    assert example["parameters"]["deployEventSubscription"]["value"] is False
+
+
+def test_app_settings_are_the_pipelines_own(deployment: Deployment) -> None:
+    """The Bicep sets only settings the pipeline documents, with the pipeline's defaults."""
+    from byok_pipeline.settings import DEFAULTS, SETTINGS_DOC
+    from offline_packager.keytypes import TARGET_TYPES
+
+    (site,) = _function_sites(deployment)
+    settings = _app_settings(deployment, site)
+    own = {
+        name
+        for name in settings
+        if name.startswith("BYOK_") and not name.startswith("BYOK_STORAGE__")
+    }
+    assert own <= set(SETTINGS_DOC), (
+        f"settings the pipeline does not read: {own - set(SETTINGS_DOC)}"
+    )
+    for name, default in DEFAULTS.items():
+        if name in settings:
+            assert settings[name] == default, name
+    example = json.loads(PARAMETERS_EXAMPLE.read_text(encoding="utf-8"))
+    types = example["parameters"]["allowedTargetTypes"]["value"].split(",")
+    assert set(types) <= set(TARGET_TYPES), "the example names target types the pipeline rejects"
+
+
+# --------------------------------------------------------------------------- tests: checkov
+
+
+def load_skips() -> list[dict[str, str]]:
+    skips: list[dict[str, str]] = json.loads(CHECKOV_SKIPS.read_text(encoding="utf-8"))["skips"]
+    return skips
+
+
+def test_checkov_skips_are_documented() -> None:
+    skips = load_skips()
+    keys = [(s["check_id"], s["file"], s["resource"]) for s in skips]
+    assert len(keys) == len(set(keys)), "duplicate skip"
+    for skip in skips:
+        assert re.fullmatch(r"CKV2?_AZURE_\d+", skip["check_id"]), skip
+        assert len(skip["reason"].split()) >= 12, f"give {skip['check_id']} a real reason"
+
+
+def test_checkov_finds_nothing_beyond_the_documented_skips(checkov_report: dict[str, Any]) -> None:
+    results = checkov_report["results"]
+    assert results.get("parsing_errors", []) == []
+    scanned = {c["file_path"] for c in results["passed_checks"] + results["failed_checks"]}
+    assert {"/modules/storage.bicep", "/modules/functionapp.bicep"} <= scanned
+    assert len(results["passed_checks"]) >= 10, "checkov ran too few checks to mean anything"
+    documented = {(s["check_id"], s["file"], s["resource"]) for s in load_skips()}
+    failed = failed_checks(checkov_report)
+    assert failed - documented == set(), "new checkov findings: fix them or document them"
+    assert documented - failed == set(), "stale skips in infra/checkov-skips.json: remove them"
+
+
+def test_checkov_catches_a_weakened_copy(infra_python: Path, tmp_path: Path) -> None:
+    root = tmp_path / "infra"
+    shutil.copytree(INFRA_DIR, root)
+    for relative, old, new in (
+        ("modules/storage.bicep", "minimumTlsVersion: 'TLS1_2'", "minimumTlsVersion: 'TLS1_0'"),
+        ("modules/functionapp.bicep", "httpsOnly: true", "httpsOnly: false"),
+    ):
+        target = root / relative
+        target.write_text(target.read_text(encoding="utf-8").replace(old, new), encoding="utf-8")
+    ids = {check_id for check_id, _, _ in failed_checks(run_checkov(infra_python, root))}
+    assert {"CKV_AZURE_44", "CKV_AZURE_70"} <= ids
+
+
+# --------------------------------------------------------------------------- tests: workbook
+
+
+def test_workbook_is_valid_json_workbook() -> None:
+    workbook = json.loads(WORKBOOK.read_text(encoding="utf-8"))
+    assert workbook["version"] == "Notebook/1.0"
+    assert isinstance(workbook["items"], list)
+    assert workbook["items"]
+    for item in workbook["items"]:
+        assert {"type", "content", "name"} <= set(item)
+
+
+def test_workbook_queries_name_only_emitted_events_and_fields(audit_schema: AuditSchema) -> None:
+    workbook = json.loads(WORKBOOK.read_text(encoding="utf-8"))
+    assert workbook_findings(workbook, audit_schema) == []
+
+
+def test_alert_queries_name_only_emitted_events_and_fields(audit_schema: AuditSchema) -> None:
+    queries = sorted(QUERY_DIR.glob("*.kql"))
+    assert len(queries) >= 2
+    for path in queries:
+        assert query_findings(path.read_text(encoding="utf-8"), audit_schema) == [], path.name
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "phrase"),
+    [
+        ("Properties.reason_code", "Properties.reasonCode", "Properties.reasonCode"),
+        ('"byok.imported"', '"byok.import_done"', "byok.import_done"),
+        ("Properties.drop_time", 'Properties["dropped_at"]', "Properties.dropped_at"),
+        ("AppTraces", "traces", "AppTraces"),
+    ],
+    ids=["unknown-field", "unknown-event", "unknown-indexed-field", "wrong-table"],
+)
+def test_workbook_check_catches_unknown_names(
+    audit_schema: AuditSchema, old: str, new: str, phrase: str
+) -> None:
+    text = WORKBOOK.read_text(encoding="utf-8")
+    assert old.replace('"', '\\"') in text
+    broken = json.loads(text.replace(old.replace('"', '\\"'), new.replace('"', '\\"')))
+    findings = workbook_findings(broken, audit_schema)
+    assert any(phrase in f for f in findings), findings
+
+
+# --------------------------------------------------------------------------- tests: HSM roles
+
+
+FAKE_AZ = """#!/usr/bin/env bash
+printf '%s\\n' "$*" >> "$FAKE_AZ_LOG"
+if [[ "$1 $2 $3 $4" == "keyvault role assignment list" ]]; then
+  echo "${FAKE_AZ_EXISTING:-0}"
+fi
+"""
+FUNCTION_OID = "11111111-2222-3333-4444-555555555555"
+CUSTODIAN_OID = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
+
+
+def run_role_script(
+    args: list[str], tmp_path: Path, existing: int = 0
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake_az = bin_dir / "az"
+    fake_az.write_text(FAKE_AZ, encoding="utf-8")
+    fake_az.chmod(0o755)
+    log = tmp_path / "az.log"
+    log.write_text("", encoding="utf-8")
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FAKE_AZ_LOG": str(log),
+        "FAKE_AZ_EXISTING": str(existing),
+    }
+    proc = subprocess.run(
+        ["bash", str(ROLE_SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env=env,
+    )
+    return proc, log.read_text(encoding="utf-8").splitlines()
+
+
+def test_role_script_is_strict_bash() -> None:
+    text = ROLE_SCRIPT.read_text(encoding="utf-8")
+    assert text.startswith("#!/usr/bin/env bash\n")
+    assert "set -euo pipefail" in text
+    assert os.access(ROLE_SCRIPT, os.X_OK)
+    syntax = subprocess.run(
+        ["bash", "-n", str(ROLE_SCRIPT)], capture_output=True, text=True, check=False
+    )
+    assert syntax.returncode == 0, syntax.stderr
+
+
+def test_role_script_help(tmp_path: Path) -> None:
+    proc, calls = run_role_script(["--help"], tmp_path)
+    assert proc.returncode == 0
+    assert "Usage: assign-hsm-roles.sh" in proc.stdout
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["--hsm-name", "contoso-mhsm"],
+        ["--function-principal-id", FUNCTION_OID],
+        ["--hsm-name", "contoso-mhsm", "--function-principal-id", "not-a-guid"],
+        ["--hsm-name", "x", "--function-principal-id", FUNCTION_OID],
+        ["--hsm-name", "contoso-mhsm", "--function-principal-id", FUNCTION_OID, "--bogus"],
+        ["--hsm-name", "contoso-mhsm", "--function-principal-id", FUNCTION_OID, "--kek-name"],
+        [
+            "--hsm-name",
+            "contoso-mhsm",
+            "--function-principal-id",
+            FUNCTION_OID,
+            "--custodian-object-id",
+            "nope",
+        ],
+    ],
+    ids=[
+        "nothing",
+        "no-principal",
+        "no-hsm",
+        "bad-guid",
+        "bad-hsm-name",
+        "unknown-option",
+        "missing-value",
+        "bad-custodian",
+    ],
+)
+def test_role_script_rejects_bad_arguments(tmp_path: Path, args: list[str]) -> None:
+    proc, calls = run_role_script(args, tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert calls == [], "nothing may be called before the arguments are valid"
+
+
+def test_role_script_assigns_missing_roles(tmp_path: Path) -> None:
+    args = [
+        "--hsm-name",
+        "contoso-mhsm",
+        "--function-principal-id",
+        FUNCTION_OID,
+        "--custodian-object-id",
+        CUSTODIAN_OID,
+        "--kek-name",
+        "KEKforBYOK",
+    ]
+    proc, calls = run_role_script(args, tmp_path, existing=0)
+    assert proc.returncode == 0, proc.stderr
+    creates = [c for c in calls if c.startswith("keyvault role assignment create")]
+    assert len(creates) == 2, calls
+    function_call, custodian_call = creates
+    for expected in (
+        "--hsm-name contoso-mhsm",
+        "--role Managed HSM Crypto User",
+        "--scope /keys ",
+        f"--assignee-object-id {FUNCTION_OID}",
+        "--assignee-principal-type ServicePrincipal",
+    ):
+        assert expected in function_call + " ", function_call
+    assert "--scope /keys/KEKforBYOK" in custodian_call
+    assert f"--assignee-object-id {CUSTODIAN_OID}" in custodian_call
+
+
+def test_role_script_is_idempotent(tmp_path: Path) -> None:
+    args = ["--hsm-name", "contoso-mhsm", "--function-principal-id", FUNCTION_OID]
+    proc, calls = run_role_script(args, tmp_path, existing=1)
+    assert proc.returncode == 0, proc.stderr
+    assert [c for c in calls if "assignment create" in c] == []
+    assert any(c.startswith("keyvault role assignment list") for c in calls)
+
+
+def test_role_script_dry_run_calls_nothing(tmp_path: Path) -> None:
+    args = ["--hsm-name", "contoso-mhsm", "--function-principal-id", FUNCTION_OID, "--dry-run"]
+    proc, calls = run_role_script(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert calls == []
+    assert "Managed HSM Crypto User" in proc.stdout
+
+
+# --------------------------------------------------------------------------- tests: README
+
+
+def test_readme_covers_the_runbook() -> None:
+    text = README.read_text(encoding="utf-8")
+    for phrase in (
+        "az deployment group create",
+        "func azure functionapp publish",
+        "assign-hsm-roles.sh",
+        "deployEventSubscription=true",
+        "workbook",
+        "checkov-skips.json",
+    ):
+        assert phrase in text, phrase

@@ -1,0 +1,188 @@
+"""Helpers for the SoftHSM2 tests (a uniquely named module: tests are not a package)."""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+TOKEN_LABEL = "byok-test"
+USER_PIN = "4711-user"
+SO_PIN = "0815-so"
+PIN_ENV = "BYOK_TEST_TOKEN_PIN"
+KEK_KID = "https://contoso.managedhsm.azure.net/keys/KEKforBYOK/0123456789abcdef0123456789abcdef"
+
+
+@dataclass(frozen=True)
+class SoftHsm:
+    """A freshly initialised SoftHSM2 token."""
+
+    module: str
+    token_label: str
+    pin: str
+    conf: Path
+
+    def env(self) -> dict[str, str]:
+        """Environment for a subprocess that must see this token."""
+        return {**os.environ, "SOFTHSM2_CONF": str(self.conf), PIN_ENV: self.pin}
+
+    @contextmanager
+    def session(self) -> Iterator[Any]:
+        """A logged-in R/W session for test set-up and checks; closed before the code under test
+        runs, because a second C_Login in the same process would fail."""
+        import pkcs11
+
+        token = pkcs11.lib(self.module).get_token(token_label=self.token_label)
+        with token.open(rw=True, user_pin=self.pin) as session:
+            yield session
+
+
+@dataclass(frozen=True)
+class KekFiles:
+    private_key: rsa.RSAPrivateKey
+    pem: Path
+
+
+def wrap_args(softhsm: SoftHsm, kek: KekFiles, out: Path, *extra: str) -> list[str]:
+    """``byok-package wrap`` arguments for HSM mode (add --generate/--key-label in ``extra``)."""
+    return [
+        "wrap",
+        "--kek",
+        str(kek.pem),
+        "--kek-kid",
+        KEK_KID,
+        "--pkcs11-module",
+        softhsm.module,
+        "--token-label",
+        softhsm.token_label,
+        "--pin-env",
+        PIN_ENV,
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def secret_forms(secret: bytes) -> list[bytes]:
+    """Encodings under which a secret could leak into a text or binary output."""
+    forms = [secret, secret.hex().encode(), secret.hex().upper().encode()]
+    # At each of the 3 alignments; the last group is dropped as it depends on what follows.
+    forms.extend(
+        encode(secret[shift:]).rstrip(b"=")[:-4]
+        for shift in range(3)
+        for encode in (base64.b64encode, base64.urlsafe_b64encode)
+    )
+    return forms
+
+
+def leaked_forms(secret: bytes, blobs: dict[str, bytes]) -> list[str]:
+    """Which outputs contain which encoding of ``secret`` (empty when nothing leaked)."""
+    names = ["raw", "hex", "HEX", "b64", "b64url", "b64+1", "b64url+1", "b64+2", "b64url+2"]
+    return [
+        f"{name} in {where}"
+        for where, blob in blobs.items()
+        for name, form in zip(names, secret_forms(secret), strict=True)
+        if form in blob
+    ]
+
+
+def ec_point_der(public_key: ec.EllipticCurvePublicKey) -> bytes:
+    """CKA_EC_POINT: the uncompressed point as a DER OCTET STRING."""
+    point = public_key.public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    length = bytes([len(point)]) if len(point) < 0x80 else bytes([0x81, len(point)])
+    return b"\x04" + length + point
+
+
+def _be(value: int, length: int | None = None) -> bytes:
+    return value.to_bytes(length or max(1, (value.bit_length() + 7) // 8), "big")
+
+
+def import_rsa(
+    session: Any, key: rsa.RSAPrivateKey, label: str, extra: dict[Any, Any] | None = None
+) -> None:
+    """Store a software RSA key in the token as a persistent, sensitive, extractable key."""
+    from pkcs11 import Attribute, KeyType, ObjectClass
+
+    priv = key.private_numbers()
+    pub = priv.public_numbers
+    attrs: dict[Any, Any] = {
+        Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+        Attribute.KEY_TYPE: KeyType.RSA,
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: True,
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: True,
+        Attribute.SIGN: True,
+        Attribute.LABEL: label,
+        Attribute.ID: label.encode(),
+        Attribute.MODULUS: _be(pub.n),
+        Attribute.PUBLIC_EXPONENT: _be(pub.e),
+        Attribute.PRIVATE_EXPONENT: _be(priv.d),
+        Attribute.PRIME_1: _be(priv.p),
+        Attribute.PRIME_2: _be(priv.q),
+        Attribute.EXPONENT_1: _be(priv.dmp1),
+        Attribute.EXPONENT_2: _be(priv.dmq1),
+        Attribute.COEFFICIENT: _be(priv.iqmp),
+    }
+    session.create_object({**attrs, **(extra or {})})
+
+
+def import_ec(session: Any, key: ec.EllipticCurvePrivateKey, ec_params: bytes, label: str) -> None:
+    """Store a software EC key pair in the token (private + public object, same label and ID)."""
+    from pkcs11 import Attribute, KeyType, ObjectClass
+
+    common = {
+        Attribute.KEY_TYPE: KeyType.EC,
+        Attribute.TOKEN: True,
+        Attribute.LABEL: label,
+        Attribute.ID: label.encode(),
+        Attribute.EC_PARAMS: ec_params,
+    }
+    size = (key.curve.key_size + 7) // 8
+    session.create_object(
+        {
+            **common,
+            Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: True,
+            Attribute.SIGN: True,
+            Attribute.VALUE: _be(key.private_numbers().private_value, size),
+        }
+    )
+    session.create_object(
+        {
+            **common,
+            Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+            Attribute.VERIFY: True,
+            Attribute.EC_POINT: ec_point_der(key.public_key()),
+        }
+    )
+
+
+def import_aes(session: Any, raw: bytes, label: str, extra: dict[Any, Any] | None = None) -> None:
+    """Store raw AES key bytes in the token as a persistent, sensitive, extractable key."""
+    from pkcs11 import Attribute, KeyType, ObjectClass
+
+    attrs: dict[Any, Any] = {
+        Attribute.CLASS: ObjectClass.SECRET_KEY,
+        Attribute.KEY_TYPE: KeyType.AES,
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: True,
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: True,
+        Attribute.ENCRYPT: True,
+        Attribute.LABEL: label,
+        Attribute.VALUE: raw,
+    }
+    session.create_object({**attrs, **(extra or {})})
