@@ -120,9 +120,9 @@ class _Run:
     def flush_audit(self) -> None:
         """Emit every history entry not yet audited, in order, then mark them (next save)."""
         for entry in self.doc.unaudited():
-            self.deps.audit.emit(event_for_state(self.doc, entry.state, entry.attempt, entry.time))
+            emit_or_retry(self.deps.audit, event_for_state(self.doc, entry.state, entry.attempt, entry.time))
             if entry.state == "imported" and self.doc.fingerprint_result == "match":
-                self.deps.audit.emit(verified_event(self.doc, self.deps.clock()))
+                emit_or_retry(self.deps.audit, verified_event(self.doc, self.deps.clock()))
             entry.audited = True
 
     def record(self, state: str) -> None:
@@ -206,6 +206,21 @@ class _Run:
             self.finish("imported")
 
 
+def emit_or_retry(audit: AuditSink, event: dict[str, object]) -> None:
+    """Emit one audit event; any sink failure becomes a TransientError (never skipped).
+
+    Raises:
+        TransientError: the sink did not accept the event; processing must not complete.
+    """
+    try:
+        audit.emit(event)
+    except TransientError as exc:
+        raise TransientError(f"audit append failed: {exc.message}", retry_after=exc.retry_after,
+                             reason="audit_failed") from None  # fmt: skip
+    except Exception as exc:  # noqa: BLE001  # any sink failure means the record is not durable
+        raise TransientError(f"audit append failed: {type(exc).__name__}: {exc}", reason="audit_failed") from None
+
+
 def process_blob(name: str, deps: Deps) -> Outcome:
     """Process one delivery of ``incoming/name``. Safe to call any number of times, concurrently.
 
@@ -257,6 +272,9 @@ def process_blob(name: str, deps: Deps) -> Outcome:
             run.finish("rejected", reason=exc.reason, message=exc.message)
         except TransientError as exc:
             doc.last_error = exc.message
+            if doc.terminal:  # only its audit record is missing: redelivery emits it, then disposes
+                run.save()
+                raise
             if doc.attempts >= deps.settings.max_attempts:
                 run.finish("failed", reason="attempts_exhausted",
                            message=f"gave up after {doc.attempts} attempts: {exc.message}")  # fmt: skip
@@ -285,7 +303,7 @@ def _duplicate(blob: IncomingBlob, first_path: str, first: StatusDoc, deps: Deps
         doc.advance("duplicate", deps.clock())
         deps.store.put_status(path, doc)
     for entry in doc.unaudited():
-        deps.audit.emit(event_for_state(doc, entry.state, entry.attempt, entry.time))
+        emit_or_retry(deps.audit, event_for_state(doc, entry.state, entry.attempt, entry.time))
         entry.audited = True
     deps.store.put_status(path, doc)
     dest = f"{doc.key_name or '_invalid-name'}/{doc.package_sha256}.byok"

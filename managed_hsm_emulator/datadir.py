@@ -122,10 +122,8 @@ def load_or_create_secret(path: Path, nbytes: int) -> bytes:
             others (group/other permission bits set).
     """
     if not path.exists():
-        try:
+        with contextlib.suppress(FileExistsError):  # lost a race with another writer
             atomic_write(path, secrets.token_bytes(nbytes), mode=0o600)
-        except FileExistsError:  # pragma: no cover - lost a race with another writer
-            pass
     st = path.stat()
     if st.st_mode & 0o077:
         raise StartupError(

@@ -37,7 +37,7 @@ class EmulatorError(Exception):
         }
 
 
-class BadParameter(EmulatorError):
+class BadParameterError(EmulatorError):
     """400: the request is malformed or asks for something the service refuses."""
 
     status = 400
@@ -45,7 +45,7 @@ class BadParameter(EmulatorError):
     reason = "bad_parameter"
 
 
-class Unauthorized(EmulatorError):
+class UnauthorizedError(EmulatorError):
     """401: no, forged, wrong-audience or expired token."""
 
     status = 401
@@ -53,7 +53,7 @@ class Unauthorized(EmulatorError):
     reason = "unauthorized"
 
 
-class Forbidden(EmulatorError):
+class ForbiddenError(EmulatorError):
     """403: the key exists but may not be used this way (disabled, outside nbf/exp, key_ops)."""
 
     status = 403
@@ -61,7 +61,7 @@ class Forbidden(EmulatorError):
     reason = "forbidden"
 
 
-class KeyNotFound(EmulatorError):
+class KeyNotFoundError(EmulatorError):
     """404: no such key, key version or deleted key."""
 
     status = 404
@@ -69,7 +69,7 @@ class KeyNotFound(EmulatorError):
     reason = "key_not_found"
 
 
-class NotFound(EmulatorError):
+class PathNotFoundError(EmulatorError):
     """404: no such path in the Key Vault keys API."""
 
     status = 404
@@ -77,7 +77,7 @@ class NotFound(EmulatorError):
     reason = "no_such_path"
 
 
-class MethodNotAllowed(EmulatorError):
+class MethodNotAllowedError(EmulatorError):
     """405: the path exists but not with this method."""
 
     status = 405
@@ -85,7 +85,7 @@ class MethodNotAllowed(EmulatorError):
     reason = "method_not_allowed"
 
 
-class Conflict(EmulatorError):
+class ConflictError(EmulatorError):
     """409: the name is held by a soft-deleted key, or a concurrent change won."""
 
     status = 409
@@ -93,7 +93,7 @@ class Conflict(EmulatorError):
     reason = "conflict"
 
 
-class PayloadTooLarge(EmulatorError):
+class PayloadTooLargeError(EmulatorError):
     """413: the request body is over the emulator's limit."""
 
     status = 413

@@ -7,21 +7,22 @@ raw AES bytes) for sealed storage and BYOK plaintexts, and private JWKs for plai
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from offline_packager.errors import PackageFormatError, TargetKeyError
 from offline_packager.keytypes import CURVE_BY_OPENSSL_NAME, TargetType, type_for
 from offline_packager.package_format import b64url_decode, b64url_encode
 from offline_packager.secret import SecretBytes
 
-from .errors import BadParameter
+from .errors import BadParameterError
 
 Family = Literal["RSA", "EC", "oct"]
 FAMILIES: tuple[Family, ...] = ("RSA", "EC", "oct")
@@ -33,14 +34,14 @@ def family_of(kty: object) -> Family:
     """``RSA``/``RSA-HSM`` -> ``RSA`` and so on.
 
     Raises:
-        BadParameter: reason ``bad_kty`` for any other value.
+        BadParameterError: reason ``bad_kty`` for any other value.
     """
     if isinstance(kty, str):
         fam = kty.removesuffix("-HSM")
         for family in FAMILIES:
             if fam == family:
                 return family
-    raise BadParameter(
+    raise BadParameterError(
         "kty must be one of RSA-HSM, EC-HSM, oct-HSM (or RSA, EC, oct)", reason="bad_kty"
     )
 
@@ -59,11 +60,11 @@ def int_to_b64(value: int, length: int | None = None) -> str:
 def _b64_field(jwk: Mapping[str, Any], field: str) -> bytes:
     value = jwk.get(field)
     if not isinstance(value, str) or not value:
-        raise BadParameter(f"the JWK lacks field {field!r}", reason="bad_jwk")
+        raise BadParameterError(f"the JWK lacks field {field!r}", reason="bad_jwk")
     try:
         return b64url_decode(value)
     except PackageFormatError:
-        raise BadParameter(f"JWK field {field!r} is not base64url", reason="bad_jwk") from None
+        raise BadParameterError(f"JWK field {field!r} is not base64url", reason="bad_jwk") from None
 
 
 def _b64_int(jwk: Mapping[str, Any], field: str) -> int:
@@ -152,7 +153,7 @@ class KeyMaterial:
         """Inverse of :meth:`to_storage`.
 
         Raises:
-            BadParameter: reason ``target_not_pkcs8`` / ``kty_mismatch`` (see
+            BadParameterError: reason ``target_not_pkcs8`` / ``kty_mismatch`` (see
                 :meth:`from_plaintext`).
         """
         return cls.from_plaintext(family, data)
@@ -162,30 +163,36 @@ class KeyMaterial:
         """Read a BYOK plaintext: PKCS#8 DER for RSA/EC, raw AES bytes for oct.
 
         Raises:
-            BadParameter: reason ``kty_mismatch`` when the plaintext is another kind of key
+            BadParameterError: reason ``kty_mismatch`` when the plaintext is another kind of key
                 than ``family``, ``target_not_pkcs8`` when RSA/EC bytes are not PKCS#8.
         """
         if family == "oct":
             if len(plaintext) not in (16, 24, 32):
-                raise BadParameter(
+                raise BadParameterError(
                     f"the unwrapped key is {len(plaintext)} bytes, not an AES-128/192/256 key; "
                     "it does not match kty oct-HSM",
                     reason="kty_mismatch",
                 )
             return cls("oct", aes_key=SecretBytes(plaintext.reveal(), label="aes key"))
         try:
-            key = serialization.load_der_private_key(plaintext.reveal(), password=None)
+            # OpenSSL's full RSA check (primality tests) costs ~30 ms per key and would make
+            # RSA imports the emulator's bottleneck; _check_rsa_numbers is the cheap equivalent
+            # for keys that were consistent when wrapped.
+            key = serialization.load_der_private_key(
+                plaintext.reveal(), password=None, unsafe_skip_rsa_key_validation=True
+            )
         except (ValueError, TypeError, UnsupportedAlgorithm):
             if len(plaintext) in (16, 24, 32):
-                raise BadParameter(
+                raise BadParameterError(
                     f"the unwrapped key is a {len(plaintext) * 8}-bit AES key; "
                     f"it does not match kty {family}-HSM",
                     reason="kty_mismatch",
                 ) from None
-            raise BadParameter(
+            raise BadParameterError(
                 "the unwrapped key is not a PKCS#8 private key", reason="target_not_pkcs8"
             ) from None
         if isinstance(key, rsa.RSAPrivateKey) and family == "RSA":
+            _check_rsa_numbers(key)
             return cls("RSA", rsa_key=key)
         if isinstance(key, ec.EllipticCurvePrivateKey) and family == "EC":
             return cls("EC", ec_key=key)
@@ -196,7 +203,7 @@ class KeyMaterial:
             if isinstance(key, ec.EllipticCurvePrivateKey)
             else "another kind of"
         )
-        raise BadParameter(
+        raise BadParameterError(
             f"the unwrapped key is {found} key; it does not match kty {family}-HSM",
             reason="kty_mismatch",
         )
@@ -215,7 +222,7 @@ class KeyMaterial:
         """Create a new key of a supported type.
 
         Raises:
-            BadParameter: reason ``unsupported_key_type`` for sizes/curves Managed HSM lacks.
+            BadParameterError: reason ``unsupported_key_type`` for sizes/curves Managed HSM lacks.
         """
         if family == "RSA" and key_size is None:
             key_size = 2048
@@ -235,7 +242,7 @@ class KeyMaterial:
         """Read a plaintext private JWK (``d``/``p``/``q``..., ``d``/``x``/``y``, or ``k``).
 
         Raises:
-            BadParameter: reasons ``bad_jwk`` (missing, malformed or inconsistent fields)
+            BadParameterError: reasons ``bad_jwk`` (missing, malformed or inconsistent fields)
                 and ``unsupported_key_type``.
         """
         if family == "oct":
@@ -259,7 +266,7 @@ class KeyMaterial:
                 p, q, d, dp, dq, qi, rsa.RSAPublicNumbers(e, n)
             ).private_key()
         except ValueError:
-            raise BadParameter(
+            raise BadParameterError(
                 "the RSA JWK's private fields are inconsistent", reason="bad_jwk"
             ) from None
         return cls("RSA", rsa_key=key)
@@ -268,24 +275,63 @@ class KeyMaterial:
     def _ec_from_jwk(cls, jwk: Mapping[str, Any]) -> KeyMaterial:
         crv = jwk.get("crv")
         if not isinstance(crv, str):
-            raise BadParameter("an EC JWK needs crv", reason="bad_jwk")
+            raise BadParameterError("an EC JWK needs crv", reason="bad_jwk")
         target = checked_type("EC", key_size=None, crv=crv)
         d, x, y = _b64_int(jwk, "d"), _b64_int(jwk, "x"), _b64_int(jwk, "y")
         try:
             key = ec.derive_private_key(d, target.curve())
         except ValueError:
-            raise BadParameter("the EC JWK's d is out of range", reason="bad_jwk") from None
+            raise BadParameterError("the EC JWK's d is out of range", reason="bad_jwk") from None
         pub = key.public_key().public_numbers()
         if (pub.x, pub.y) != (x, y):
-            raise BadParameter("the EC JWK's x/y do not match its d", reason="bad_jwk")
+            raise BadParameterError("the EC JWK's x/y do not match its d", reason="bad_jwk")
         return cls("EC", ec_key=key)
+
+
+def _check_rsa_numbers(key: rsa.RSAPrivateKey) -> None:
+    """Refuse an RSA private key whose numbers do not fit together (damaged or forged).
+
+    Checks n = p*q, e*d = 1 mod lcm(p-1, q-1), the CRT values, and one sign/verify round
+    trip; not the primality of p and q.
+
+    Raises:
+        BadParameterError: reason ``target_invalid``.
+    """
+    nums = key.private_numbers()
+    n, e = nums.public_numbers.n, nums.public_numbers.e
+    p, q, d = nums.p, nums.q, nums.d
+    lam = math.lcm(p - 1, q - 1)
+    ok = (
+        p * q == n
+        and p > 1
+        and q > 1
+        and (e * d) % lam == 1
+        and nums.dmp1 == d % (p - 1)
+        and nums.dmq1 == d % (q - 1)
+        and (nums.iqmp * q) % p == 1
+    )
+    if ok:
+        probe = b"managed-hsm-emulator consistency probe"
+        try:
+            key.public_key().verify(
+                key.sign(probe, padding.PKCS1v15(), hashes.SHA256()),
+                probe,
+                padding.PKCS1v15(),
+                hashes.SHA256(),
+            )
+        except InvalidSignature:
+            ok = False
+    if not ok:
+        raise BadParameterError(
+            "the unwrapped RSA key is inconsistent (damaged key material)", reason="target_invalid"
+        )
 
 
 def checked_type(family: Family, *, key_size: int | None, crv: str | None) -> TargetType:
     """The supported type for a family and size/curve.
 
     Raises:
-        BadParameter: reason ``unsupported_key_type``, naming what is supported.
+        BadParameterError: reason ``unsupported_key_type``, naming what is supported.
     """
     try:
         return type_for(family, key_size=key_size, crv=crv)
@@ -296,7 +342,7 @@ def checked_type(family: Family, *, key_size: int | None, crv: str | None) -> Ta
             "oct": "AES 128, 192, 256",
         }[family]
         what = f"curve {crv}" if family == "EC" else f"{family}-{key_size}"
-        raise BadParameter(
+        raise BadParameterError(
             f"{what} is not supported by Managed HSM ({supported})",
             reason="unsupported_key_type",
         ) from None

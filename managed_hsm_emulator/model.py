@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from .errors import BadParameter, Forbidden
+from .errors import BadParameterError, ForbiddenError
 from .material import Family, KeyMaterial
 
 Origin = Literal["generated", "imported", "byok"]
@@ -33,30 +33,30 @@ def check_key_ops(family: Family, ops: object, *, origin: Origin) -> tuple[str, 
     ``import`` is allowed only on RSA keys generated in the HSM, and only alone.
 
     Raises:
-        BadParameter: reasons ``bad_key_ops`` and ``import_not_alone``.
+        BadParameterError: reasons ``bad_key_ops`` and ``import_not_alone``.
     """
     if ops is None:
         return DEFAULT_OPS[family]
     if not isinstance(ops, list) or not all(isinstance(op, str) for op in ops):
-        raise BadParameter("key_ops must be a list of strings", reason="bad_key_ops")
+        raise BadParameterError("key_ops must be a list of strings", reason="bad_key_ops")
     unknown = sorted(set(ops) - set(KEY_OPS))
     if unknown:
-        raise BadParameter(
+        raise BadParameterError(
             f"unknown key operation(s) {', '.join(unknown)}; known: {', '.join(KEY_OPS)}",
             reason="bad_key_ops",
         )
     if "import" in ops:
         if family != "RSA":
-            raise BadParameter(
+            raise BadParameterError(
                 "the import operation is allowed only on RSA-HSM keys", reason="bad_key_ops"
             )
         if origin != "generated":
-            raise BadParameter(
+            raise BadParameterError(
                 "the import operation is allowed only on keys generated in this HSM",
                 reason="bad_key_ops",
             )
         if set(ops) != {"import"}:
-            raise BadParameter(
+            raise BadParameterError(
                 "the import operation excludes every other operation; key_ops must be "
                 '["import"] exactly',
                 reason="import_not_alone",
@@ -64,7 +64,7 @@ def check_key_ops(family: Family, ops: object, *, origin: Origin) -> tuple[str, 
         return ("import",)
     wrong = sorted(set(ops) - FAMILY_OPS[family])
     if wrong:
-        raise BadParameter(
+        raise BadParameterError(
             f"operation(s) {', '.join(wrong)} are not valid for {family}-HSM keys",
             reason="bad_key_ops",
         )
@@ -76,7 +76,7 @@ def _int_or_none(attrs: Mapping[str, Any], name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BadParameter(f"attributes.{name} must be a unix time", reason="bad_attributes")
+        raise BadParameterError(f"attributes.{name} must be a unix time", reason="bad_attributes")
     return int(value)
 
 
@@ -95,7 +95,7 @@ class KeyAttributes:
         """Attributes for a new version from the request's ``attributes`` object.
 
         Raises:
-            BadParameter: reason ``bad_attributes``.
+            BadParameterError: reason ``bad_attributes``.
         """
         return cls(enabled=True, created=now, updated=now).updated_from(attrs, now=now)
 
@@ -103,21 +103,23 @@ class KeyAttributes:
         """Apply the fields present in a request's ``attributes`` (read-only ones ignored).
 
         Raises:
-            BadParameter: reason ``bad_attributes``.
+            BadParameterError: reason ``bad_attributes``.
         """
         if attrs is None:
             return self
         if not isinstance(attrs, dict):
-            raise BadParameter("attributes must be a JSON object", reason="bad_attributes")
+            raise BadParameterError("attributes must be a JSON object", reason="bad_attributes")
         enabled = attrs.get("enabled", self.enabled)
         if enabled is None:
             enabled = self.enabled
         if not isinstance(enabled, bool):
-            raise BadParameter("attributes.enabled must be true or false", reason="bad_attributes")
+            raise BadParameterError(
+                "attributes.enabled must be true or false", reason="bad_attributes"
+            )
         nbf = _int_or_none(attrs, "nbf") if "nbf" in attrs else self.nbf
         exp = _int_or_none(attrs, "exp") if "exp" in attrs else self.exp
         if nbf is not None and exp is not None and exp <= nbf:
-            raise BadParameter("attributes.exp must be after nbf", reason="bad_attributes")
+            raise BadParameterError("attributes.exp must be after nbf", reason="bad_attributes")
         return replace(self, enabled=enabled, nbf=nbf, exp=exp, updated=now)
 
     def usable_reason(self, now: float) -> str | None:
@@ -155,18 +157,18 @@ def check_tags(tags: object) -> dict[str, str] | None:
     """Validate a ``tags`` object (None when absent).
 
     Raises:
-        BadParameter: reason ``bad_tags``.
+        BadParameterError: reason ``bad_tags``.
     """
     if tags is None:
         return None
     if not isinstance(tags, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in tags.items()
     ):
-        raise BadParameter("tags must be an object of string values", reason="bad_tags")
+        raise BadParameterError("tags must be an object of string values", reason="bad_tags")
     if len(tags) > MAX_TAGS:
-        raise BadParameter(f"at most {MAX_TAGS} tags are allowed", reason="bad_tags")
+        raise BadParameterError(f"at most {MAX_TAGS} tags are allowed", reason="bad_tags")
     if any(not k or len(k) > MAX_TAG_NAME or len(v) > MAX_TAG_VALUE for k, v in tags.items()):
-        raise BadParameter(
+        raise BadParameterError(
             f"tag names are 1-{MAX_TAG_NAME} characters, values at most {MAX_TAG_VALUE}",
             reason="bad_tags",
         )
@@ -193,18 +195,18 @@ class KeyVersion:
         """Refuse an operation the key does not allow, or a key that cannot be used now.
 
         Raises:
-            Forbidden: reasons ``operation_not_allowed``, ``key_disabled``,
+            ForbiddenError: reasons ``operation_not_allowed``, ``key_disabled``,
                 ``key_not_yet_valid``, ``key_expired``.
         """
         if op not in self.key_ops:
-            raise Forbidden(
+            raise ForbiddenError(
                 f"operation {op} is not allowed by key {self.name}/{self.version} "
                 f"(key_ops: {', '.join(self.key_ops)})",
                 reason="operation_not_allowed",
             )
         why = self.attributes.usable_reason(now)
         if why is not None:
-            raise Forbidden(
+            raise ForbiddenError(
                 f"key {self.name}/{self.version} cannot be used: it is {why.replace('_', ' ')}",
                 reason=f"key_{why}",
             )
@@ -235,8 +237,3 @@ class KeyRecord:
             if v.version == version:
                 return v
         return None
-
-
-def ordered_unique(values: Iterable[str]) -> tuple[str, ...]:
-    """Remove duplicates, keep order."""
-    return tuple(dict.fromkeys(values))

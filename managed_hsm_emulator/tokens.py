@@ -17,7 +17,7 @@ from offline_packager.errors import PackageFormatError
 from offline_packager.package_format import b64url_decode, b64url_encode
 from offline_packager.secret import SecretBytes
 
-from .errors import Unauthorized
+from .errors import UnauthorizedError
 
 AUDIENCE = "https://managedhsm.azure.net"
 SCOPE = f"{AUDIENCE}/.default"
@@ -68,9 +68,9 @@ def _decode_json(part: str) -> Mapping[str, Any]:
     try:
         value = json.loads(b64url_decode(part))
     except (PackageFormatError, ValueError):
-        raise Unauthorized("the access token is malformed", reason="token_malformed") from None
+        raise UnauthorizedError("the access token is malformed", reason="token_malformed") from None
     if not isinstance(value, dict):
-        raise Unauthorized("the access token is malformed", reason="token_malformed")
+        raise UnauthorizedError("the access token is malformed", reason="token_malformed")
     return value
 
 
@@ -78,35 +78,37 @@ def verify_token(key: SecretBytes, token: str, *, now: float) -> Mapping[str, An
     """Check a bearer token and return its claims.
 
     Raises:
-        Unauthorized: reasons ``token_malformed``, ``token_bad_signature``,
+        UnauthorizedError: reasons ``token_malformed``, ``token_bad_signature``,
             ``token_wrong_audience``, ``token_expired``, ``token_not_yet_valid``.
     """
     parts = token.split(".")
-    if len(token) > _MAX_TOKEN or len(parts) != 3:  # noqa: PLR2004  # header.claims.signature
-        raise Unauthorized("the access token is malformed", reason="token_malformed")
+    if len(token) > _MAX_TOKEN or len(parts) != 3:  # header.claims.signature
+        raise UnauthorizedError("the access token is malformed", reason="token_malformed")
     header = _decode_json(parts[0])
     if header.get("alg") != _HEADER["alg"]:
-        raise Unauthorized("the access token's algorithm is not HS256", reason="token_malformed")
+        raise UnauthorizedError(
+            "the access token's algorithm is not HS256", reason="token_malformed"
+        )
     try:
         signature = b64url_decode(parts[2])
     except PackageFormatError:
-        raise Unauthorized("the access token is malformed", reason="token_malformed") from None
+        raise UnauthorizedError("the access token is malformed", reason="token_malformed") from None
     expected = _sign(key, f"{parts[0]}.{parts[1]}".encode("ascii", "replace"))
     if not hmac.compare_digest(signature, expected):
-        raise Unauthorized(
+        raise UnauthorizedError(
             "the access token's signature is not valid for this emulator",
             reason="token_bad_signature",
         )
     claims = _decode_json(parts[1])
     if audience_for_scope(str(claims.get("aud", ""))).rstrip("/") != AUDIENCE:
-        raise Unauthorized(
+        raise UnauthorizedError(
             f"the access token's audience is not {AUDIENCE}", reason="token_wrong_audience"
         )
     exp, nbf = claims.get("exp"), claims.get("nbf", 0)
     if not isinstance(exp, int) or not isinstance(nbf, int):
-        raise Unauthorized("the access token lacks exp/nbf", reason="token_malformed")
+        raise UnauthorizedError("the access token lacks exp/nbf", reason="token_malformed")
     if now >= exp + CLOCK_SKEW_SECONDS:
-        raise Unauthorized("the access token has expired", reason="token_expired")
+        raise UnauthorizedError("the access token has expired", reason="token_expired")
     if now < nbf - CLOCK_SKEW_SECONDS:
-        raise Unauthorized("the access token is not valid yet", reason="token_not_yet_valid")
+        raise UnauthorizedError("the access token is not valid yet", reason="token_not_yet_valid")
     return claims

@@ -1,0 +1,83 @@
+"""``python -m managed_hsm_emulator --data-dir DIR [--host 127.0.0.1] [--port 0]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from .app import Emulator, EmulatorConfig, load_fault_rules
+from .errors import StartupError
+from .service import DEFAULT_RETENTION_DAYS
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m managed_hsm_emulator",
+        description="Local Managed HSM keys service with real BYOK import (a development "
+        "tool, not an HSM).",
+    )
+    p.add_argument("--data-dir", required=True, type=Path, help="state, certificates, keys")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", default=0, type=int, help="port to bind (default 0: any free port)")
+    p.add_argument(
+        "--faults",
+        help="fault rules: inline JSON (a rule or a list of rules) or a JSON file path",
+    )
+    p.add_argument("--fault-seed", type=int, help="seed for rate-based faults")
+    p.add_argument(
+        "--retention-days",
+        type=int,
+        default=DEFAULT_RETENTION_DAYS,
+        choices=range(7, 91),
+        metavar="7-90",
+        help=f"soft-delete retention (default {DEFAULT_RETENTION_DAYS})",
+    )
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run until SIGTERM/SIGINT. Returns 0 after a clean stop, 2 if it cannot start."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        rules = load_fault_rules(args.faults) if args.faults else []
+        emulator = Emulator.start(
+            EmulatorConfig(
+                data_dir=args.data_dir,
+                host=args.host,
+                port=args.port,
+                faults=rules,
+                fault_seed=args.fault_seed,
+                retention_days=args.retention_days,
+            )
+        )
+    except StartupError as exc:
+        print(f"managed_hsm_emulator: cannot start ({exc.reason}): {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:  # noqa: ARG001  # signal API
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    emulator.serve_in_thread()
+    print(emulator.url, flush=True)
+    stop.wait()
+    emulator.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

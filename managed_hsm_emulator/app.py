@@ -1,0 +1,188 @@
+"""Assemble and run an emulator: data directory, TLS, store, service, server, endpoint file."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Self
+
+from offline_packager.secret import SecretBytes
+
+from .datadir import DataDir, atomic_write, load_or_create_secret
+from .errors import EmulatorError, StartupError
+from .faults import FaultInjector
+from .http_server import EmulatorHTTPServer
+from .requestlog import RequestLog
+from .sealing import MASTER_KEY_BYTES, Sealer
+from .service import DEFAULT_RETENTION_DAYS, KeyVaultService
+from .store import KeyStore
+from .tls import ensure_certificates, server_context
+from .tokens import TOKEN_KEY_BYTES
+
+LOG = logging.getLogger("managed_hsm_emulator")
+
+
+@dataclass(frozen=True)
+class EmulatorConfig:
+    """Start options (see ``python -m managed_hsm_emulator --help``)."""
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    faults: Sequence[Any] = ()
+    fault_seed: int | None = None
+    retention_days: int = DEFAULT_RETENTION_DAYS
+    clock: Callable[[], float] = field(default=time.time, compare=False)
+
+
+def load_fault_rules(text: str) -> list[Any]:
+    """Fault rules from ``--faults``: inline JSON (a rule or a list) or a path to a JSON file.
+
+    Raises:
+        StartupError: reason ``bad_fault_rule``.
+    """
+    stripped = text.strip()
+    try:
+        if stripped.startswith(("[", "{")):
+            doc = json.loads(stripped)
+        else:
+            doc = json.loads(Path(stripped).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise StartupError(
+            f"--faults is neither inline JSON nor a readable JSON file ({type(exc).__name__})",
+            reason="bad_fault_rule",
+        ) from None
+    return doc if isinstance(doc, list) else [doc]
+
+
+class Emulator:
+    """A running emulator. Use :meth:`start`, then :meth:`serve_forever` or a thread, then
+    :meth:`close`. Also usable in-process in tests (``with Emulator.start(cfg) as emu``)."""
+
+    def __init__(
+        self,
+        config: EmulatorConfig,
+        paths: DataDir,
+        server: EmulatorHTTPServer,
+        store: KeyStore,
+        lock_file: IO[bytes],
+    ) -> None:
+        self.config = config
+        self.paths = paths
+        self.server = server
+        self.store = store
+        self._lock_file = lock_file
+        self._thread: threading.Thread | None = None
+        host, port = server.server_address[:2]
+        shown = "127.0.0.1" if host in ("0.0.0.0", "") else str(host)  # noqa: S104  # mapping the wildcard to a reachable address
+        if ":" in shown:
+            shown = f"[{shown}]"
+        self.url = f"https://{shown}:{port}"
+
+    @classmethod
+    def start(cls, config: EmulatorConfig) -> Self:
+        """Prepare DIR, bind the port and write ``endpoint.json``. Serving starts with
+        :meth:`serve_forever` or :meth:`serve_in_thread`.
+
+        Raises:
+            StartupError: bad data directory, another emulator on it, bad faults, port in use.
+        """
+        paths = DataDir(config.data_dir.resolve())
+        paths.create()
+        lock_file = paths.lock.open("ab")
+        try:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock_file.close()
+            raise StartupError(
+                f"another emulator is serving {paths.root}", reason="data_dir_in_use"
+            ) from None
+        try:
+            return cls._start_locked(config, paths, lock_file)
+        except BaseException:
+            lock_file.close()
+            raise
+
+    @classmethod
+    def _start_locked(cls, config: EmulatorConfig, paths: DataDir, lock_file: IO[bytes]) -> Self:
+        paths.endpoint.unlink(missing_ok=True)
+        ensure_certificates(paths)
+        token_key = SecretBytes(
+            load_or_create_secret(paths.token_key, TOKEN_KEY_BYTES), label="token key"
+        )
+        master = SecretBytes(
+            load_or_create_secret(paths.master_key, MASTER_KEY_BYTES), label="master key"
+        )
+        store = KeyStore(paths, Sealer(master))
+        store.load()
+        faults = FaultInjector(seed=config.fault_seed)
+        for rule in config.faults:
+            try:
+                faults.add(rule)
+            except EmulatorError as exc:
+                raise StartupError(exc.message, reason=exc.reason) from None
+        service = KeyVaultService(store, clock=config.clock, retention_days=config.retention_days)
+        try:
+            server = EmulatorHTTPServer(
+                (config.host, config.port),
+                service=service,
+                token_key=token_key,
+                faults=faults,
+                request_log=RequestLog(paths.request_log),
+                ssl_context=server_context(paths),
+                clock=config.clock,
+            )
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {config.host}:{config.port}: {exc.strerror}", reason="bind"
+            ) from None
+        emulator = cls(config, paths, server, store, lock_file)
+        atomic_write(
+            paths.endpoint,
+            json.dumps({"url": emulator.url, "ca": str(paths.ca_pem), "pid": os.getpid()}).encode(),
+            mode=0o644,
+        )
+        LOG.info(
+            "serving %s (data dir %s, %d keys)",
+            emulator.url,
+            paths.root,
+            len(list(store.records())),
+        )
+        return emulator
+
+    def serve_forever(self) -> None:
+        """Serve until :meth:`close` is called from another thread."""
+        self.server.serve_forever(poll_interval=0.2)
+
+    def serve_in_thread(self) -> None:
+        """Serve from a daemon thread (in-process use)."""
+        self._thread = threading.Thread(target=self.serve_forever, name="emulator", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop accepting requests, wait for a change in progress, remove ``endpoint.json``."""
+        self.server.shutdown()
+        self.server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self.store.lock:  # a write in flight finishes before we go
+            self.paths.endpoint.unlink(missing_ok=True)
+        self.server.request_log.close()
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
+        self._lock_file.close()
+        LOG.info("stopped")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
