@@ -29,7 +29,7 @@ from .importer import fingerprint_result, import_validated, validate
 from .keyvault import HsmAdapter, ImportedKey
 from .metadata import parse_metadata
 from .settings import Settings
-from .status import ARCHIVED, StatusDoc, utc
+from .status import ARCHIVED, TERMINAL, StatusDoc, utc
 from .validation import read_package
 
 _BLOB_NAME_RE = re.compile(r"^(?P<name>.+)\.byok$")
@@ -120,7 +120,9 @@ class _Run:
     def flush_audit(self) -> None:
         """Emit every history entry not yet audited, in order, then mark them (next save)."""
         for entry in self.doc.unaudited():
-            emit_or_retry(self.deps.audit, event_for_state(self.doc, entry.state, entry.attempt, entry.time))
+            emit_or_retry(
+                self.deps.audit, event_for_state(self.doc, entry.state, entry.attempt, entry.time)
+            )
             if entry.state == "imported" and self.doc.fingerprint_result == "match":
                 emit_or_retry(self.deps.audit, verified_event(self.doc, self.deps.clock()))
             entry.audited = True
@@ -218,7 +220,9 @@ def emit_or_retry(audit: AuditSink, event: dict[str, object]) -> None:
         raise TransientError(f"audit append failed: {exc.message}", retry_after=exc.retry_after,
                              reason="audit_failed") from None  # fmt: skip
     except Exception as exc:  # noqa: BLE001  # any sink failure means the record is not durable
-        raise TransientError(f"audit append failed: {type(exc).__name__}: {exc}", reason="audit_failed") from None
+        raise TransientError(
+            f"audit append failed: {type(exc).__name__}: {exc}", reason="audit_failed"
+        ) from None
 
 
 def process_blob(name: str, deps: Deps) -> Outcome:
@@ -272,7 +276,9 @@ def process_blob(name: str, deps: Deps) -> Outcome:
             run.finish("rejected", reason=exc.reason, message=exc.message)
         except TransientError as exc:
             doc.last_error = exc.message
-            if doc.terminal:  # only its audit record is missing: redelivery emits it, then disposes
+            if (
+                doc.state in TERMINAL
+            ):  # only its audit record is missing: redelivery emits it, then disposes
                 run.save()
                 raise
             if doc.attempts >= deps.settings.max_attempts:

@@ -23,7 +23,10 @@ from managed_hsm_emulator import EmulatorCredential
 def main() -> None:
     stage, blob_name = sys.argv[1], sys.argv[2]
     cfg: dict[str, Any] = json.loads(sys.stdin.read())
-    settings = Settings(**cfg["settings"])
+    raw = cfg["settings"]
+    for key in ("allowed_kek_names", "allowed_target_types"):
+        raw[key] = frozenset(raw[key])
+    settings = Settings(**raw)
     from azure.keyvault.keys import KeyClient
 
     client = KeyClient(settings.hsm_url, EmulatorCredential(cfg["hsm_dir"]),

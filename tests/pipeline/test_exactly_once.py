@@ -61,21 +61,19 @@ def test_five_concurrent_deliveries_import_once(stack: Stack) -> None:
 
 
 def _crash(stack: Stack, stage: str, blob_name: str) -> int:
+    settings = {
+        k: sorted(v) if isinstance(v, frozenset) else v for k, v in asdict(stack.settings).items()
+    }
     cfg = {
-        "settings": {
-            k: (sorted(v) if isinstance(v, frozenset) else v)
-            for k, v in asdict(stack.settings).items()
-        },
+        "settings": settings,
         "hsm_dir": str(stack.hsm.data_dir),
         "ca": str(stack.hsm.ca),
         "storage": stack.azurite.connection_string,
         "audit": str(stack.tmp / "crash-audit.jsonl"),
     }
-    for key in ("allowed_kek_names", "allowed_target_types"):
-        cfg["settings"][key] = frozenset(cfg["settings"][key])
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("crash_worker.py")), stage, blob_name],
-        input=json.dumps(cfg, default=list),
+        input=json.dumps(cfg),
         capture_output=True,
         text=True,
         timeout=120,
