@@ -92,6 +92,10 @@ class BlobStore:
             if props.size > cap:
                 return IncomingBlob(name, props.etag, props.size, None, dict(props.metadata or {}),
                                     props.creation_time)  # fmt: skip
+            if props.size == 0:  # a zero-length range cannot be requested
+                return IncomingBlob(
+                    name, props.etag, 0, b"", dict(props.metadata or {}), props.creation_time
+                )
             downloader = blob.download_blob(offset=0, length=cap + 1, etag=props.etag,
                                             match_condition=_if_match())  # fmt: skip
             data = downloader.readall()

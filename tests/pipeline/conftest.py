@@ -44,3 +44,15 @@ def stack(azurite: Azurite, hsm: EmulatorHandle, kek_name: str, tmp_path: Path) 
     s = Stack.create(azurite, hsm, kek_name, prefix, tmp_path, service)
     yield s
     s.close()
+
+
+@pytest.fixture(scope="module")
+def stack_module(
+    azurite: Azurite, hsm: EmulatorHandle, kek_name: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """One stack for a whole module (property-based tests make many examples)."""
+    prefix = f"m{next(_COUNTER)}"
+    service = BlobServiceClient.from_connection_string(azurite.connection_string)
+    s = Stack.create(azurite, hsm, kek_name, prefix, tmp_path_factory.mktemp(prefix), service)
+    yield s
+    s.close()
