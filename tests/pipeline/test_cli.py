@@ -1,0 +1,155 @@
+"""The `byok` CLI against Azurite and the emulator: KEKs, upload, import, status, watch, dev."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pipeline_support import Stack
+
+from byok_pipeline.cli import main
+from offline_packager.cli import main as package_main
+
+pytestmark = pytest.mark.azurite
+
+
+@pytest.fixture
+def cli_env(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
+    s = stack.settings
+    for key, value in {
+        "BYOK_HSM_URL": stack.hsm.url,
+        "BYOK_HSM_CA_BUNDLE": str(stack.hsm.ca),
+        "BYOK_HSM_EMULATOR_DIR": str(stack.hsm.data_dir),
+        "BYOK_STORAGE": stack.azurite.connection_string,
+        "BYOK_INCOMING_CONTAINER": s.incoming_container,
+        "BYOK_STATUS_CONTAINER": s.status_container,
+        "BYOK_ARCHIVE_CONTAINER": s.archive_container,
+        "BYOK_QUARANTINE_CONTAINER": s.quarantine_container,
+        "BYOK_AUDIT_CONTAINER": s.audit_container,
+        "BYOK_AUDIT_LOG": str(stack.tmp / "audit.jsonl"),
+        "BYOK_RETRY_BACKOFF_SECONDS": "0.05",
+    }.items():
+        monkeypatch.setenv(key, value)
+    return stack
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str, expect: int = 0) -> Any:
+    rc = main([*argv, "--json"])
+    out = capsys.readouterr()
+    assert rc == expect, out.err
+    return json.loads(out.out)
+
+
+def test_ceremony_through_the_cli(
+    cli_env: Stack, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    stack = cli_env
+    created = run_json(
+        capsys, "kek", "create", "--name", "cli-kek", "--size", "2048", "--expires-days", "3"
+    )
+    assert created["key_ops"] == ["import"]
+    kek_pem = tmp_path / "kek.pem"
+    info = run_json(capsys, "kek", "download", "--kid", created["kid"], "--out", str(kek_pem))
+    assert info["kid"] == created["kid"]
+    assert kek_pem.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+    # refuses to overwrite the PEM
+    assert main(["kek", "download", "--kid", created["kid"], "--out", str(kek_pem)]) == 2
+
+    out = tmp_path / "cli-rsa.byok"
+    assert package_main(["wrap", "--kek", str(kek_pem), "--kek-kid", created["kid"], "--kek-sha256",
+                         info["spki_sha256"], "--generate", "rsa-2048", "--out", str(out)]) == 0  # fmt: skip
+    capsys.readouterr()
+    uploaded = run_json(capsys, "upload", str(out))
+    assert uploaded["metadata"]["byok_target_type"] == "rsa-2048"
+    # a second upload of the same name while it waits is refused
+    run_json(capsys, "upload", str(out), expect=2)
+
+    assert main(["watch", "--once"]) == 0
+    capsys.readouterr()
+    status = run_json(capsys, "status", "cli-rsa.byok")
+    assert (status["state"], status["fingerprint_result"]) == ("imported", "match")
+    assert run_json(capsys, "status", "--state", "imported")[0]["blob_name"] == "cli-rsa.byok"
+
+    audit = [json.loads(line) for line in (stack.tmp / "audit.jsonl").read_text().splitlines()]
+    names = [e["event"] for e in audit]
+    assert names[:2] == ["byok.kek.created", "byok.kek.downloaded"]
+    assert "byok.imported" in names
+
+
+def test_import_directly_is_idempotent_and_verified(
+    cli_env: Stack, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    stack = cli_env
+    kek_pem = tmp_path / "kek.pem"
+    kek_pem.write_bytes(stack.kek_pem)
+    out = tmp_path / "direct-ec.byok"
+    assert package_main(["wrap", "--kek", str(kek_pem), "--kek-kid", stack.kek_kid, "--generate", "ec-p521",
+                         "--out", str(out)]) == 0  # fmt: skip
+    capsys.readouterr()
+    first = run_json(capsys, "import", str(out))
+    assert (first["fingerprint_result"], first["already_imported"]) == ("match", False)
+    again = run_json(capsys, "import", str(out))
+    assert (again["imported_kid"], again["already_imported"]) == (first["imported_kid"], True)
+    versions = list(stack.hsm.key_client().list_properties_of_key_versions("direct-ec"))
+    assert len(versions) == 1
+
+
+def test_import_refusals_have_exit_2_and_reason(
+    cli_env: Stack, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.byok"
+    bad.write_bytes(b"{}")
+    assert main(["import", str(bad)]) == 2
+    assert "[malformed_package]" in capsys.readouterr().err
+    wrong = tmp_path / "vendor.byok"
+    from testsupport import VENDOR_SAMPLE
+
+    wrong.write_bytes(VENDOR_SAMPLE.read_bytes())
+    result = run_json(capsys, "import", str(wrong), expect=2)
+    assert result["reason"] == "kid_wrong_hsm"
+
+
+def test_missing_settings_fail_clearly(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("BYOK_HSM_URL", raising=False)
+    assert main(["status"]) == 1
+    assert "BYOK_HSM_URL" in capsys.readouterr().err
+
+
+def test_reasons_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    codes = run_json(capsys, "reasons")
+    assert "kek_not_import_only" in codes
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "Exit codes" in " ".join(capsys.readouterr().out.split())
+
+
+def test_dev_up_writes_a_sourceable_env_and_down_stops_everything(tmp_path: Path) -> None:
+    byok = str(Path(sys.executable).with_name("byok"))
+    stack_dir = tmp_path / "dev"
+    up = subprocess.run([byok, "dev", "up", "--dir", str(stack_dir), "--json"], capture_output=True, text=True,
+                        timeout=120, check=True)  # fmt: skip
+    state = json.loads(up.stdout)
+    try:
+        script = (
+            f"source {shlex.quote(str(stack_dir / 'env'))} && {shlex.quote(byok)} status --json"
+        )
+        status = subprocess.run(
+            ["bash", "-c", script], capture_output=True, text=True, timeout=120, check=False
+        )
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout) == []
+    finally:
+        down = subprocess.run([byok, "dev", "down", "--dir", str(stack_dir), "--json"], capture_output=True,
+                              text=True, timeout=60, check=True)  # fmt: skip
+    assert sorted(json.loads(down.stdout)["stopped"]) == ["azurite", "emulator"]
+    for pid in (state["azurite_pid"], state["emulator_pid"]):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
