@@ -161,3 +161,49 @@ def test_http_functions(wired: Stack, functions: dict[str, Callable[..., Any]]) 
 
     assert body["spki_sha256"] == load_kek_pem(stack.kek_pem).fingerprint
     assert body["key_ops"] == ["import"]
+
+
+def test_settings_are_documented_everywhere() -> None:
+    from testsupport import REPO
+
+    from byok_pipeline.settings import DEFAULTS, SETTINGS_DOC
+
+    readme = (REPO / "README.md").read_text()
+    example = json.loads((REPO / "local.settings.example.json").read_text())["Values"]
+    for name in SETTINGS_DOC:
+        assert f"`{name}`" in readme, name
+        assert name in example, name
+    for name, default in DEFAULTS.items():
+        assert example[name] == default, name
+    host = json.loads((REPO / "host.json").read_text())
+    assert host["extensionBundle"]["version"] == "[4.*, 5.0.0)"
+    assert host["functionTimeout"]
+
+
+def test_status_documents_match_their_schema(stack: Stack) -> None:
+    import jsonschema
+    from testsupport import REPO
+
+    schema = json.loads((REPO / "byok_pipeline" / "schemas" / "status.schema.json").read_text())
+    for type_name, name in (("oct-128", "schema-ok"), ("ec-p256", "schema-dup")):
+        pkg = stack.package(type_name, name)
+        stack.drop_package(pkg)
+        stack.deliver(pkg.name)
+    stack.drop_package(pkg)  # a duplicate drop
+    stack.deliver(pkg.name)
+    stack.drop("schema-bad.byok", b"x")
+    stack.deliver("schema-bad.byok")
+    stack.drop("big.byok", b" " * 70_000)
+    stack.deliver("big.byok")
+    docs = stack.status_docs()
+    assert sorted(d["state"] for d in docs) == [
+        "duplicate",
+        "imported",
+        "imported",
+        "rejected",
+        "rejected",
+    ]
+    for doc in docs:
+        jsonschema.validate(doc, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**docs[0], "d": "secret"}, schema)
