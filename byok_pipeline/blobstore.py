@@ -195,10 +195,11 @@ class BlobStore:
             raise _transient_or_raise(exc, "creating status") from None
         except AzureError as exc:
             raise _transient_or_raise(exc, "creating status") from None
-        self._index_name(doc, path)
+        self.index_name(doc, path)
         return True
 
-    def _index_name(self, doc: StatusDoc, path: str) -> None:
+    def index_name(self, doc: StatusDoc, path: str) -> None:
+        """Point ``names/<blob name>`` at the status document of the latest drop of that name."""
         body = json.dumps({"status": path, "package_sha256": doc.package_sha256}).encode()
         try:
             self._status_blob(f"names/{quote(doc.blob_name, safe='')}.json").upload_blob(
@@ -255,15 +256,16 @@ class BlobStore:
         with contextlib.suppress(AzureError):  # it expires by itself
             lease.release()
 
-    def put_status(self, path: str, doc: StatusDoc) -> None:
-        """Write a document nobody else writes (a duplicate drop's record)."""
+    def put_status(self, path: str, doc: StatusDoc, *, index: bool = True) -> None:
+        """Write a document nobody else writes (a duplicate drop's record, a retired record)."""
         try:
             self._status_blob(path).upload_blob(
                 doc.to_json(), overwrite=True, metadata=_status_meta(doc)
             )
         except AzureError as exc:
             raise _transient_or_raise(exc, "writing status") from None
-        self._index_name(doc, path)
+        if index:
+            self.index_name(doc, path)
 
     def iter_statuses(self, state: str | None = None) -> Iterator[StatusDoc]:
         """Every status document (``packages/`` and ``duplicates/``), optionally by state."""

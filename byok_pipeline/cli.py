@@ -142,6 +142,24 @@ def _manifest_path(args: argparse.Namespace) -> Path | None:
     return beside if beside.is_file() and not args.no_manifest else None
 
 
+def _with_tags(options: Any, tags: list[str]) -> Any:
+    """Add ``--tag KEY=VALUE`` options, checked like upload metadata.
+
+    Raises:
+        Rejected: ``bad_metadata``.
+    """
+    import dataclasses
+
+    from .metadata import parse_tags
+
+    if not tags:
+        return options
+    pairs = dict(t.split("=", 1) for t in tags if "=" in t)
+    if len(pairs) != len(tags):
+        raise Rejected("bad_metadata", "--tag takes KEY=VALUE")
+    return dataclasses.replace(options, tags=parse_tags(json.dumps(pairs)))
+
+
 def cmd_upload(args: argparse.Namespace) -> int:
     from .processor import key_name_of
     from .upload import default_uploader, options_for, upload
@@ -150,7 +168,9 @@ def cmd_upload(args: argparse.Namespace) -> int:
     data = _read_package(args.package, settings.max_package_bytes)
     blob_name = args.name or Path(args.package).name
     key_name_of(blob_name)
-    options = options_for(data, _manifest_path(args), args.uploader or default_uploader())
+    options = _with_tags(
+        options_for(data, _manifest_path(args), args.uploader or default_uploader()), args.tag
+    )
     from azure.core.exceptions import ResourceExistsError
 
     deps = _deps(settings)
@@ -173,7 +193,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     settings = _settings(args)
     data = _read_package(args.package, settings.max_package_bytes)
     key_name = args.name or key_name_of(Path(args.package).name)
-    options = options_for(data, _manifest_path(args), default_uploader())
+    options = _with_tags(options_for(data, _manifest_path(args), default_uploader()), args.tag)
     hsm = _hsm(settings)
     cid = uuid.uuid4().hex
     sha = hashlib.sha256(data).hexdigest()
@@ -341,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--name", help="blob name (default: the file name)")
     up.add_argument("--uploader", help="who uploads, recorded in the audit (default: user@host)")
+    up.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                    help="tag for the imported key version (repeatable, at most 10)")  # fmt: skip
 
     im = sub.add_parser("import", parents=[common],
                         help="validate, import and verify directly (no storage); safe to repeat")  # fmt: skip
@@ -348,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--manifest", help="its manifest (default: NAME.manifest.json beside it)")
     im.add_argument("--no-manifest", action="store_true")
     im.add_argument("--name", help="key name (default: NAME from the file name)")
+    im.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="tag for the imported version",
+    )
 
     st = sub.add_parser("status", parents=[common], help="status of one package or all")
     st.add_argument("name", nargs="?", help="blob name, e.g. payments.byok")

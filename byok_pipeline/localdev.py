@@ -25,7 +25,7 @@ STATE_FILE = "stack.json"
 ENV_FILE = "env"
 
 
-def up(directory: Path, *, kek_name: str | None = None) -> dict[str, Any]:
+def up(directory: Path) -> dict[str, Any]:
     """Start Azurite and the emulator on free loopback ports, create the containers, and write
     ``DIR/env`` (``source`` it) with every setting the other commands read.
 
@@ -54,8 +54,6 @@ def up(directory: Path, *, kek_name: str | None = None) -> dict[str, Any]:
         "BYOK_AUDIT_LOG": str(directory / "audit.jsonl"),
         **{k: v for k, v in DEFAULTS.items() if k.endswith("_CONTAINER")},
     }
-    if kek_name:
-        env["BYOK_KEK_NAME"] = kek_name
     settings = Settings.from_env(env)
     with BlobServiceClient.from_connection_string(azurite.connection_string) as service:
         BlobStore(service, settings).ensure_containers()

@@ -254,42 +254,45 @@ def process_blob(name: str, deps: Deps) -> Outcome:
         if doc.etag != blob.etag:
             if doc.state in ("rejected", "failed", "verification_failed"):
                 # the same bytes dropped again after a refusal: keep the old record, start over
-                store.put_status(
-                    f"history/{sha}/{_drop_hash(blob)}-{doc.etag.strip(chr(34))}.json", doc
-                )
+                retired = f"history/{sha}/{_drop_hash(blob)}-{doc.etag.strip(chr(34))}.json"
+                store.put_status(retired, doc, index=False)
                 doc = _fresh_doc(blob, sha, deps)
+                store.save_status(path, doc, lease)
+                store.index_name(doc, path)
             else:
                 return _duplicate(blob, path, doc, deps)
-        run = _Run(deps, blob, path, doc, lease)
-        if doc.terminal:
-            run.flush_audit()
-            run.save()
-            run.dispose()
-            return Outcome(doc.state or "", path, doc)
-        doc.attempts += 1
-        run.save()
-        run.flush_audit()
-        try:
-            run.run()
-        except Rejected as exc:
-            doc.service_code = exc.service_code
-            run.finish("rejected", reason=exc.reason, message=exc.message)
-        except TransientError as exc:
-            doc.last_error = exc.message
-            if (
-                doc.state in TERMINAL
-            ):  # only its audit record is missing: redelivery emits it, then disposes
-                run.save()
-                raise
-            if doc.attempts >= deps.settings.max_attempts:
-                run.finish("failed", reason="attempts_exhausted",
-                           message=f"gave up after {doc.attempts} attempts: {exc.message}")  # fmt: skip
-            else:
-                run.save()
-                raise
-        return Outcome(doc.state or "", path, doc)
+        return _run_leased(_Run(deps, blob, path, doc, lease))
     finally:
         store.release(lease)
+
+
+def _run_leased(run: _Run) -> Outcome:
+    """The leased part of a delivery: finish a terminal record, or process one more attempt."""
+    doc, deps = run.doc, run.deps
+    if doc.terminal:
+        run.flush_audit()
+        run.save()
+        run.dispose()
+        return Outcome(doc.state or "", run.path, doc)
+    doc.attempts += 1
+    run.save()
+    run.flush_audit()
+    try:
+        run.run()
+    except Rejected as exc:
+        doc.service_code = exc.service_code
+        run.finish("rejected", reason=exc.reason, message=exc.message)
+    except TransientError as exc:
+        doc.last_error = exc.message
+        if doc.state in TERMINAL:  # only its audit record is missing: redelivery emits it
+            run.save()
+            raise
+        if doc.attempts < deps.settings.max_attempts:
+            run.save()
+            raise
+        run.finish("failed", reason="attempts_exhausted",
+                   message=f"gave up after {doc.attempts} attempts: {exc.message}")  # fmt: skip
+    return Outcome(doc.state or "", run.path, doc)
 
 
 def _duplicate(blob: IncomingBlob, first_path: str, first: StatusDoc, deps: Deps) -> Outcome:

@@ -65,7 +65,9 @@ def test_ceremony_through_the_cli(
     assert package_main(["wrap", "--kek", str(kek_pem), "--kek-kid", created["kid"], "--kek-sha256",
                          info["spki_sha256"], "--generate", "rsa-2048", "--out", str(out)]) == 0  # fmt: skip
     capsys.readouterr()
-    uploaded = run_json(capsys, "upload", str(out))
+    uploaded = run_json(
+        capsys, "upload", str(out), "--tag", "owner=payments", "--tag", "ticket=CHG-1"
+    )
     assert uploaded["metadata"]["byok_target_type"] == "rsa-2048"
     # a second upload of the same name while it waits is refused
     run_json(capsys, "upload", str(out), expect=2)
@@ -75,6 +77,14 @@ def test_ceremony_through_the_cli(
     status = run_json(capsys, "status", "cli-rsa.byok")
     assert (status["state"], status["fingerprint_result"]) == ("imported", "match")
     assert run_json(capsys, "status", "--state", "imported")[0]["blob_name"] == "cli-rsa.byok"
+    tags = stack.hsm.key_client().get_key("cli-rsa").properties.tags
+    assert tags is not None
+    assert (tags["owner"], tags["ticket"], tags["byok-kek-kid"]) == (
+        "payments",
+        "CHG-1",
+        created["kid"],
+    )
+    assert tags["byok-package-sha256"] == status["package_sha256"]
 
     audit = [json.loads(line) for line in (stack.tmp / "audit.jsonl").read_text().splitlines()]
     names = [e["event"] for e in audit]

@@ -133,6 +133,11 @@ def test_redrop_after_a_refusal_is_processed_again(stack: Stack) -> None:
     stack.drop_package(pkg)
     assert stack.deliver(pkg.name).state == "imported"
     assert _versions(stack, "retry-me") == 1
+    latest = stack.deps.store.status_by_name(pkg.name)
+    assert latest is not None
+    assert latest.state == "imported"
+    retired = stack.blobs(stack.settings.status_container)
+    assert [b for b in retired if b.startswith("history/")]  # the refusal's record is kept
 
 
 def test_redelivery_after_completion_is_a_no_op(stack: Stack) -> None:
