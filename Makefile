@@ -70,6 +70,8 @@ demo: deps
 
 bench: deps
 	$(PY) benchmarks/packager_bench.py
+	$(PY) benchmarks/pipeline_bench.py
+	$(PY) benchmarks/emulator_bench.py
 
 clean:
 	rm -rf $(VENV) $(INFRA_VENV) node_modules .mypy_cache .ruff_cache .pytest_cache .demo

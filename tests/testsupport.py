@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_VECTORS = REPO.parent / "shared" / "vectors"
-VENDOR_SAMPLE = SHARED_VECTORS / "securosys-primus-rsa4096.byok"
+VENDOR_SAMPLE = REPO / "tests" / "vectors" / "securosys-primus-rsa4096.byok"
 
 
 def write_kek(tmp: Path, key: rsa.RSAPrivateKey) -> tuple[Path, Path]:

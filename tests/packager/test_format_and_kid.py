@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from testsupport import VENDOR_SAMPLE
+from testsupport import SHARED_VECTORS, VENDOR_SAMPLE
 
 from offline_packager.errors import ByokError
 from offline_packager.kid import parse_kid
@@ -17,6 +17,13 @@ from offline_packager.package_format import (
 )
 
 KID = "https://contoso.managedhsm.azure.net/keys/KEK-1/" + "ab" * 16
+
+
+def test_vendor_sample_copy_matches_shared() -> None:
+    shared = SHARED_VECTORS / VENDOR_SAMPLE.name
+    if shared.exists():
+        assert shared.read_bytes() == VENDOR_SAMPLE.read_bytes()
+    assert len(VENDOR_SAMPLE.read_bytes()) > 3000
 
 
 def test_vendor_sample_parses() -> None:
