@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -67,6 +68,7 @@ class BlobStore:
     def __init__(self, service: BlobServiceClient, settings: Settings) -> None:
         self.service = service
         self.settings = settings
+        self._lease_times: dict[int, float] = {}
 
     # -- containers -------------------------------------------------------------------------
     def ensure_containers(self) -> None:
@@ -79,7 +81,8 @@ class BlobStore:
 
     # -- incoming ---------------------------------------------------------------------------
     def read_incoming(self, name: str) -> IncomingBlob:
-        """Read a dropped blob, refusing to download more than the cap.
+        """Read a dropped blob in one ranged GET of at most cap + 1 bytes: a blob over the cap
+        is never read whole (its ``data`` is None).
 
         Raises:
             BlobGone: the blob does not exist.
@@ -88,32 +91,25 @@ class BlobStore:
         blob = self.service.get_blob_client(self.settings.incoming_container, name)
         cap = self.settings.max_package_bytes
         try:
-            props = blob.get_blob_properties()
-            if props.size > cap:
-                return IncomingBlob(name, props.etag, props.size, None, dict(props.metadata or {}),
-                                    props.creation_time)  # fmt: skip
-            if props.size == 0:  # a zero-length range cannot be requested
-                return IncomingBlob(
-                    name, props.etag, 0, b"", dict(props.metadata or {}), props.creation_time
-                )
-            downloader = blob.download_blob(offset=0, length=cap + 1, etag=props.etag,
-                                            match_condition=_if_match())  # fmt: skip
-            data = downloader.readall()
+            try:
+                downloader = blob.download_blob(offset=0, length=cap + 1)
+                data = downloader.readall()
+                props = downloader.properties
+            except HttpResponseError as exc:
+                if exc.status_code != 416:  # 416: a range of an empty blob
+                    raise
+                props = blob.get_blob_properties()
+                data = b""
         except ResourceNotFoundError:
             raise BlobGone(f"blob {name} is no longer in the incoming container") from None
-        except ResourceModifiedError:
-            raise TransientError(
-                f"blob {name} changed while being read", reason="blob_changed"
-            ) from None
         except AzureError as exc:
             raise _transient_or_raise(exc, f"reading {name}") from None
-        if len(data) > cap:  # grew between the two calls: treat as over the cap
+        meta = dict(props.metadata or {})
+        if props.size > cap or len(data) > cap:
             return IncomingBlob(
-                name, props.etag, len(data), None, dict(props.metadata or {}), props.creation_time
+                name, props.etag, max(props.size, len(data)), None, meta, props.creation_time
             )
-        return IncomingBlob(
-            name, props.etag, len(data), data, dict(props.metadata or {}), props.creation_time
-        )
+        return IncomingBlob(name, props.etag, len(data), data, meta, props.creation_time)
 
     def list_incoming(self) -> list[str]:
         container = self.service.get_container_client(self.settings.incoming_container)
@@ -163,8 +159,6 @@ class BlobStore:
 
     @staticmethod
     def _wait_copy(dest: Any) -> None:
-        import time
-
         for _ in range(100):
             status = dest.get_blob_properties().copy.status
             if status == "success":
@@ -226,6 +220,7 @@ class BlobStore:
         lease = BlobLeaseClient(self._status_blob(path))
         try:
             lease.acquire(lease_duration=self.settings.lease_seconds)
+            self._lease_times[id(lease)] = time.monotonic()
         except HttpResponseError as exc:
             if exc.status_code == 409:  # LeaseAlreadyPresent
                 raise InProgress(f"{path} is being processed by another worker") from None
@@ -242,7 +237,7 @@ class BlobStore:
             TransientError: storage failed.
         """
         try:
-            lease.renew()
+            self._renew_if_due(lease)
             self._status_blob(path).upload_blob(doc.to_json(), overwrite=True, lease=lease,
                                                 metadata=_status_meta(doc))  # fmt: skip
         except HttpResponseError as exc:
@@ -252,7 +247,16 @@ class BlobStore:
         except AzureError as exc:
             raise _transient_or_raise(exc, "writing status") from None
 
+    def _renew_if_due(self, lease: BlobLeaseClient) -> None:
+        """Renew when a third of the lease has passed since it was taken or last renewed."""
+        now = time.monotonic()
+        taken = self._lease_times.get(id(lease))
+        if taken is None or now - taken > self.settings.lease_seconds / 3:
+            lease.renew()
+            self._lease_times[id(lease)] = now
+
     def release(self, lease: BlobLeaseClient) -> None:
+        self._lease_times.pop(id(lease), None)
         with contextlib.suppress(AzureError):  # it expires by itself
             lease.release()
 
