@@ -1,7 +1,9 @@
 """One audit interface for every state change. Sinks: local JSON lines, memory (tests).
 
 Events follow ``byok_pipeline/schemas/audit-event.schema.json`` and never carry key material
-or ciphertext. The OpenTelemetry and tamper-evident sinks plug in through :class:`AuditSink`.
+or ciphertext. The tamper-evident trail (:mod:`byok_pipeline.audit_trail`) and OpenTelemetry
+(:mod:`byok_pipeline.telemetry`) plug in through :class:`AuditSink`; ``wiring.audit_sink``
+composes them. See ``docs/audit.md``.
 """
 
 from __future__ import annotations

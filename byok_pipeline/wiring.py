@@ -17,7 +17,7 @@ from azure.keyvault.keys import KeyClient
 from azure.keyvault.keys.crypto import CryptographyClient
 from azure.storage.blob import BlobServiceClient
 
-from .audit import AuditSink, JsonLinesAuditSink, MemoryAuditSink
+from .audit import AuditSink, FanoutAuditSink, JsonLinesAuditSink
 from .blobstore import BlobStore
 from .errors import ConfigError
 from .keyvault import HsmAdapter
@@ -106,10 +106,33 @@ def blob_service(settings: Settings, env: Mapping[str, str] | None = None,
 
 
 def audit_sink(settings: Settings) -> AuditSink:
-    """The local JSON-lines sink when BYOK_AUDIT_LOG is set; else an in-memory sink."""
+    """Every audit event goes first to the tamper-evident trail (append blobs in the audit
+    container); once appended, the stored record goes on to OpenTelemetry (Application
+    Insights, or local JSON lines; set up lazily) and, when BYOK_AUDIT_LOG is set, to that
+    local JSON-lines file. ``emit`` raises unless the trail append succeeded.
+
+    Without storage settings (a ``byok kek`` command against the HSM only), BYOK_AUDIT_LOG
+    is the record: OpenTelemetry and the local file.
+
+    Raises:
+        ConfigError: neither storage nor BYOK_AUDIT_LOG is configured.
+    """
+    from .audit_trail import AuditTrail, TrailAuditSink
+    from .telemetry import TelemetryAuditSink
+
+    after: list[AuditSink] = [TelemetryAuditSink(settings)]
     if settings.audit_log:
-        return JsonLinesAuditSink(settings.audit_log)
-    return MemoryAuditSink()
+        after.append(JsonLinesAuditSink(settings.audit_log))
+    try:
+        service = blob_service(settings)
+    except ConfigError:
+        if settings.audit_log:
+            return FanoutAuditSink(*after)
+        raise ConfigError(
+            "audit events need the audit trail (BYOK_STORAGE) or a local file (BYOK_AUDIT_LOG)"
+        ) from None
+    trail = AuditTrail(service, settings.audit_container)
+    return TrailAuditSink(trail, then=FanoutAuditSink(*after))
 
 
 def build_deps(
