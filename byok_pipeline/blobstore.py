@@ -36,8 +36,8 @@ class BlobGone(PipelineError):
     reason = "blob_gone"
 
 
-class StatusConflict(PipelineError):
-    """The status document changed underneath (another worker); reload and retry."""
+class StatusConflict(InProgress):
+    """The lease was lost (another worker took over); redeliver later."""
 
     reason = "status_conflict"
 
@@ -106,9 +106,10 @@ class BlobStore:
             raise _transient_or_raise(exc, f"reading {name}") from None
         meta = dict(props.metadata or {})
         if props.size > cap or len(data) > cap:
-            return IncomingBlob(
-                name, props.etag, max(props.size, len(data)), None, meta, props.creation_time
-            )
+            size = max(props.size, len(data))
+            with contextlib.suppress(AzureError):  # a ranged read reports the range: ask the total
+                size = blob.get_blob_properties().size
+            return IncomingBlob(name, props.etag, size, None, meta, props.creation_time)
         return IncomingBlob(name, props.etag, len(data), data, meta, props.creation_time)
 
     def list_incoming(self) -> list[str]:
@@ -130,32 +131,36 @@ class BlobStore:
 
     def dispose(
         self, blob: IncomingBlob, container: str, dest_name: str, metadata: dict[str, str]
-    ) -> str:
+    ) -> str | None:
         """Copy the package to ``container/dest_name`` then delete it from incoming, if unchanged.
 
-        Idempotent: a missing source (already moved) is fine. Returns ``container/dest_name``.
+        Idempotent: a source already moved (404 on copy) counts as moved. Returns
+        ``container/dest_name``, or None when a newer drop replaced the blob (it is left for its
+        own event).
 
         Raises:
             TransientError: storage failed (the source is kept).
         """
         src = self.service.get_blob_client(self.settings.incoming_container, blob.name)
         dest = self.service.get_blob_client(container, dest_name)
+        where = f"{container}/{dest_name}"
         try:
             copy = dest.start_copy_from_url(src.url, metadata=metadata, source_etag=blob.etag,
                                             source_match_condition=_if_match())  # fmt: skip
             if copy.get("copy_status") not in ("success", None):
                 self._wait_copy(dest)
             src.delete_blob(etag=blob.etag, match_condition=_if_match())
-        except (ResourceNotFoundError, ResourceModifiedError):
-            pass  # already moved, or replaced by a newer drop (which has its own event)
+        except ResourceNotFoundError:
+            return where  # moved by an earlier delivery
+        except ResourceModifiedError:
+            return None
         except HttpResponseError as exc:
-            if exc.status_code == 412:  # newer drop under this name: leave it
-                pass
-            else:
-                raise _transient_or_raise(exc, f"moving {blob.name}") from None
+            if exc.status_code == 412:  # a newer drop under this name: leave it
+                return None
+            raise _transient_or_raise(exc, f"moving {blob.name}") from None
         except AzureError as exc:
             raise _transient_or_raise(exc, f"moving {blob.name}") from None
-        return f"{container}/{dest_name}"
+        return where
 
     @staticmethod
     def _wait_copy(dest: Any) -> None:
@@ -229,15 +234,17 @@ class BlobStore:
             raise _transient_or_raise(exc, "leasing status") from None
         return lease
 
-    def save_status(self, path: str, doc: StatusDoc, lease: BlobLeaseClient) -> None:
-        """Overwrite the document under the lease (renewing it).
+    def save_status(
+        self, path: str, doc: StatusDoc, lease: BlobLeaseClient, *, renew: bool = False
+    ) -> None:
+        """Overwrite the document under the lease, renewing it when due (always with ``renew``).
 
         Raises:
             StatusConflict: the lease was lost.
             TransientError: storage failed.
         """
         try:
-            self._renew_if_due(lease)
+            self._renew_if_due(lease, force=renew)
             self._status_blob(path).upload_blob(doc.to_json(), overwrite=True, lease=lease,
                                                 metadata=_status_meta(doc))  # fmt: skip
         except HttpResponseError as exc:
@@ -247,11 +254,11 @@ class BlobStore:
         except AzureError as exc:
             raise _transient_or_raise(exc, "writing status") from None
 
-    def _renew_if_due(self, lease: BlobLeaseClient) -> None:
+    def _renew_if_due(self, lease: BlobLeaseClient, *, force: bool = False) -> None:
         """Renew when a third of the lease has passed since it was taken or last renewed."""
         now = time.monotonic()
         taken = self._lease_times.get(id(lease))
-        if taken is None or now - taken > self.settings.lease_seconds / 3:
+        if force or taken is None or now - taken > self.settings.lease_seconds / 3:
             lease.renew()
             self._lease_times[id(lease)] = now
 

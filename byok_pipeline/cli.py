@@ -22,6 +22,7 @@ from offline_packager.errors import ByokError
 from offline_packager.kid import parse_kid
 
 from . import __version__
+from .audit_cli import add_audit_parser, cmd_audit
 from .errors import ConfigError, PipelineError, Rejected, TransientError
 from .reasons import REASONS
 from .settings import Settings
@@ -30,8 +31,13 @@ EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return Settings.from_env(None, BYOK_HSM_URL=getattr(args, "hsm_url", None),
-                             BYOK_STORAGE=getattr(args, "storage", None))  # fmt: skip
+    """Settings from the environment; ``--hsm-url``/``--storage`` override it for this process
+    (every client built later, the audit trail's included, sees the same values)."""
+    for flag, name in (("hsm_url", "BYOK_HSM_URL"), ("storage", "BYOK_STORAGE")):
+        value = getattr(args, flag, None)
+        if value:
+            os.environ[name] = value
+    return Settings.from_env()
 
 
 def _credential() -> Any:
@@ -63,10 +69,21 @@ def _deps(settings: Settings) -> Any:
                       ca_bundle=os.environ.get("BYOK_HSM_CA_BUNDLE"))  # fmt: skip
 
 
-def _audit(settings: Settings, event: dict[str, Any]) -> None:
+def _audit_sink(settings: Settings) -> Any:
+    """The audit sink, built before the HSM is touched: no KEK change without its record.
+
+    Raises:
+        ConfigError: neither the audit trail's storage nor BYOK_AUDIT_LOG is configured.
+    """
     from .wiring import audit_sink
 
-    audit_sink(settings).emit(event)
+    return audit_sink(settings)
+
+
+def _audit(sink: Any, event: dict[str, Any]) -> None:
+    from .processor import emit_or_retry
+
+    emit_or_retry(sink, event)
 
 
 def _out(args: argparse.Namespace, result: dict[str, Any], human: str) -> None:
@@ -78,6 +95,7 @@ def cmd_kek_create(args: argparse.Namespace) -> int:
     from .audit import cli_event
 
     settings = _settings(args)
+    sink = _audit_sink(settings)
     hsm = _hsm(settings)
     expires = datetime.now(UTC) + timedelta(days=args.expires_days) if args.expires_days else None
     cid = uuid.uuid4().hex
@@ -87,7 +105,7 @@ def cmd_kek_create(args: argparse.Namespace) -> int:
                                         request_id=cid)  # fmt: skip
     except Exception as exc:  # noqa: BLE001  # translated below into exit codes
         return _sdk_failure(exc, "creating the KEK")
-    _audit(settings, cli_event("byok.kek.created", correlation_id=cid, kek_kid=str(key.id),
+    _audit(sink, cli_event("byok.kek.created", correlation_id=cid, kek_kid=str(key.id),
                                key_name=args.name))  # fmt: skip
     result = {"kid": str(key.id), "key_size": args.size, "key_ops": ["import"],
               "expires_on": expires.isoformat() if expires else None}  # fmt: skip
@@ -101,6 +119,7 @@ def cmd_kek_download(args: argparse.Namespace) -> int:
     from .kek_info import kek_info
 
     settings = _settings(args)
+    sink = _audit_sink(settings)
     hsm = _hsm(settings)
     kid_text = args.kid or settings.kek_kid
     if not kid_text and args.name:
@@ -114,7 +133,7 @@ def cmd_kek_download(args: argparse.Namespace) -> int:
     info = kek_info(hsm, parse_kid(kid_text, expected_host=settings.hsm_host), request_id=cid)
     out = Path(args.out)
     write_files_atomically([(out, info["public_key_pem"].encode())], force=args.force)
-    _audit(settings, cli_event("byok.kek.downloaded", correlation_id=cid, kek_kid=info["kid"],
+    _audit(sink, cli_event("byok.kek.downloaded", correlation_id=cid, kek_kid=info["kid"],
                                kek_spki_sha256=info["spki_sha256"]))  # fmt: skip
     result = {k: v for k, v in info.items() if k != "public_key_pem"} | {"pem": str(out)}
     _out(args, result, f"wrote {out}\n  kid:         {info['kid']}\n"
@@ -186,32 +205,52 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    """Validate, import and verify one package without storage; audited like the pipeline."""
     from .importer import fingerprint_result, import_validated, validate
     from .processor import key_name_of
+    from .status import StatusDoc
     from .upload import default_uploader, options_for
 
     settings = _settings(args)
     data = _read_package(args.package, settings.max_package_bytes)
     key_name = args.name or key_name_of(Path(args.package).name)
     options = _with_tags(options_for(data, _manifest_path(args), default_uploader()), args.tag)
+    sink = _audit_sink(settings)
     hsm = _hsm(settings)
     cid = uuid.uuid4().hex
     sha = hashlib.sha256(data).hexdigest()
-    validated = validate(
-        data, options, settings=settings, hsm=hsm, clock=lambda: datetime.now(UTC), request_id=cid
-    )
+    doc = StatusDoc(blob_name=Path(args.package).name, package_sha256=sha, etag="byok-import",
+                    correlation_id=cid, key_name=key_name, uploader=options.uploader)  # fmt: skip
+    record = _Recorder(doc, sink)
+    record("received")
+    try:
+        validated = validate(data, options, settings=settings, hsm=hsm,
+                             clock=lambda: datetime.now(UTC), request_id=cid)  # fmt: skip
+    except Rejected as exc:
+        record("rejected", reason=exc.reason, message=exc.message)
+        raise
+    doc.target_type, doc.kek_kid = validated.target_type.name, validated.kek_kid.kid
     existing = hsm.find_imported(key_name, sha, request_id=cid)
+    if existing is None:
+        record("validated")
+        record("importing")
     imported = existing or import_validated(hsm, key_name, data=data, package_sha256=sha,
                                             validated=validated, options=options, request_id=cid)  # fmt: skip
+    doc.imported_kid = imported.kid
     result = fingerprint_result(
         hsm, imported, options.fingerprint, validated.target_type.name, request_id=cid
     )
-    if result == "mismatch":
-        hsm.disable_version(imported.name, imported.version, request_id=cid)
+    doc.fingerprint_result = result
     summary = {"key_name": key_name, "imported_kid": imported.kid, "package_sha256": sha,
                "target_type": validated.target_type.name, "fingerprint_result": result,
                "already_imported": existing is not None, "correlation_id": cid}  # fmt: skip
     if result == "mismatch":
+        hsm.disable_version(imported.name, imported.version, request_id=cid)
+        record(
+            "verification_failed",
+            reason="fingerprint_mismatch",
+            message=REASONS["fingerprint_mismatch"],
+        )
         summary["reason_code"] = "fingerprint_mismatch"
         _out(args, summary, f"verification FAILED for {imported.kid}: the version was disabled")
         print(
@@ -219,9 +258,32 @@ def cmd_import(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_REFUSED
+    if existing is not None:
+        doc.duplicate_of = existing.kid
+    record("imported" if existing is None else "duplicate")
     _out(args, summary, f"{'already imported' if existing else 'imported'} {imported.kid}\n"
          f"  {validated.target_type.name}, fingerprint: {result}")  # fmt: skip
     return EXIT_OK
+
+
+class _Recorder:
+    """Advances an in-memory status document and audits each state (``byok import``)."""
+
+    def __init__(self, doc: Any, sink: Any) -> None:
+        self.doc = doc
+        self.sink = sink
+
+    def __call__(
+        self, state: str, *, reason: str | None = None, message: str | None = None
+    ) -> None:
+        from .audit import event_for_state, verified_event
+
+        self.doc.reason_code, self.doc.message = reason, message
+        if self.doc.advance(state, datetime.now(UTC)):
+            entry = self.doc.history[-1]
+            _audit(self.sink, event_for_state(self.doc, state, entry.attempt, entry.time))
+            if state == "imported" and self.doc.fingerprint_result == "match":
+                _audit(self.sink, verified_event(self.doc, datetime.now(UTC)))
 
 
 # -- status / watch -------------------------------------------------------------------------------
@@ -398,12 +460,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     rs = sub.add_parser("reasons", help="list the reason codes")
     rs.add_argument("--json", action="store_true")
+    add_audit_parser(sub, common)
     return parser
 
 
 _COMMANDS = {
     "upload": cmd_upload, "import": cmd_import, "status": cmd_status, "watch": cmd_watch,
-    "dev": cmd_dev, "reasons": cmd_reasons,
+    "dev": cmd_dev, "reasons": cmd_reasons, "audit": cmd_audit,
 }  # fmt: skip
 
 

@@ -30,10 +30,18 @@ class TransientError(PipelineError):
     reason = "transient"
 
     def __init__(
-        self, message: str, *, retry_after: float | None = None, reason: str = "transient"
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        reason: str = "transient",
+        outcome_unknown: bool = False,
     ) -> None:
         super().__init__(message, reason=reason)
         self.retry_after = retry_after
+        # True when a request was sent and may still be running at the service (a client
+        # timeout, a 504): looking for its effect now cannot settle whether it will happen.
+        self.outcome_unknown = outcome_unknown
 
 
 class InProgress(PipelineError):

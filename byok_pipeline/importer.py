@@ -45,6 +45,7 @@ def import_validated(
     validated: ValidatedPackage,
     options: ImportOptions,
     request_id: str,
+    before_put: Callable[[], None] | None = None,
 ) -> ImportedKey:
     """Import once: the version is tagged with the package digest and KEK kid.
 
@@ -58,7 +59,7 @@ def import_validated(
     t = validated.target_type
     return hsm.import_once(
         key_name, package_bytes=data, package_sha256=package_sha256, kty=t.kty, crv=t.crv,
-        key_ops=validated.key_ops, tags=tags, request_id=request_id,
+        key_ops=validated.key_ops, tags=tags, request_id=request_id, before_put=before_put,
     )  # fmt: skip
 
 

@@ -173,11 +173,14 @@ class HsmAdapter:
         key_ops: tuple[str, ...],
         tags: dict[str, str],
         request_id: str,
+        before_put: Callable[[], None] | None = None,
     ) -> ImportedKey:
         """Import unless a version tagged with this digest exists; never two versions.
 
         The SDK's own retry is off for the PUT (a retried PUT after a lost response would make a
-        second version); instead each retry first looks for the tagged version.
+        second version); instead each retry first looks for the tagged version. ``before_put``
+        runs right before each PUT (the processor renews its lease there); the PUT's connection
+        and read timeouts are bounded by the lease (:meth:`put_timeout_seconds`).
 
         Raises:
             Rejected: ``hsm_refused`` with the service's code.
@@ -189,6 +192,9 @@ class HsmAdapter:
             existing = self.find_imported(name, package_sha256, request_id=request_id)
             if existing is not None:
                 return existing
+            if before_put is not None:
+                before_put()
+            connect, read = self._put_timeouts()
             try:
                 key = self.client.import_key(
                     name,
@@ -197,11 +203,15 @@ class HsmAdapter:
                     tags=tags,
                     request_id=request_id,
                     retry_total=0,
+                    connection_timeout=connect,
+                    read_timeout=read,
                 )
                 return _imported(key)
             except AzureError as exc:
                 err = translate(exc, "importing the key")
-                if isinstance(err, Rejected):
+                if isinstance(err, Rejected) or err.outcome_unknown:
+                    # unknown: the PUT may still land; only a later delivery, after it can no
+                    # longer land, may look again and retry (see processor.import_in_flight)
                     raise err from None
                 last = err
             if attempt < s.retry_total:
@@ -215,6 +225,14 @@ class HsmAdapter:
                 self._sleep(wait)
         assert last is not None  # noqa: S101  # the loop ran at least once and failed
         raise last
+
+    def _put_timeouts(self) -> tuple[float, float]:
+        lease = self.settings.lease_seconds
+        return min(10.0, lease / 4), lease / 2
+
+    def put_timeout_seconds(self) -> float:
+        """The longest an import PUT may take on the client side (connect + read timeouts)."""
+        return sum(self._put_timeouts())
 
     def disable_version(self, name: str, version: str, *, request_id: str) -> None:
         """Disable a version that failed verification.

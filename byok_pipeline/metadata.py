@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from offline_packager.keytypes import TARGET_TYPES, TargetType
+from offline_packager.package_format import shown
 from offline_packager.target_keys import Fingerprint
 
 from .errors import Rejected
@@ -110,14 +111,14 @@ def parse_metadata(meta: Mapping[str, str]) -> ImportOptions:
         Rejected: reason ``bad_metadata``.
     """
     lower = {k.lower(): v for k, v in meta.items()}
-    unknown = sorted(k for k in lower if k.startswith(PREFIX) and k not in KNOWN)
+    unknown = [k for k in lower if k.startswith(PREFIX) and k not in KNOWN]
     if unknown:
-        raise _bad(f"unknown metadata: {', '.join(unknown)}")
+        raise _bad(f"unknown metadata: {shown(unknown)}")
     target: TargetType | None = None
     if META_TARGET_TYPE in lower:
         target = TARGET_TYPES.get(lower[META_TARGET_TYPE].lower())
         if target is None:
-            raise _bad(f"unknown target type {lower[META_TARGET_TYPE]!r}")
+            raise _bad(f"unknown target type {shown([lower[META_TARGET_TYPE]])}")
     key_ops: tuple[str, ...] | None = None
     if META_KEY_OPS in lower:
         key_ops = tuple(
@@ -128,7 +129,7 @@ def parse_metadata(meta: Mapping[str, str]) -> ImportOptions:
         if target is not None:
             bad = [o for o in key_ops if o not in target.allowed_key_ops]
             if bad:
-                raise _bad(f"key ops {bad} not allowed for {target.name}")
+                raise _bad(f"key ops {shown(bad)} not allowed for {target.name}")
     for name in (META_PACKAGE_SHA256, META_MANIFEST_SHA256):
         if name in lower and not _HEX64.match(lower[name]):
             raise _bad(f"{name} must be 64 lower-case hex digits")

@@ -6,12 +6,15 @@ Exactly-once rests on three mechanisms (see README "How exactly-once works"):
 2. a blob lease on that document serialises workers; a delivery that finds it leased raises
    :class:`InProgress` so the platform redelivers later;
 3. before every import attempt the HSM is searched for a version tagged with the package's
-   SHA-256, so a crash between import and status write never imports twice.
+   SHA-256, so a crash between import and status write never imports twice; the lease is
+   renewed right before each import PUT, whose timeouts are bounded well inside the lease, and
+   a takeover waits until an earlier PUT can no longer land.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import uuid
 from collections.abc import Callable
@@ -24,13 +27,16 @@ from offline_packager.kid import KEY_NAME_RE
 
 from .audit import AuditSink, event_for_state, utc_now, verified_event
 from .blobstore import BlobGone, BlobStore, IncomingBlob
-from .errors import Rejected, TransientError
+from .errors import InProgress, Rejected, TransientError
 from .importer import fingerprint_result, import_validated, validate
 from .keyvault import HsmAdapter, ImportedKey
 from .metadata import parse_metadata
 from .settings import Settings
 from .status import ARCHIVED, TERMINAL, StatusDoc, utc
+from .telemetry import PackageSpan, package_span
 from .validation import read_package
+
+log = logging.getLogger("byok_pipeline")
 
 _BLOB_NAME_RE = re.compile(r"^(?P<name>.+)\.byok$")
 Fault = Callable[[str], None]
@@ -101,6 +107,15 @@ def _fresh_doc(blob: IncomingBlob, sha: str | None, deps: Deps) -> StatusDoc:
     return doc
 
 
+def _ascii(text: str, limit: int = 512) -> str:
+    """Blob metadata values must be ASCII: a safe rendering of an attacker-chosen name."""
+    return text.encode("ascii", "backslashreplace").decode()[:limit]
+
+
+def _parse_utc(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
 class _Run:
     """One leased processing run of one status document."""
 
@@ -114,8 +129,8 @@ class _Run:
         self.lease = lease
 
     # -- recording --------------------------------------------------------------------------
-    def save(self) -> None:
-        self.deps.store.save_status(self.path, self.doc, self.lease)
+    def save(self, *, renew: bool = False) -> None:
+        self.deps.store.save_status(self.path, self.doc, self.lease, renew=renew)
 
     def flush_audit(self) -> None:
         """Emit every history entry not yet audited, in order, then mark them (next save)."""
@@ -149,9 +164,11 @@ class _Run:
         else:
             folder = self.doc.key_name or "_invalid-name"
             dest = f"{folder}/{self.doc.package_sha256}.byok"
-        meta = {"original_name": self.blob.name.encode("ascii", "replace").decode()[:512],
-                "state": self.doc.state or "", "correlation_id": self.doc.correlation_id}  # fmt: skip
-        where = self.deps.store.dispose(self.blob, container, dest, meta)
+        meta = {"original_name": _ascii(self.blob.name), "state": self.doc.state or "",
+                "correlation_id": self.doc.correlation_id}  # fmt: skip
+        where = self.deps.store.dispose(self.blob, container, dest, meta) or (
+            "left in incoming: replaced by a newer drop under the same name"
+        )
         if self.doc.disposition != where:
             self.doc.disposition = where
             self.save()
@@ -181,9 +198,9 @@ class _Run:
             imported = deps.hsm.find_imported(
                 doc.key_name, doc.package_sha256, request_id=doc.correlation_id
             )
-        if imported is None:
-            validated = validate(data, options, settings=deps.settings, hsm=deps.hsm,
-                                 clock=deps.clock, request_id=doc.correlation_id)  # fmt: skip
+        validated = validate(data, options, settings=deps.settings, hsm=deps.hsm,
+                             clock=deps.clock, request_id=doc.correlation_id) if imported is None else None  # fmt: skip
+        if validated is not None:
             doc.target_type = validated.target_type.name
             doc.target_type_source = "inferred" if validated.target_type_inferred else "stated"
             doc.key_ops = list(validated.key_ops)
@@ -193,9 +210,12 @@ class _Run:
             imported = import_validated(
                 deps.hsm, doc.key_name, data=data, package_sha256=doc.package_sha256,
                 validated=validated, options=options, request_id=doc.correlation_id,
+                before_put=self._before_put,
             )  # fmt: skip
             deps.fault("after_import")
+        assert imported is not None  # noqa: S101  # found, or imported just above
         doc.imported_kid = imported.kid
+        self.save()  # from here on, any failure must deal with the live version
         result = fingerprint_result(deps.hsm, imported, options.fingerprint, doc.target_type,
                                     request_id=doc.correlation_id)  # fmt: skip
         doc.fingerprint_result = result
@@ -206,6 +226,46 @@ class _Run:
                         "the new version was disabled")  # fmt: skip
         else:
             self.finish("imported")
+
+    def _before_put(self) -> None:
+        """Right before each import PUT: note the attempt and renew the lease, so the lease
+        outlives the PUT (whose timeouts are bounded by it, see HsmAdapter.import_once)."""
+        self.doc.import_attempt_at = utc(self.deps.clock())
+        self.save(renew=True)
+        self.deps.fault("before_put")
+
+    def import_in_flight(self) -> bool:
+        """An import PUT of an earlier delivery may still land: too recent to import again."""
+        if self.doc.state != "importing" or not self.doc.import_attempt_at:
+            return False
+        grace = self.deps.settings.lease_seconds + self.deps.hsm.put_timeout_seconds() + 5
+        age = (self.deps.clock() - _parse_utc(self.doc.import_attempt_at)).total_seconds()
+        return age < grace
+
+    def disable_after_import(self) -> str:
+        """Best effort: disable a version that was imported but will not end ``imported``."""
+        doc, hsm = self.doc, self.deps.hsm
+        if (
+            doc.imported_kid is None
+            and doc.key_name
+            and doc.package_sha256
+            and doc.reached("importing")
+        ):
+            try:
+                found = hsm.find_imported(
+                    doc.key_name, doc.package_sha256, request_id=doc.correlation_id
+                )
+            except (Rejected, TransientError):
+                return "; whether the import happened is unknown: look for versions tagged byok-package-sha256"
+            doc.imported_kid = found.kid if found else None
+        if doc.imported_kid is None:
+            return ""
+        name, version = doc.imported_kid.rstrip("/").split("/")[-2:]
+        try:
+            hsm.disable_version(name, version, request_id=doc.correlation_id)
+        except (Rejected, TransientError):
+            return f"; the imported version {doc.imported_kid} could NOT be disabled: disable it by hand"
+        return f"; the imported version {doc.imported_kid} was disabled"
 
 
 def emit_or_retry(audit: AuditSink, event: dict[str, object]) -> None:
@@ -234,6 +294,13 @@ def process_blob(name: str, deps: Deps) -> Outcome:
         InProgress: another worker holds the package; redeliver later.
         TransientError: a dependency failed and attempts remain; redeliver later.
     """
+    with package_span(None, name) as span:
+        outcome = _process_blob(name, deps, span)
+        span.set_outcome(outcome.state, outcome.reason_code)
+        return outcome
+
+
+def _process_blob(name: str, deps: Deps, span: PackageSpan) -> Outcome:
     store = deps.store
     try:
         blob = store.read_incoming(name)
@@ -251,12 +318,19 @@ def process_blob(name: str, deps: Deps) -> Outcome:
     try:
         doc = store.load_status(path)
         assert doc is not None  # noqa: S101  # created above or before, never deleted
+        span.set_correlation_id(doc.correlation_id)
         if doc.etag != blob.etag:
             if doc.state in ("rejected", "failed", "verification_failed"):
                 # the same bytes dropped again after a refusal: keep the old record, start over
                 retired = f"history/{sha}/{_drop_hash(blob)}-{doc.etag.strip(chr(34))}.json"
                 store.put_status(retired, doc, index=False)
                 doc = _fresh_doc(blob, sha, deps)
+                store.save_status(path, doc, lease)
+                store.index_name(doc, path)
+            elif not doc.terminal:
+                # dropped again while the first drop is unfinished (e.g. its worker died and the
+                # custodian re-uploaded): this drop takes the record over and finishes it
+                doc.etag, doc.blob_name = blob.etag, blob.name
                 store.save_status(path, doc, lease)
                 store.index_name(doc, path)
             else:
@@ -270,29 +344,53 @@ def _run_leased(run: _Run) -> Outcome:
     """The leased part of a delivery: finish a terminal record, or process one more attempt."""
     doc, deps = run.doc, run.deps
     if doc.terminal:
-        run.flush_audit()
-        run.save()
-        run.dispose()
+        try:
+            run.flush_audit()
+            run.save()
+            run.dispose()
+        except TransientError as exc:
+            doc.last_error = exc.message
+            run.save()
+            raise
         return Outcome(doc.state or "", run.path, doc)
+    if run.import_in_flight():
+        raise InProgress("an earlier import attempt may still be in flight; retry after it settles")
     doc.attempts += 1
     run.save()
-    run.flush_audit()
     try:
+        run.flush_audit()
         run.run()
     except Rejected as exc:
-        doc.service_code = exc.service_code
-        run.finish("rejected", reason=exc.reason, message=exc.message)
-    except TransientError as exc:
-        doc.last_error = exc.message
+        if doc.imported_kid is not None:  # imported, but verifying it was refused
+            doc.fingerprint_result = doc.fingerprint_result or "unverified"
+            note = run.disable_after_import()
+            run.finish("verification_failed", reason="verification_error",
+                       message=f"the key was imported but could not be verified: {exc.message}{note}")  # fmt: skip
+        else:
+            doc.service_code = exc.service_code
+            run.finish("rejected", reason=exc.reason, message=exc.message)
+    except InProgress:
+        raise
+    except Exception as exc:  # noqa: BLE001  # anything else is retried, counted, never lost
+        err = exc if isinstance(exc, TransientError) else _internal(exc)
+        doc.last_error = err.message
+        if not err.outcome_unknown:
+            doc.import_attempt_at = None  # the HSM answered: no import PUT is left in flight
         if doc.state in TERMINAL:  # only its audit record is missing: redelivery emits it
             run.save()
-            raise
+            raise err from None
         if doc.attempts < deps.settings.max_attempts:
             run.save()
-            raise
+            raise err from None
+        note = run.disable_after_import()
         run.finish("failed", reason="attempts_exhausted",
-                   message=f"gave up after {doc.attempts} attempts: {exc.message}")  # fmt: skip
+                   message=f"gave up after {doc.attempts} attempts: {err.message}{note}")  # fmt: skip
     return Outcome(doc.state or "", run.path, doc)
+
+
+def _internal(exc: Exception) -> TransientError:
+    log.error("byok: unexpected error while processing a package", exc_info=exc)
+    return TransientError(f"internal error: {type(exc).__name__}", reason="internal_error")
 
 
 def _duplicate(blob: IncomingBlob, first_path: str, first: StatusDoc, deps: Deps) -> Outcome:
@@ -306,7 +404,7 @@ def _duplicate(blob: IncomingBlob, first_path: str, first: StatusDoc, deps: Deps
         doc.kek_kid = first.kek_kid
         doc.imported_kid = first.imported_kid
         doc.duplicate_of = first_path
-        doc.message = (f"same bytes as {first.blob_name} ({first.state}"
+        doc.message = (f"same bytes as {first.blob_name[:200]!r} ({first.state}"
                        + (f", imported as {first.imported_kid})" if first.imported_kid else ")"))  # fmt: skip
         doc.attempts = 1
         doc.advance("duplicate", deps.clock())
@@ -315,8 +413,11 @@ def _duplicate(blob: IncomingBlob, first_path: str, first: StatusDoc, deps: Deps
         emit_or_retry(deps.audit, event_for_state(doc, entry.state, entry.attempt, entry.time))
         entry.audited = True
     deps.store.put_status(path, doc)
-    dest = f"{doc.key_name or '_invalid-name'}/{doc.package_sha256}.byok"
+    dest = (
+        f"{doc.key_name or '_invalid-name'}/{doc.package_sha256}.duplicate-{_drop_hash(blob)}.byok"
+    )
     doc.disposition = deps.store.dispose(blob, deps.settings.archive_container, dest,
-                                         {"original_name": blob.name, "state": "duplicate"})  # fmt: skip
+                                         {"original_name": _ascii(blob.name), "state": "duplicate",
+                                          "correlation_id": doc.correlation_id})  # fmt: skip
     deps.store.put_status(path, doc)
     return Outcome("duplicate", path, doc)

@@ -37,6 +37,7 @@ REASONS: dict[str, str] = {
     # the HSM
     "hsm_refused": "Managed HSM refused the import; the service's error code is kept.",
     "fingerprint_mismatch": "The imported key does not match the manifest fingerprint (version disabled).",
+    "verification_error": "The key was imported but the HSM refused the check that verifies it (version disabled).",
     "attempts_exhausted": "Transient failures persisted for BYOK_MAX_ATTEMPTS deliveries.",
 }
 

@@ -40,6 +40,8 @@ SETTINGS_DOC: dict[str, str] = {
     "BYOK_QUARANTINE_CONTAINER": "Where rejected and failed packages are moved",
     "BYOK_AUDIT_CONTAINER": "Container of the audit trail",
     "BYOK_AUDIT_LOG": "Local JSON-lines audit file (local runs); optional",
+    "BYOK_TELEMETRY_LOG": "Local JSON-lines telemetry file when Application Insights is not set "
+    "(default: telemetry.jsonl beside BYOK_AUDIT_LOG)",
     "BYOK_MAX_PACKAGE_BYTES": "Size cap of a package in bytes",
     "BYOK_MAX_ATTEMPTS": "Deliveries with transient failures before a package ends 'failed'",
     "BYOK_RETRY_TOTAL": "In-invocation retries of a transient HSM/storage error",

@@ -67,6 +67,7 @@ class StatusDoc:
     uploader: str | None = None
     manifest_sha256: str | None = None
     attempts: int = 0
+    import_attempt_at: str | None = None  # when the last import PUT was about to be sent
     last_error: str | None = None
     disposition: str | None = None  # container/blob the package was moved to
     state: str | None = None

@@ -13,7 +13,7 @@ from offline_packager.errors import ByokError
 from offline_packager.kek import Kek, check_kek
 from offline_packager.keytypes import TargetType
 from offline_packager.kid import KeyId, parse_kid
-from offline_packager.package_format import ByokPackage, parse_package
+from offline_packager.package_format import ByokPackage, parse_package, shown
 
 from .errors import Rejected
 from .kek_facts import KekFacts
@@ -64,7 +64,7 @@ def check_kek_facts(kek: KekFacts, now: datetime) -> Kek:
         )
     if kek.expires_on is not None and now >= kek.expires_on:
         raise Rejected("kek_expired", f"the KEK expired at {kek.expires_on.isoformat()}")
-    if kek.kty not in ("RSA-HSM", "RSA") or kek.public_key is None:
+    if kek.kty != "RSA-HSM" or kek.public_key is None:
         raise Rejected("kek_not_rsa", f"the KEK is {kek.kty}, not RSA-HSM")
     try:
         checked = check_kek(kek.public_key)
@@ -76,6 +76,27 @@ def check_kek_facts(kek: KekFacts, now: datetime) -> Kek:
             f"the KEK's key operations are {list(kek.key_ops)}; a KEK must allow only ['import']",
         )
     return checked
+
+
+def _check_options_fit(options: ImportOptions, target: TargetType) -> None:
+    """Metadata checked against the type (stated or inferred) before anything is imported.
+
+    Raises:
+        Rejected: ``bad_metadata``.
+    """
+    if options.key_ops is not None:
+        bad = [o for o in options.key_ops if o not in target.allowed_key_ops]
+        if bad:
+            raise Rejected(
+                "bad_metadata", f"key operations {shown(bad)} are not allowed for {target.name}"
+            )
+    if options.fingerprint is not None:
+        expected = "kcv" if target.family == "oct" else "spki-sha256"
+        if options.fingerprint.kind != expected:
+            raise Rejected(
+                "bad_metadata",
+                f"a {target.name} key is checked by {expected}, not {options.fingerprint.kind}",
+            )
 
 
 def check_against_kek(
@@ -100,6 +121,7 @@ def check_against_kek(
     target = report.target_type
     if settings.allowed_target_types and target.name not in settings.allowed_target_types:
         raise Rejected("target_type_not_allowed", f"target type {target.name} is not allowed here")
+    _check_options_fit(options, target)
     return ValidatedPackage(
         package=report.package,
         kek_kid=kek_kid,

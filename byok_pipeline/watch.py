@@ -14,7 +14,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .errors import InProgress, TransientError
 from .processor import Deps, Outcome, process_blob
 
 Report = Callable[[str, Outcome | None, Exception | None], None]
@@ -32,7 +31,7 @@ def _deliver(
 ) -> bool:
     try:
         outcome = process_blob(name, deps)
-    except (InProgress, TransientError) as exc:
+    except Exception as exc:  # noqa: BLE001  # one bad blob must not stop the runner; it is redelivered
         with lock:
             stats.redeliveries += 1
         report(name, None, exc)

@@ -79,11 +79,18 @@ def encode_package(kid: str, ciphertext: bytes, generator: str) -> bytes:
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
+def shown(names: Any, *, limit: int = 5, width: int = 40) -> str:
+    """Attacker-chosen names rendered safely for a message: quoted, truncated, a few at most."""
+    items = sorted(str(n) for n in names)
+    text = ", ".join(repr(n[:width]) + ("..." if len(n) > width else "") for n in items[:limit])
+    return text + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise PackageFormatError(f"duplicate JSON field {key!r}")
+            raise PackageFormatError(f"duplicate JSON field {shown([key])}")
         out[key] = value
     return out
 
@@ -133,9 +140,9 @@ def parse_package(data: bytes, *, max_bytes: int = MAX_PACKAGE_BYTES) -> ByokPac
     missing = sorted({"schema_version", "header", "ciphertext"} - doc.keys())
     if missing:
         raise PackageFormatError(f"the package lacks field(s): {', '.join(missing)}")
-    unknown = sorted(doc.keys() - _TOP_FIELDS)
+    unknown = doc.keys() - _TOP_FIELDS
     if unknown:
-        raise PackageFormatError(f"the package has unknown field(s): {', '.join(unknown)}")
+        raise PackageFormatError(f"the package has unknown field(s): {shown(unknown)}")
     if doc["schema_version"] != SCHEMA_VERSION:
         raise PackageFormatError(
             f"schema_version must be {SCHEMA_VERSION!r}", reason="unsupported_schema_version"
@@ -146,9 +153,9 @@ def parse_package(data: bytes, *, max_bytes: int = MAX_PACKAGE_BYTES) -> ByokPac
     missing = sorted(_HEADER_FIELDS - header.keys())
     if missing:
         raise PackageFormatError(f"header lacks field(s): {', '.join(missing)}")
-    unknown = sorted(header.keys() - _HEADER_FIELDS)
+    unknown = header.keys() - _HEADER_FIELDS
     if unknown:
-        raise PackageFormatError(f"header has unknown field(s): {', '.join(unknown)}")
+        raise PackageFormatError(f"header has unknown field(s): {shown(unknown)}")
     kid, alg, enc = header["kid"], header["alg"], header["enc"]
     if not isinstance(kid, str):
         raise PackageFormatError("header.kid must be a string", reason="bad_kid")

@@ -8,7 +8,9 @@ bytes to a multiple of 8 and then runs RFC 5649 over the padded bytes, so the le
 KWP integrity check value counts the zeros: the unwrapped plaintext is the PKCS#8 DER followed
 by 1-7 zero bytes whenever the DER length is not a multiple of 8. Secret (AES) keys are not
 affected (16/24/32 bytes). See :mod:`offline_packager.pkcs11_source` for what the packager
-does about it, and :func:`strip_zero_padding` for readers that choose to accept it.
+does about it. :func:`strip_zero_padding` is for the tests, which accept the padding to check
+the rest of the plaintext; :func:`zero_padding_length` lets a reader recognise the padding in
+order to refuse it by name (the Managed HSM emulator refuses such plaintexts).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ SOFTHSM_MANUFACTURER = "SoftHSM project"
 MAX_ZERO_PADDING = 7
 
 SOFTHSM_PADDING_WARNING = (
-    "SoftHSM pads the PKCS#8 plaintext of RSA/EC keys with zero bytes to a multiple of 8 "
-    "before AES-KWP: this package unwraps to the PKCS#8 DER followed by up to 7 zero bytes, "
-    "which strict DER parsers (and possibly Managed HSM) reject; use SoftHSM for tests only"
+    "this package is for testing only: SoftHSM pads the PKCS#8 plaintext of RSA/EC keys with "
+    "zero bytes to a multiple of 8 before AES-KWP, so the package may unwrap to the PKCS#8 DER "
+    "followed by up to 7 zero bytes; whether Managed HSM accepts that is not public (never "
+    "import this package into a production HSM), this project's Managed HSM emulator refuses "
+    "it, and only the tests strip the padding"
 )
 
 

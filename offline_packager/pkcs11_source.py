@@ -6,15 +6,28 @@
    find the token by label, log in as user with the PIN from ``TokenRequest.pin``.
 2. The target: with ``generate``, a new persistent key (``CKA_TOKEN``, ``CKA_SENSITIVE`` and
    ``CKA_EXTRACTABLE`` true, ``CKA_LABEL`` = the key label, a random ``CKA_ID`` shared by the
-   public and private objects); refused when any object already has that label. Otherwise the
-   single private (RSA/EC) or secret (AES) key with that label.
-3. Its type and public fingerprint, from public attributes only: RSA modulus and exponent (of the
-   private key object, else of the public key object with the same label and ID); EC curve from
-   ``CKA_EC_PARAMS`` and point from the public key object's ``CKA_EC_POINT``; AES length from
-   ``CKA_VALUE_LEN`` and the key check value computed *in the token* (AES-ECB of a zero block,
-   else AES-CBC with a zero IV, else ``CKA_CHECK_VALUE``).
+   public and private objects) with explicit usage rights and none to wrap, unwrap or derive:
+   RSA private sign + decrypt (public verify + encrypt), EC private sign (public verify), AES
+   encrypt + decrypt. The key is extractable, so a copy of it may exist outside the token one
+   day; a right to unwrap would let whoever holds that copy push keys into the token. Refused
+   when any object already has that label. Otherwise the single private (RSA/EC) or secret (AES)
+   key with that label.
+3. Its type and public fingerprint, from public attributes only. The public key object of a
+   private key is the one with the same ``CKA_LABEL`` *and* the same ``CKA_ID`` (an absent ID
+   counts as empty): a public object that only shares the label may belong to another key and
+   is never used. RSA: modulus and exponent of the private key object, cross-checked against
+   the public key object when there is one (else that object's, when the private object does
+   not reveal them); EC: curve from ``CKA_EC_PARAMS`` and point from the public key object's
+   ``CKA_EC_POINT``, the public object's key type and curve cross-checked. A public key object
+   that disagrees, or public objects that share the label but not the ID where one is needed,
+   are refused (``public_key_mismatch``), so the manifest cannot describe a key other than the
+   one wrapped. AES: length from ``CKA_VALUE_LEN`` and the key check value computed *in the
+   token* (AES-ECB of a zero block, else AES-CBC with a zero IV, else ``CKA_CHECK_VALUE``).
 4. The wrap, in the token: ``CKM_RSA_AES_KEY_WRAP`` (0x1054, OAEP SHA-1/MGF1-SHA-1, AES-256)
-   when the token lists it; otherwise the two-step form: a session AES-256 key (``CKA_TOKEN``
+   when the token lists it with ``CKF_WRAP`` in its mechanism info flags, falling back to the
+   two-step form when the token then refuses the mechanism or its parameters
+   (``CKR_MECHANISM_INVALID``, ``CKR_MECHANISM_PARAM_INVALID``) and lists
+   ``CKM_AES_KEY_WRAP_PAD``; otherwise the two-step form: a session AES-256 key (``CKA_TOKEN``
    false, extractable, wrap only), the KEK imported as a session RSA public key object,
    ``CKM_RSA_PKCS_OAEP`` (SHA-1, MGF1-SHA-1, no label) over the AES key, then
    ``CKM_AES_KEY_WRAP_PAD`` (0x210A, RFC 5649) over the target; both session objects are
@@ -23,9 +36,9 @@
 
 PKCS#11 failures become :class:`Pkcs11Error` with a stable reason: ``pkcs11_module_load``,
 ``token_not_found``, ``token_ambiguous``, ``pin_incorrect``, ``key_not_found``,
-``key_ambiguous``, ``key_label_exists``, ``key_not_extractable``, ``mechanism_unsupported``,
-``pkcs11_error``; unsupported key types, sizes and curves are :class:`TargetKeyError`
-(``unsupported_target``, ``unsupported_curve``) as on the software path.
+``key_ambiguous``, ``key_label_exists``, ``public_key_mismatch``, ``key_not_extractable``,
+``mechanism_unsupported``, ``pkcs11_error``; unsupported key types, sizes and curves are
+:class:`TargetKeyError` (``unsupported_target``, ``unsupported_curve``) as on the software path.
 
 SoftHSM2's zero padding (byok-facts.md section 5), and the decision taken
 --------------------------------------------------------------------------
@@ -40,21 +53,28 @@ tried, all inside the token so that the plaintext stays there:
 - ``CKM_AES_KEY_WRAP_KWP`` (0x210B) and ``CKM_RSA_AES_KEY_WRAP`` are not implemented.
 - Learning the exact DER length in the token (to regenerate keys until it is a multiple of
   8) needs an exact-length wrap; SoftHSM refuses ``CKM_AES_CBC_PAD``, ``CKM_AES_ECB`` and
-  ``CKM_AES_CBC`` wraps of private keys. EC lengths are fixed per curve anyway (SoftHSM's PKCS#8 omits the
-  public key: P-256 67 bytes and P-521 98 bytes are always padded; P-384 80 and P-256K 64
-  bytes never are). RSA lengths depend on private values: about 1 key in 8 is unpadded.
+  ``CKM_AES_CBC`` wraps of private keys. EC lengths are fixed per curve anyway (SoftHSM's
+  PKCS#8 omits the public key: P-256 67 bytes and P-521 98 bytes are always padded; P-384 80
+  and P-256K 64 bytes never are). RSA lengths depend on private values: about 1 key in 8 is
+  unpadded.
 
 So there is no way to make SoftHSM emit the canonical encoding. Decision: the packager does
 **not** refuse (SoftHSM is the CI stand-in for an HSM and the package is a well-formed
 CKM_RSA_AES_KEY_WRAP ciphertext; only its plaintext carries the padding), but it says so:
 for a SoftHSM token (manufacturer ``SoftHSM project``) and an RSA/EC target,
-:attr:`TokenWrapResult.warnings` carries :data:`~.pkcs11_quirks.SOFTHSM_PADDING_WARNING` and the
-manifest's key source names the SoftHSM model. Whether Managed HSM accepts trailing zeros after
-the PKCS#8 is not public: do not import SoftHSM-made RSA/EC packages into a production HSM.
-Readers that accept them (tests, the emulator) must strip the padding with
-:func:`~.pkcs11_quirks.strip_zero_padding`, which accepts only 1-7 zero bytes after a complete
-DER SEQUENCE. AES targets are unaffected. Real HSMs that implement RFC 5649 as specified
-produce the canonical plaintext.
+:attr:`TokenWrapResult.warnings` carries :data:`~.pkcs11_quirks.SOFTHSM_PADDING_WARNING` (the CLI
+prints it on stderr) and the manifest's key source names the SoftHSM model. Such packages are
+for testing only:
+
+- Only the tests accept the padding, stripping it with :func:`~.pkcs11_quirks.strip_zero_padding`
+  (exactly 1-7 zero bytes after a complete DER SEQUENCE) before they parse the PKCS#8.
+- Whether Managed HSM accepts trailing zeros after the PKCS#8 is not public: never import a
+  SoftHSM-made RSA/EC package into a production HSM.
+- The project's Managed HSM emulator does not strip them: it refuses such a plaintext (reason
+  ``plaintext_trailing_zeros``), so these packages do not import there either.
+
+AES targets are unaffected. Real HSMs that implement RFC 5649 as specified produce the canonical
+plaintext.
 """
 
 from __future__ import annotations
@@ -85,6 +105,7 @@ CKM_AES_KEY_WRAP_PAD = 0x210A
 CKM_SHA_1 = 0x220
 CKG_MGF1_SHA1 = 0x1
 CKZ_DATA_SPECIFIED = 0x1
+CKF_WRAP = 0x20000
 AES_KEY_BITS = 256
 
 MECHANISM_SINGLE = "CKM_RSA_AES_KEY_WRAP"
@@ -135,7 +156,7 @@ def wrap_in_token(request: TokenRequest, *, kek: Kek) -> TokenWrapResult:
     with _translate(p11, "opening the module"):
         lib = _load_module(p11, request.module)
         token = _find_token(lib, request.token_label)
-        mechanisms = {int(m) for m in token.slot.get_mechanisms()}
+        mechanisms = _wrap_mechanisms(p11, token.slot)
     pin = request.pin()
     with _open_session(p11, token, pin, rw=target_type is not None) as session:
         generated: list[Object] = []
@@ -179,16 +200,43 @@ def _check_generated(made: TargetType, wanted: TargetType) -> None:
         raise Pkcs11Error(f"the token generated a {made.name} key instead of {wanted.name}")
 
 
+def _wrap_mechanisms(p11: ModuleType, slot: Any) -> dict[int, int]:
+    """The wrap mechanisms the slot lists, each with its mechanism info flags (0 if unknown)."""
+    listed = {int(m) for m in slot.get_mechanisms()}
+    flags: dict[int, int] = {}
+    for mechanism in (CKM_RSA_AES_KEY_WRAP, CKM_AES_KEY_WRAP_PAD):
+        if mechanism in listed:
+            try:
+                flags[mechanism] = int(slot.get_mechanism_info(mechanism).flags)
+            except p11.PKCS11Error:
+                flags[mechanism] = 0
+    return flags
+
+
 def _wrap(
-    p11: ModuleType, session: Session, kek: Kek, key: Object, mechanisms: set[int]
+    p11: ModuleType, session: Session, kek: Kek, key: Object, mechanisms: Mapping[int, int]
 ) -> tuple[bytes, str]:
-    """Wrap with CKM_RSA_AES_KEY_WRAP if listed, else the two-step form; name what was used."""
-    if CKM_RSA_AES_KEY_WRAP in mechanisms:
-        return _wrap_single_step(p11, session, kek, key), MECHANISM_SINGLE
-    if CKM_AES_KEY_WRAP_PAD in mechanisms:
+    """Wrap with CKM_RSA_AES_KEY_WRAP if listed with CKF_WRAP, else the two-step form.
+
+    ``mechanisms`` maps the mechanisms the token lists to their info flags. A token that lists
+    CKM_RSA_AES_KEY_WRAP but refuses it or its parameters when used falls back to the two-step
+    form, when it lists CKM_AES_KEY_WRAP_PAD. Returns the ciphertext and the mechanism used.
+    """
+    two_step = CKM_AES_KEY_WRAP_PAD in mechanisms
+    if mechanisms.get(CKM_RSA_AES_KEY_WRAP, 0) & CKF_WRAP:
+        try:
+            return _wrap_single_step(p11, session, kek, key), MECHANISM_SINGLE
+        except (p11.MechanismInvalid, p11.MechanismParamInvalid) as exc:
+            if not two_step:
+                raise Pkcs11Error(
+                    f"the token lists CKM_RSA_AES_KEY_WRAP but refused it ({type(exc).__name__}) "
+                    "and does not list CKM_AES_KEY_WRAP_PAD for the two-step form",
+                    reason="mechanism_unsupported",
+                ) from None
+    if two_step:
         return _wrap_two_step(p11, session, kek, key), MECHANISM_TWO_STEP
     raise Pkcs11Error(
-        "the token lists neither CKM_RSA_AES_KEY_WRAP nor CKM_AES_KEY_WRAP_PAD",
+        "the token lists neither CKM_RSA_AES_KEY_WRAP (with CKF_WRAP) nor CKM_AES_KEY_WRAP_PAD",
         reason="mechanism_unsupported",
     )
 
@@ -315,6 +363,7 @@ def _generate(session: Session, target: TargetType, label: str) -> list[Object]:
             reason="key_label_exists",
         )
     key_id = os.urandom(16)
+    # Capability attributes (CKA_SIGN, CKA_WRAP...) come from ``capabilities`` below.
     private = {
         Attribute.TOKEN: True,
         Attribute.PRIVATE: True,
@@ -334,6 +383,8 @@ def _generate(session: Session, target: TargetType, label: str) -> list[Object]:
             template=private,
         )
         return [secret]
+    # python-pkcs11 sets each capability attribute from this flag set: private key SIGN,
+    # DECRYPT, UNWRAP, DERIVE; public key VERIFY, ENCRYPT, WRAP. Never wrap/unwrap/derive.
     if target.family == "RSA":
         pub, priv = session.generate_keypair(
             KeyType.RSA,
@@ -341,6 +392,10 @@ def _generate(session: Session, target: TargetType, label: str) -> list[Object]:
             id=key_id,
             label=label,
             store=True,
+            capabilities=MechanismFlag.SIGN
+            | MechanismFlag.VERIFY
+            | MechanismFlag.ENCRYPT
+            | MechanismFlag.DECRYPT,
             public_template=public,
             private_template=private,
         )
@@ -351,6 +406,7 @@ def _generate(session: Session, target: TargetType, label: str) -> list[Object]:
             id=key_id,
             label=label,
             store=True,
+            capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
             public_template={**public, Attribute.EC_PARAMS: EC_PARAMS_BY_CRV[target.crv]},
             private_template=private,
         )
@@ -384,21 +440,56 @@ def _attr(obj: Object, attribute: Any) -> Any:
         return None
 
 
-def _public_object(session: Session, key: Object) -> Object | None:
-    """The public key object with the key's label (and ID, when several share the label)."""
+def _key_id(obj: Object) -> bytes:
+    from pkcs11 import Attribute
+
+    return bytes(_attr(obj, Attribute.ID) or b"")
+
+
+def _public_object(session: Session, key: Object, *, required: bool) -> Object | None:
+    """The public key object with the key's label *and* CKA_ID (an absent ID counts as empty).
+
+    A public object that shares only the label may belong to another key: it is never used.
+
+    Raises:
+        Pkcs11Error: several objects match (``key_ambiguous``); or ``required`` and none does:
+            ``public_key_mismatch`` when public objects share the label but not the ID,
+            ``key_not_found`` when there is no public object with the label at all.
+    """
     from pkcs11 import Attribute, ObjectClass
 
-    label, key_id = _attr(key, Attribute.LABEL), _attr(key, Attribute.ID)
-    candidates = _objects_labelled(session, str(label or ""), ObjectClass.PUBLIC_KEY)
-    if key_id:
-        with_id = [c for c in candidates if _attr(c, Attribute.ID) == key_id]
-        candidates = with_id or candidates
-    if len(candidates) > 1:
+    label, key_id = str(_attr(key, Attribute.LABEL) or ""), _key_id(key)
+    labelled = _objects_labelled(session, label, ObjectClass.PUBLIC_KEY)
+    matching = [c for c in labelled if _key_id(c) == key_id]
+    if len(matching) > 1:
         raise Pkcs11Error(
-            f"{len(candidates)} public keys match key {label!r} by label and ID",
+            f"{len(matching)} public keys match key {label!r} by label and ID",
             reason="key_ambiguous",
         )
-    return candidates[0] if candidates else None
+    if matching:
+        return matching[0]
+    if not required:
+        return None
+    if labelled:
+        raise Pkcs11Error(
+            f"{len(labelled)} public key object(s) are labelled {label!r} but none has the "
+            f"private key's CKA_ID ({key_id.hex() or 'empty'}): they may belong to another key, "
+            "so the key's public part cannot be established; give the key's public object the "
+            "same label and ID",
+            reason="public_key_mismatch",
+        )
+    raise Pkcs11Error(
+        f"the key {label!r} has no public key object with its label and ID",
+        reason="key_not_found",
+    )
+
+
+def _mismatch(what: str) -> Pkcs11Error:
+    return Pkcs11Error(
+        f"the public key object with the key's label and ID {what}: it does not belong to the "
+        "private key; fix the token's objects before wrapping",
+        reason="public_key_mismatch",
+    )
 
 
 def _describe(p11: ModuleType, session: Session, key: Object) -> TargetPublic:
@@ -427,29 +518,48 @@ def _type_name(key_type: object) -> str:
     return str(name) if name else f"key type {key_type!r}"
 
 
-def _rsa_public(session: Session, key: Object) -> rsa.RSAPublicKey:
+def _rsa_numbers(obj: Object) -> rsa.RSAPublicNumbers | None:
+    """CKA_PUBLIC_EXPONENT and CKA_MODULUS of an RSA key object, when it reveals both."""
     from pkcs11 import Attribute
 
-    modulus, exponent = _attr(key, Attribute.MODULUS), _attr(key, Attribute.PUBLIC_EXPONENT)
+    modulus, exponent = _attr(obj, Attribute.MODULUS), _attr(obj, Attribute.PUBLIC_EXPONENT)
     if not modulus or not exponent:
-        pub = _public_object(session, key)
-        if pub is None:
-            raise Pkcs11Error(
-                "the RSA key reveals no modulus and has no public key object with its label/ID",
-                reason="key_not_found",
-            )
-        modulus, exponent = _attr(pub, Attribute.MODULUS), _attr(pub, Attribute.PUBLIC_EXPONENT)
-    try:
-        numbers = rsa.RSAPublicNumbers(
-            int.from_bytes(bytes(exponent), "big"), int.from_bytes(bytes(modulus), "big")
+        return None
+    return rsa.RSAPublicNumbers(
+        int.from_bytes(bytes(exponent), "big"), int.from_bytes(bytes(modulus), "big")
+    )
+
+
+def _rsa_public(session: Session, key: Object) -> rsa.RSAPublicKey:
+    """The RSA public key: the private object's modulus and exponent, cross-checked against the
+    public object with its label and ID when there is one; else that public object's."""
+    from pkcs11 import Attribute, KeyType
+
+    numbers = _rsa_numbers(key)
+    pub = _public_object(session, key, required=numbers is None)
+    if pub is not None:
+        if _attr(pub, Attribute.KEY_TYPE) != KeyType.RSA:
+            raise _mismatch(f"is a {_type_name(_attr(pub, Attribute.KEY_TYPE))} key, not RSA")
+        pub_numbers = _rsa_numbers(pub)
+        if numbers is None:
+            numbers = pub_numbers
+        elif pub_numbers is not None and pub_numbers != numbers:
+            raise _mismatch("has another modulus or public exponent")
+    if numbers is None:
+        raise Pkcs11Error(
+            "neither the RSA key nor its public key object reveals the modulus and exponent",
+            reason="key_not_found",
         )
+    try:
         return numbers.public_key()
-    except (TypeError, ValueError):
+    except ValueError:
         raise Pkcs11Error("the token returned an invalid RSA public key") from None
 
 
 def _ec_public(session: Session, key: Object) -> tuple[ec.EllipticCurvePublicKey, TargetType]:
-    from pkcs11 import Attribute
+    """The EC public key: the private object's curve, the point of the public object with its
+    label and ID (whose key type and curve must agree)."""
+    from pkcs11 import Attribute, KeyType
 
     params = bytes(_attr(key, Attribute.EC_PARAMS) or b"")
     crv = CRV_BY_EC_PARAMS.get(params)
@@ -460,11 +570,17 @@ def _ec_public(session: Session, key: Object) -> tuple[ec.EllipticCurvePublicKey
             reason="unsupported_curve",
         )
     target = type_for("EC", crv=crv)
-    pub = _public_object(session, key)
-    point = _attr(pub, Attribute.EC_POINT) if pub is not None else None
+    pub = _public_object(session, key, required=True)
+    assert pub is not None  # noqa: S101  # required=True raises instead
+    if _attr(pub, Attribute.KEY_TYPE) != KeyType.EC:
+        raise _mismatch(f"is a {_type_name(_attr(pub, Attribute.KEY_TYPE))} key, not EC")
+    pub_params = _attr(pub, Attribute.EC_PARAMS)
+    if pub_params is not None and bytes(pub_params) != params:
+        raise _mismatch(f"is on another curve (CKA_EC_PARAMS {bytes(pub_params).hex()})")
+    point = _attr(pub, Attribute.EC_POINT)
     if not point:
         raise Pkcs11Error(
-            "the EC key has no public key object (with its label/ID) holding CKA_EC_POINT",
+            "the EC key's public key object (with its label and ID) has no CKA_EC_POINT",
             reason="key_not_found",
         )
     curve = target.curve()

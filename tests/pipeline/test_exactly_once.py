@@ -8,6 +8,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,7 @@ def _crash(stack: Stack, stage: str, blob_name: str) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["after_import", "before_import"])
+@pytest.mark.parametrize("stage", ["after_import", "before_import", "before_put"])
 def test_worker_killed_mid_import_then_rerun(stack: Stack, stage: str) -> None:
     pkg = stack.package("ec-p256", f"crash-{stage.replace('_', '-')}")
     stack.drop_package(pkg)
@@ -94,6 +95,13 @@ def test_worker_killed_mid_import_then_rerun(stack: Stack, stage: str) -> None:
     # the killed worker's lease (15 s) must expire before another worker may take over
     with pytest.raises(InProgress):
         stack.deliver(pkg.name)
+    if stage == "before_put":
+        # it died with a PUT possibly on the wire: after the lease, wait out that PUT's timeout
+        time.sleep(stack.settings.lease_seconds + 1)
+        with pytest.raises(InProgress, match="in flight"):
+            stack.deliver(pkg.name)
+        real_clock = stack.deps.clock
+        stack.deps.clock = lambda: real_clock() + timedelta(minutes=2)
     outcome = deliver_like_the_platform(stack, pkg.name)
     assert outcome.state == "imported"
     assert outcome.doc is not None
@@ -147,3 +155,36 @@ def test_redelivery_after_completion_is_a_no_op(stack: Stack) -> None:
     n = len(stack.audit.events)
     assert stack.deliver(pkg.name).state == "gone"
     assert len(stack.audit.events) == n
+
+
+@pytest.mark.slow
+def test_redrop_while_the_first_record_is_stuck_takes_it_over(stack: Stack) -> None:
+    pkg = stack.package("oct-192", "stuck")
+    stack.drop_package(pkg)
+    assert _crash(stack, "after_import", pkg.name) == 137  # imported, status says importing
+    stack.service.get_blob_client(stack.settings.incoming_container, pkg.name).upload_blob(
+        pkg.data, overwrite=True, metadata=pkg.options.to_metadata()
+    )  # the custodian uploads the same file again: a new etag
+    outcome = deliver_like_the_platform(stack, pkg.name)
+    assert outcome.state == "imported"
+    assert _versions(stack, "stuck") == 1
+    assert [d["state"] for d in stack.status_docs()] == ["imported"]
+    assert stack.blobs(stack.settings.incoming_container) == []
+
+
+def test_duplicate_under_a_non_ascii_name_is_recorded(stack: Stack) -> None:
+    pkg = stack.package("ec-p256k", "ascii-first")
+    stack.drop_package(pkg)
+    assert stack.deliver(pkg.name).state == "imported"
+    stack.drop("ключ.byok", pkg.data, pkg.options.to_metadata())
+    outcome = stack.deliver("ключ.byok")
+    assert outcome.state == "duplicate"
+    archived = stack.blobs(stack.settings.archive_container)
+    assert len(archived) == 2  # the duplicate has its own archive entry
+    dup = next(a for a in archived if "duplicate" in a)
+    meta = (
+        stack.service.get_blob_client(stack.settings.archive_container, dup)
+        .get_blob_properties()
+        .metadata
+    )
+    assert meta["original_name"].startswith("\\u043a")

@@ -119,10 +119,12 @@ def test_arbitrary_and_mutated_packages_end_typed(
         pos %= len(base)
         data = base[:pos] + base[pos + cut :]
     elif mutation and all(k.startswith("byok_") for k in mutation):
-        data, meta = base, dict(mutation)
+        # a fresh package (never a duplicate) with its genuine metadata, partly overridden
+        fresh = stack.package(("oct-256", "ec-p256", "oct-128")[which], f"hm{next(_names)}")
+        data, meta = fresh.data, {**fresh.options.to_metadata(), **mutation}
     else:
         data = json.dumps(mutation).encode()
-    name = f"h{next(_names)}.byok"
+    name = f"h{next(_names)}.byok" if not meta else f"hm{next(_names)}.byok"
     stack.drop(name, data, meta)
     outcome = None
     for _ in range(3):

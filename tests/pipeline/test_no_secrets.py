@@ -41,11 +41,21 @@ def test_full_run_leaks_nothing(stack: Stack, caplog: pytest.LogCaptureFixture) 
     caplog.set_level(logging.DEBUG)
     secrets: list[bytes] = []
     texts: list[bytes] = []
+    # transient faults on the way, so error texts (last_error) are produced and scanned too
+    stack.hsm.inject_fault("503", method="PUT", path="/keys/scan-rsa-2048", count=5)
+    stack.hsm.inject_fault("drop", method="GET", path="/keys/scan-*", count=2)
     for type_name in TYPE_NAMES:
         pkg = stack.package(type_name, f"scan-{type_name}")
         secrets.append(pkg.target.plaintext.reveal())
         stack.drop_package(pkg)
-        assert stack.deliver(pkg.name).state == "imported"
+        for _ in range(stack.settings.max_attempts):
+            try:
+                outcome = stack.deliver(pkg.name)
+                break
+            except PipelineError as exc:
+                texts.append(str(exc).encode())
+        assert outcome.state == "imported"
+    stack.hsm.clear_faults()
     # refusals too: a tampered package and a wrong fingerprint carry messages
     bad = stack.package("ec-p521", "scan-bad")
     secrets.append(bad.target.plaintext.reveal())
@@ -65,6 +75,11 @@ def test_full_run_leaks_nothing(stack: Stack, caplog: pytest.LogCaptureFixture) 
         texts.append(str(exc).encode())
 
     texts += [json.dumps(d).encode() for d in stack.status_docs()]
+    assert any(d.get("last_error") for d in stack.status_docs())  # the faults left error texts
+    for container in (stack.settings.archive_container, stack.settings.quarantine_container):
+        for blob in stack.blobs(container):
+            props = stack.service.get_blob_client(container, blob).get_blob_properties()
+            texts.append(json.dumps(props.metadata).encode())
     texts += [json.dumps(e).encode() for e in stack.audit.events]
     texts += [r.getMessage().encode() for r in caplog.records]
     texts.append(caplog.text.encode())

@@ -30,6 +30,7 @@ class Case:
     build: Callable[[Stack], tuple[str, bytes, dict[str, str]]]
     state: str = "rejected"
     settings: dict[str, Any] | None = None
+    fault: Callable[[Stack, str], None] | None = None  # runs at a processor fault point
 
 
 def _pkg(stack: Stack, type_name: str = "oct-256", name: str = "k") -> tuple[bytes, dict[str, str]]:
@@ -94,6 +95,12 @@ def _future(days: int) -> datetime:
     return datetime.now(UTC) + timedelta(days=days)
 
 
+def _delete_after_import(stack: Stack, stage: str) -> None:
+    """Someone deletes the key right after the import: verifying it is refused (404)."""
+    if stage == "after_import":
+        stack.hsm.key_client().begin_delete_key("gone-key").wait()
+
+
 CASES: dict[str, Case] = {
     "too_large": Case(lambda s: ("k.byok", b" " * 70_000, {})),
     "bad_key_name": Case(lambda s: ("bad_name.byok", *_pkg(s))),
@@ -120,6 +127,8 @@ CASES: dict[str, Case] = {
     "target_type_not_allowed": Case(lambda s: ("k.byok", *_pkg(s)), settings={"allowed_target_types": frozenset({"rsa-3072"})}),
     "hsm_refused": Case(lambda s: ("k.byok", _with_ct(_pkg(s)[0], lambda c: c[:-1] + bytes([c[-1] ^ 1])), {})),
     "fingerprint_mismatch": Case(_other_fingerprint, state="verification_failed"),
+    "verification_error": Case(lambda s: ("gone-key.byok", *_pkg(s, "oct-192", "gone-key")),
+                               state="verification_failed", fault=_delete_after_import),
     "attempts_exhausted": Case(lambda s: ("k.byok", *_pkg(s)), state="failed", settings={"max_attempts": 2, "retry_total": 0}),
 }  # fmt: skip
 
@@ -153,6 +162,9 @@ def test_reason(reason: str, stack: Stack) -> None:
         stack.deps.store.settings = stack.deps.settings
     if reason == "attempts_exhausted":
         stack.hsm.inject_fault("503", method="PUT", path="/keys/*", count=100)
+    if case.fault is not None:
+        hook = case.fault
+        stack.deps.fault = lambda stage: hook(stack, stage)
     try:
         name, data, meta = case.build(stack)
         stack.drop(name, data, meta)

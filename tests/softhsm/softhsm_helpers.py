@@ -137,8 +137,16 @@ def import_rsa(
     session.create_object({**attrs, **(extra or {})})
 
 
-def import_ec(session: Any, key: ec.EllipticCurvePrivateKey, ec_params: bytes, label: str) -> None:
-    """Store a software EC key pair in the token (private + public object, same label and ID)."""
+def import_ec(
+    session: Any,
+    key: ec.EllipticCurvePrivateKey,
+    ec_params: bytes,
+    label: str,
+    *,
+    with_public: bool = True,
+) -> None:
+    """Store a software EC key pair in the token (private + public object, same label and ID;
+    the private object alone when not ``with_public``)."""
     from pkcs11 import Attribute, KeyType, ObjectClass
 
     common = {
@@ -160,6 +168,8 @@ def import_ec(session: Any, key: ec.EllipticCurvePrivateKey, ec_params: bytes, l
             Attribute.VALUE: _be(key.private_numbers().private_value, size),
         }
     )
+    if not with_public:
+        return
     session.create_object(
         {
             **common,
@@ -168,6 +178,36 @@ def import_ec(session: Any, key: ec.EllipticCurvePrivateKey, ec_params: bytes, l
             Attribute.EC_POINT: ec_point_der(key.public_key()),
         }
     )
+
+
+def import_public(
+    session: Any,
+    public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey,
+    label: str,
+    key_id: bytes,
+    ec_params: bytes | None = None,
+) -> None:
+    """Store a lone public key object (e.g. one that shares a label with another key)."""
+    from pkcs11 import Attribute, KeyType, ObjectClass
+
+    attrs: dict[Any, Any] = {
+        Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+        Attribute.TOKEN: True,
+        Attribute.VERIFY: True,
+        Attribute.LABEL: label,
+        Attribute.ID: key_id,
+    }
+    if isinstance(public_key, rsa.RSAPublicKey):
+        numbers = public_key.public_numbers()
+        attrs[Attribute.KEY_TYPE] = KeyType.RSA
+        attrs[Attribute.MODULUS] = _be(numbers.n)
+        attrs[Attribute.PUBLIC_EXPONENT] = _be(numbers.e)
+    else:
+        assert ec_params is not None
+        attrs[Attribute.KEY_TYPE] = KeyType.EC
+        attrs[Attribute.EC_PARAMS] = ec_params
+        attrs[Attribute.EC_POINT] = ec_point_der(public_key)
+    session.create_object(attrs)
 
 
 def import_aes(session: Any, raw: bytes, label: str, extra: dict[Any, Any] | None = None) -> None:

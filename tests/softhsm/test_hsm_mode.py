@@ -93,9 +93,12 @@ def test_generated_in_token_unwraps_with_cryptography(
 ) -> None:
     target = TARGET_TYPES[type_name]
     out = tmp_path / "generated.byok"
-    manifest, ciphertext, _, _ = _run_wrap(
+    manifest, ciphertext, _, stderr = _run_wrap(
         softhsm, kek, out, capsys, "--generate", type_name, "--key-label", label
     )
+    # RSA/EC packages from SoftHSM are flagged as test-only on stderr; AES ones are not.
+    warning = f"byok-package: warning: {SOFTHSM_PADDING_WARNING}"
+    assert stderr.splitlines() == ([] if target.family == "oct" else [warning])
 
     assert manifest["target"]["type"] == type_name
     assert manifest["kek"]["spki_sha256"] == check_kek(kek.private_key.public_key()).fingerprint
@@ -121,7 +124,8 @@ def test_generated_in_token_unwraps_with_cryptography(
     else:
         _check_private_key(plaintext, target, manifest)
 
-    # The key stays in the token: persistent, sensitive, extractable, labelled.
+    # The key stays in the token: persistent, sensitive, extractable, labelled, with explicit
+    # usage rights and none to wrap, unwrap or derive.
     from pkcs11 import Attribute, ObjectClass
 
     with softhsm.session() as session:
@@ -133,9 +137,62 @@ def test_generated_in_token_unwraps_with_cryptography(
         assert key[Attribute.SENSITIVE] is True
         assert key[Attribute.EXTRACTABLE] is True
         assert len(classes) == (1 if target.family == "oct" else 2)
+        assert {name: _rights(o) for name, o in _by_class(objects).items()} == EXPECTED_RIGHTS[
+            target.family
+        ]
 
     # And the package passes `inspect` with its manifest.
     assert main(["inspect", str(out), "--kek", str(kek.pem)]) == 0, capsys.readouterr().out
+
+
+# What generated targets may do (CKA_WRAP / CKA_UNWRAP / CKA_DERIVE always false): by family,
+# then by object class; an attribute that the class does not have is absent.
+EXPECTED_RIGHTS: dict[str, dict[str, dict[str, bool]]] = {
+    "RSA": {
+        "private": {"SIGN": True, "DECRYPT": True, "UNWRAP": False, "DERIVE": False},
+        "public": {"VERIFY": True, "ENCRYPT": True, "WRAP": False, "DERIVE": False},
+    },
+    "EC": {
+        "private": {"SIGN": True, "DECRYPT": False, "UNWRAP": False, "DERIVE": False},
+        "public": {"VERIFY": True, "ENCRYPT": False, "WRAP": False, "DERIVE": False},
+    },
+    "oct": {
+        "secret": {
+            "ENCRYPT": True,
+            "DECRYPT": True,
+            "SIGN": False,
+            "VERIFY": False,
+            "WRAP": False,
+            "UNWRAP": False,
+            "DERIVE": False,
+        }
+    },
+}
+RIGHTS_BY_CLASS = {
+    "private": ("SIGN", "DECRYPT", "UNWRAP", "DERIVE"),
+    "public": ("VERIFY", "ENCRYPT", "WRAP", "DERIVE"),
+    "secret": ("ENCRYPT", "DECRYPT", "SIGN", "VERIFY", "WRAP", "UNWRAP", "DERIVE"),
+}
+
+
+def _by_class(objects: list[Any]) -> dict[str, Any]:
+    from pkcs11 import Attribute, ObjectClass
+
+    names = {
+        ObjectClass.PRIVATE_KEY: "private",
+        ObjectClass.PUBLIC_KEY: "public",
+        ObjectClass.SECRET_KEY: "secret",
+    }
+    return {names[o[Attribute.CLASS]]: o for o in objects}
+
+
+def _rights(obj: Any) -> dict[str, bool]:
+    from pkcs11 import Attribute, ObjectClass
+
+    kind = {ObjectClass.PRIVATE_KEY: "private", ObjectClass.PUBLIC_KEY: "public"}.get(
+        obj[Attribute.CLASS], "secret"
+    )
+    return {name: bool(obj[Attribute[name]]) for name in RIGHTS_BY_CLASS[kind]}
 
 
 def _import_known(
@@ -311,6 +368,52 @@ def test_two_step_wrap_destroys_its_session_objects(softhsm: SoftHsm, kek: KekFi
         left = list(session.get_objects({Attribute.TOKEN: False}))
         assert left == [target]
     assert unwrap_target(kek.private_key, ciphertext).reveal() == raw
+
+
+@pytest.mark.parametrize("failure", ["target not extractable", "mechanism refused"])
+def test_two_step_wrap_destroys_its_session_objects_when_the_kwp_wrap_fails(
+    failure: str, softhsm: SoftHsm, kek: KekFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The KWP step fails after the session AES key and the session KEK exist: both go."""
+    import pkcs11
+    from pkcs11 import Attribute, KeyType, ObjectClass
+
+    import offline_packager.pkcs11_source as source
+
+    if failure == "mechanism refused":  # a vendor-defined number SoftHSM does not know
+        monkeypatch.setattr(source, "CKM_AES_KEY_WRAP_PAD", 0x8000_7A7A)
+    with softhsm.session() as session:
+        persistent = len(list(session.get_objects({Attribute.TOKEN: True})))
+        target = session.create_object(
+            {
+                Attribute.CLASS: ObjectClass.SECRET_KEY,
+                Attribute.KEY_TYPE: KeyType.AES,
+                Attribute.TOKEN: False,
+                Attribute.EXTRACTABLE: failure != "target not extractable",
+                Attribute.VALUE: bytes(range(32)),
+            }
+        )
+        destroyed: list[str] = []
+        real_destroy = source._destroy_quietly
+
+        def destroy_quietly(p11: Any, objects: list[Any]) -> None:
+            destroyed.extend(str(o[Attribute.LABEL]) for o in objects)
+            real_destroy(p11, objects)
+
+        monkeypatch.setattr(source, "_destroy_quietly", destroy_quietly)
+        # Raised by the KWP step: the OAEP step wraps an extractable AES key with a standard
+        # mechanism, so neither error can come from it.
+        expected = (
+            pkcs11.KeyUnextractable
+            if failure == "target not extractable"
+            else pkcs11.MechanismInvalid
+        )
+        with pytest.raises(expected):
+            _wrap_two_step(pkcs11, session, check_kek(kek.private_key.public_key()), target)
+        # Both session objects existed when the KWP step failed, and both were destroyed.
+        assert sorted(destroyed) == ["byok KEK (session)", "byok transport key (session)"]
+        assert list(session.get_objects({Attribute.TOKEN: False})) == [target]
+        assert len(list(session.get_objects({Attribute.TOKEN: True}))) == persistent
 
 
 def test_key_generated_for_a_failed_wrap_is_destroyed(

@@ -9,15 +9,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from softhsm_helpers import PIN_ENV, KekFiles, SoftHsm, import_aes, wrap_args
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from softhsm_helpers import (
+    PIN_ENV,
+    KekFiles,
+    SoftHsm,
+    import_aes,
+    import_ec,
+    import_public,
+    import_rsa,
+    wrap_args,
+)
 
 from offline_packager.cli import EXIT_REFUSED, main
+from offline_packager.pkcs11_source import EC_PARAMS_BY_CRV
 
 pytestmark = pytest.mark.softhsm
 
 Setup = Callable[[Any, str], None]
 # A shared library that exists everywhere the tests run and exports no C_GetFunctionList.
 NOT_A_PKCS11_MODULE = str(Path(_ctypes.__file__ or "").resolve())
+P256 = EC_PARAMS_BY_CRV["P-256"]
 
 
 def _nothing(session: Any, label: str) -> None:
@@ -37,6 +49,10 @@ def _unextractable_aes(session: Any, label: str) -> None:
     from pkcs11 import Attribute
 
     import_aes(session, bytes(range(32)), label, {Attribute.EXTRACTABLE: False})
+
+
+def _label(lbl: str) -> list[str]:
+    return ["--key-label", lbl]
 
 
 def _rsa_1024(session: Any, label: str) -> None:
@@ -63,6 +79,30 @@ def _ec_p224(session: Any, label: str) -> None:
     )
 
 
+def _ec_without_public(session: Any, label: str) -> None:
+    import_ec(session, ec.generate_private_key(ec.SECP256R1()), P256, label, with_public=False)
+
+
+def _ec_with_orphan_public(session: Any, label: str) -> None:
+    """The EC private key's own public object is missing; another key's shares the label."""
+    _ec_without_public(session, label)
+    other = ec.generate_private_key(ec.SECP256R1()).public_key()
+    import_public(session, other, label, b"another key", P256)
+
+
+def _ec_public_on_another_curve(session: Any, label: str) -> None:
+    _ec_without_public(session, label)
+    other = ec.generate_private_key(ec.SECP384R1()).public_key()
+    import_public(session, other, label, label.encode(), EC_PARAMS_BY_CRV["P-384"])
+
+
+def _rsa_public_with_another_modulus(session: Any, label: str) -> None:
+    """The private object reveals its modulus; the public object with its ID has another."""
+    import_rsa(session, rsa.generate_private_key(65537, 2048), label)
+    other = rsa.generate_private_key(65537, 2048).public_key()
+    import_public(session, other, label, label.encode())
+
+
 # (id, set-up in the token, extra CLI arguments given the label, expected reason)
 CASES: list[tuple[str, Setup, Callable[[str], list[str]], str]] = [
     ("unknown key label", _nothing, lambda lbl: ["--key-label", lbl], "key_not_found"),
@@ -80,6 +120,25 @@ CASES: list[tuple[str, Setup, Callable[[str], list[str]], str]] = [
         _unextractable_aes,
         lambda lbl: ["--key-label", lbl],
         "key_not_extractable",
+    ),
+    ("EC key without public object", _ec_without_public, _label, "key_not_found"),
+    (
+        "EC key, public object of another key with the label",
+        _ec_with_orphan_public,
+        _label,
+        "public_key_mismatch",
+    ),
+    (
+        "EC public object with the key's ID on another curve",
+        _ec_public_on_another_curve,
+        _label,
+        "public_key_mismatch",
+    ),
+    (
+        "RSA public object with the key's ID and another modulus",
+        _rsa_public_with_another_modulus,
+        _label,
+        "public_key_mismatch",
     ),
 ]
 

@@ -93,6 +93,7 @@ def _unwrap_in_token(
     [
         "rsa-2048",
         "rsa-3072",
+        "rsa-4096",
         "ec-p256",
         "ec-p384",
         "ec-p521",
