@@ -21,6 +21,13 @@ def process_package(blob: func.InputStream) -> None:
     runtime.handle_blob(blob.name or "")
 
 
+@app.function_name("reconcile")
+@app.timer_trigger(arg_name="timer", schedule="%BYOK_RECONCILE_SCHEDULE%", run_on_startup=False)
+def reconcile(timer: func.TimerRequest) -> None:  # noqa: ARG001  # the binding requires it
+    """Complete missing audit records and redeliver packages whose events were lost."""
+    runtime.reconcile()
+
+
 def _response(result: tuple[int, bytes]) -> func.HttpResponse:
     status, body = result
     return func.HttpResponse(body, status_code=status, mimetype="application/json")

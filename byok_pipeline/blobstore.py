@@ -112,6 +112,14 @@ class BlobStore:
             return IncomingBlob(name, props.etag, size, None, meta, props.creation_time)
         return IncomingBlob(name, props.etag, len(data), data, meta, props.creation_time)
 
+    def list_incoming_items(self) -> list[tuple[str, datetime | None]]:
+        """(name, last modified) of every blob waiting in the incoming container."""
+        container = self.service.get_container_client(self.settings.incoming_container)
+        try:
+            return [(b.name, b.last_modified) for b in container.list_blobs()]
+        except AzureError as exc:
+            raise _transient_or_raise(exc, "listing incoming") from None
+
     def list_incoming(self) -> list[str]:
         container = self.service.get_container_client(self.settings.incoming_container)
         try:
@@ -280,6 +288,11 @@ class BlobStore:
 
     def iter_statuses(self, state: str | None = None) -> Iterator[StatusDoc]:
         """Every status document (``packages/`` and ``duplicates/``), optionally by state."""
+        for _, doc in self.iter_status_items(state):
+            yield doc
+
+    def iter_status_items(self, state: str | None = None) -> Iterator[tuple[str, StatusDoc]]:
+        """(path, document) of every status document, optionally by state."""
         container = self.service.get_container_client(self.settings.status_container)
         try:
             for prefix in ("packages/", "duplicates/"):
@@ -288,7 +301,7 @@ class BlobStore:
                         continue
                     doc = self.load_status(item.name)
                     if doc is not None:
-                        yield doc
+                        yield item.name, doc
         except AzureError as exc:
             raise _transient_or_raise(exc, "listing statuses") from None
 

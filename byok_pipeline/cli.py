@@ -356,6 +356,17 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .reconcile import reconcile
+
+    report = reconcile(_deps(_settings(args)))
+    _out(args, asdict(report), f"audit records completed: {report.audits_completed}; "
+         f"redelivered: {report.redelivered or 'none'}; errors: {report.errors}")  # fmt: skip
+    return EXIT_OK if not report.errors else EXIT_FAILED
+
+
 def cmd_reasons(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(REASONS, indent=2))
@@ -458,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dir", default=".byok-dev", help="state directory (default .byok-dev)")
         p.add_argument("--json", action="store_true")
 
+    sub.add_parser("reconcile", parents=[common],
+                   help="complete missing audit records; redeliver packages whose events were lost")  # fmt: skip
     rs = sub.add_parser("reasons", help="list the reason codes")
     rs.add_argument("--json", action="store_true")
     add_audit_parser(sub, common)
@@ -466,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _COMMANDS = {
     "upload": cmd_upload, "import": cmd_import, "status": cmd_status, "watch": cmd_watch,
-    "dev": cmd_dev, "reasons": cmd_reasons, "audit": cmd_audit,
+    "dev": cmd_dev, "reasons": cmd_reasons, "audit": cmd_audit, "reconcile": cmd_reconcile,
 }  # fmt: skip
 
 

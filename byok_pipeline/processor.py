@@ -320,6 +320,11 @@ def _process_blob(name: str, deps: Deps, span: PackageSpan) -> Outcome:
         assert doc is not None  # noqa: S101  # created above or before, never deleted
         span.set_correlation_id(doc.correlation_id)
         if doc.etag != blob.etag:
+            # whatever happens to this drop, the first record's audit must be complete first
+            first = _Run(deps, blob, path, doc, lease)
+            if doc.unaudited():
+                first.flush_audit()
+                first.save()
             if doc.state in ("rejected", "failed", "verification_failed"):
                 # the same bytes dropped again after a refusal: keep the old record, start over
                 retired = f"history/{sha}/{_drop_hash(blob)}-{doc.etag.strip(chr(34))}.json"
@@ -336,6 +341,28 @@ def _process_blob(name: str, deps: Deps, span: PackageSpan) -> Outcome:
             else:
                 return _duplicate(blob, path, doc, deps)
         return _run_leased(_Run(deps, blob, path, doc, lease))
+    finally:
+        store.release(lease)
+
+
+def complete_audit(path: str, deps: Deps) -> bool:
+    """Emit a status document's missing audit events (reconciler). True if any were missing.
+
+    Raises:
+        InProgress: another worker holds the document.
+        TransientError: the audit sink or storage failed.
+    """
+    store = deps.store
+    lease = store.lease(path)
+    try:
+        doc = store.load_status(path)
+        if doc is None or not doc.unaudited():
+            return False
+        blob = IncomingBlob(doc.blob_name, doc.etag, 0, None)
+        run = _Run(deps, blob, path, doc, lease)
+        run.flush_audit()
+        run.save()
+        return True
     finally:
         store.release(lease)
 

@@ -126,3 +126,14 @@ def get_kek() -> tuple[int, bytes]:
     except Exception as exc:  # noqa: BLE001  # any refusal maps to a 4xx with its reason
         return http_json(404, {"error": getattr(exc, "reason", "error"), "message": str(exc)})
     return http_json(200, info)
+
+
+def reconcile() -> dict[str, Any]:
+    """Timer trigger: complete missing audit records, redeliver stale waiting packages."""
+    from dataclasses import asdict
+
+    from .reconcile import reconcile as run
+
+    report = asdict(run(get_deps()))
+    log.info("byok reconcile: %s", json.dumps(report, sort_keys=True))
+    return report

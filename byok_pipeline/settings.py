@@ -26,6 +26,7 @@ DEFAULTS = {
     "BYOK_RETRY_BACKOFF_SECONDS": "0.8",
     "BYOK_RETRY_BACKOFF_MAX_SECONDS": "30",
     "BYOK_LEASE_SECONDS": "60",
+    "BYOK_RECONCILE_SCHEDULE": "0 */10 * * * *",
 }
 
 #: Every setting, for the README table and local.settings.example.json (a test compares them).
@@ -48,6 +49,7 @@ SETTINGS_DOC: dict[str, str] = {
     "BYOK_RETRY_BACKOFF_SECONDS": "Base of the exponential backoff between retries",
     "BYOK_RETRY_BACKOFF_MAX_SECONDS": "Cap of one backoff wait (a Retry-After beyond it fails the try)",
     "BYOK_LEASE_SECONDS": "Lease on a package's status while one worker processes it (15-60)",
+    "BYOK_RECONCILE_SCHEDULE": "NCRONTAB schedule of the reconciler timer (Function app only)",
     "BYOK_ALLOWED_KEK_NAMES": "Comma list of KEK names packages may use; empty allows any",
     "BYOK_ALLOWED_TARGET_TYPES": "Comma list of target types (rsa-3072, oct-256, ...); empty allows any",
     "AZURE_CLIENT_ID": "Client id of the user-assigned managed identity (Azure)",

@@ -116,4 +116,5 @@ class StatusDoc:
         doc = asdict(self)
         for h in doc["history"]:
             h.pop("audited", None)
+        doc["audit_pending"] = bool(self.unaudited())
         return doc

@@ -24,7 +24,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-dir", required=True, type=Path, help="state, certificates, keys")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", default=0, type=int, help="port to bind (default 0: any free port)")
+    p.add_argument(
+        "--port",
+        default=0,
+        type=int,
+        help="port to bind. Default 0: the port kept in DIR/identity.json (any free port on the "
+        "first start); an explicit port replaces the kept one",
+    )
     p.add_argument(
         "--faults",
         help="fault rules: inline JSON (a rule or a list of rules) or a JSON file path",

@@ -20,6 +20,7 @@ from .datadir import DataDir, atomic_write, load_or_create_secret
 from .errors import EmulatorError, StartupError
 from .faults import FaultInjector
 from .http_server import EmulatorHTTPServer
+from .identity import WILDCARD_HOSTS, host_for_authority, load_port, save_port
 from .requestlog import RequestLog
 from .sealing import MASTER_KEY_BYTES, Sealer
 from .service import DEFAULT_RETENTION_DAYS, KeyVaultService
@@ -81,11 +82,13 @@ class Emulator:
         self.store = store
         self._lock_file = lock_file
         self._thread: threading.Thread | None = None
-        host, port = server.server_address[:2]
-        shown = "127.0.0.1" if host in ("0.0.0.0", "") else str(host)  # noqa: S104  # mapping the wildcard to a reachable address
-        if ":" in shown:
-            shown = f"[{shown}]"
-        self.url = f"https://{shown}:{port}"
+        identity = server.identity
+        # the wildcard is not an address to connect to: show the loopback address of its family
+        if identity.bound_host in WILDCARD_HOSTS:
+            shown = "[::1]" if identity.bound_host == "::" else "127.0.0.1"
+        else:
+            shown = host_for_authority(identity.bound_host)
+        self.url = f"https://{shown}:{identity.port}"
 
     @classmethod
     def start(cls, config: EmulatorConfig) -> Self:
@@ -130,9 +133,11 @@ class Emulator:
             except EmulatorError as exc:
                 raise StartupError(exc.message, reason=exc.reason) from None
         service = KeyVaultService(store, clock=config.clock, retention_days=config.retention_days)
+        persisted = load_port(paths)
+        port = config.port or persisted or 0
         try:
             server = EmulatorHTTPServer(
-                (config.host, config.port),
+                (config.host, port),
                 service=service,
                 token_key=token_key,
                 faults=faults,
@@ -141,9 +146,35 @@ class Emulator:
                 clock=config.clock,
             )
         except OSError as exc:
+            if config.port == 0 and persisted is not None:
+                raise StartupError(
+                    f"cannot listen on {config.host}:{port} ({exc.strerror}). The emulator of "
+                    f"this data directory serves on port {port} and keeps it "
+                    f"({paths.identity.name}) so that its kids, and the BYOK packages built for "
+                    "its KEKs, stay valid. Free the port, or start with --port N to move the "
+                    "emulator for good (kids then change: download the KEKs again and rebuild "
+                    "their packages)",
+                    reason="port_in_use",
+                ) from None
             raise StartupError(
-                f"cannot listen on {config.host}:{config.port}: {exc.strerror}", reason="bind"
+                f"cannot listen on {config.host}:{port}: {exc.strerror}", reason="bind"
             ) from None
+        bound = server.identity.port
+        if bound != persisted:
+            try:
+                save_port(paths, bound)
+            except OSError as exc:
+                server.server_close()
+                raise StartupError(
+                    f"cannot write {paths.identity.name}: {exc.strerror}", reason="data_dir"
+                ) from None
+            if persisted is not None:
+                LOG.warning(
+                    "moved from port %d to %d (--port): kids now carry the new port; packages "
+                    "built for KEKs under the old one will be refused",
+                    persisted,
+                    bound,
+                )
         emulator = cls(config, paths, server, store, lock_file)
         atomic_write(
             paths.endpoint,

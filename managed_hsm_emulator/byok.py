@@ -9,8 +9,10 @@ requested ``kty``/``crv`` in a supported size.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -64,23 +66,58 @@ def check_kek(kek: KeyVersion, *, now: float) -> None:
         raise _refuse(f"kek_{why}", f"{ref} is {why.replace('_', ' ')}")
 
 
+def parse_kek_kid(kid: str, hosts: frozenset[str]) -> KeyId:
+    """Parse a package's kid and require it to name this HSM: one of ``hosts`` (the
+    ``host[:port]`` authorities this emulator answers to, lower case, IPv6 in brackets).
+
+    Raises:
+        KidError: reason ``bad_kid`` (malformed) or ``kid_wrong_hsm`` (another HSM).
+    """
+    try:
+        parts = urlsplit(kid)
+        hostname, port = parts.hostname, parts.port
+    except ValueError:  # an invalid port or IPv6 literal
+        raise KidError("kid is not a valid https URL") from None
+    if hostname is not None and ":" in hostname:
+        # offline_packager.kid reads DNS names and IPv4 only: check the rest of the kid with a
+        # stand-in host, and the IPv6 literal here.
+        if parts.username is not None or parts.password is not None:
+            raise KidError("kid must not carry a query, fragment or credentials")
+        try:
+            literal = ipaddress.IPv6Address(hostname).compressed
+        except ValueError:
+            raise KidError("kid has an invalid host name") from None
+        authority = f"[{literal}]" + (f":{port}" if port is not None else "")
+        key_id = parse_kid(urlunsplit(parts._replace(netloc="ipv6-literal.invalid")))
+    else:
+        key_id = parse_kid(kid)
+        authority = key_id.host
+    if authority not in hosts:
+        raise KidError(
+            f"kid names HSM {authority!r}, not this HSM (it answers to {', '.join(sorted(hosts))})",
+            reason="kid_wrong_hsm",
+        )
+    return key_id
+
+
 def import_byok(
     key_hsm: object,
     *,
     family: Family,
     crv: object,
-    host: str,
+    hosts: frozenset[str],
     find_kek: FindKek,
     now: float,
 ) -> KeyMaterial:
-    """Unwrap a BYOK package for a key of ``family`` (and ``crv`` for EC) on HSM ``host``.
+    """Unwrap a BYOK package for a key of ``family`` (and ``crv`` for EC) on this HSM, whose
+    names (``host[:port]``) are ``hosts``; the package's kid must use one of them.
 
     Raises:
         BadParameterError: every refusal, with a reason code: ``bad_key_hsm``, the package
             format reasons (``malformed_package``, ``bad_base64``, ``wrong_alg``...), ``bad_kid``,
             ``kid_wrong_hsm``, the :func:`check_kek` reasons, ``rsa_unwrap_failed``,
             ``kwp_integrity``, ``ciphertext_length_mismatch``, ``kty_mismatch``,
-            ``target_not_pkcs8``, ``crv_mismatch``, ``crv_required``, ``unsupported_target``,
+            ``target_not_pkcs8``, ``plaintext_trailing_zeros``, ``target_invalid``, ``crv_mismatch``, ``crv_required``, ``unsupported_target``,
             ``unsupported_curve``.
         KeyNotFoundError: reason ``kek_not_found``: no key or no such version for the kid.
     """
@@ -94,7 +131,7 @@ def import_byok(
         raise _refuse("bad_key_hsm", "key_hsm is not valid base64url") from None
     try:
         package = parse_package(raw)
-        kid = parse_kid(package.kid, expected_host=host)
+        kid = parse_kek_kid(package.kid, hosts)
     except (PackageFormatError, KidError) as exc:
         raise _from_byok_error(exc) from None
     kek = find_kek(kid)

@@ -6,7 +6,10 @@ Layout (all created on first start)::
     DIR/server.pem, server.key     the HTTPS certificate (SAN 127.0.0.1, ::1, localhost)
     DIR/token.key                  HMAC key that signs and checks access tokens (0600)
     DIR/master.key                 AES-256 key that encrypts key material at rest (0600)
-    DIR/keys/<name>.json           one file per key name: versions, attributes, sealed material
+    DIR/keys/<name>.json           one file per key name: versions, attributes, sealed material,
+                                   and a MAC over the whole record (format 2)
+    DIR/keys/FORMAT                "2": every key file here must carry its MAC
+    DIR/identity.json              the port this emulator's kids carry (see identity.py)
     DIR/requests.jsonl             request log: method, path, status, client request id
     DIR/endpoint.json              {"url": ..., "ca": ...} while the emulator runs
     DIR/emulator.lock              held while an emulator serves this directory
@@ -56,6 +59,14 @@ class DataDir:
     @property
     def keys_dir(self) -> Path:
         return self.root / "keys"
+
+    @property
+    def key_format(self) -> Path:
+        return self.keys_dir / "FORMAT"
+
+    @property
+    def identity(self) -> Path:
+        return self.root / "identity.json"
 
     @property
     def request_log(self) -> Path:

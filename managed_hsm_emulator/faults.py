@@ -13,6 +13,16 @@ shell-style glob on the path without query (``*`` also matches ``/``; e.g. ``/ke
 the probability it fires on a matching request. The first rule that fires wins. Faults apply
 only to requests that carry a valid token: the SDK's unauthenticated challenge round-trip is
 never faulted, so counts are predictable.
+
+``phase`` says when the fault strikes:
+
+- ``"before"`` (default): instead of the operation; nothing changes in the HSM.
+- ``"after"``: the operation runs to its end first (a create or import commits its new
+  version, a delete deletes, a refusal is still a refusal), then the reply is lost (``drop``),
+  replaced by the ``429``/``503`` (``429``, ``503``) or sent ``delay`` seconds late
+  (``delay``). This is "done, but the reply was lost": what a client must survive without
+  assuming a failed request had no effect. The request log records the operation's own status
+  as ``operation_status``.
 """
 
 from __future__ import annotations
@@ -27,8 +37,9 @@ from typing import Any
 from .errors import BadParameterError
 
 KINDS = ("429", "503", "drop", "delay")
+PHASES = ("before", "after")
 MAX_DELAY_SECONDS = 60.0
-_FIELDS = frozenset({"kind", "method", "path", "count", "rate", "retry_after", "delay"})
+_FIELDS = frozenset({"kind", "method", "path", "count", "rate", "retry_after", "delay", "phase"})
 _METHODS = frozenset({"*", "GET", "PUT", "POST", "PATCH", "DELETE"})
 
 
@@ -44,6 +55,7 @@ class FaultRule:
     rate: float = 1.0
     retry_after: int | None = None
     delay: float = 0.0
+    phase: str = "before"
     matched: int = 0
     fired: int = 0
 
@@ -110,6 +122,11 @@ def parse_rule(doc: object, *, rule_id: int) -> FaultRule:
             f"a delay fault needs delay in (0, {MAX_DELAY_SECONDS:g}] seconds",
             reason="bad_fault_rule",
         )
+    phase = doc.get("phase", "before")
+    if phase not in PHASES:
+        raise BadParameterError(
+            f"fault phase must be one of {', '.join(PHASES)}", reason="bad_fault_rule"
+        )
     return FaultRule(
         id=rule_id,
         kind=kind,
@@ -119,6 +136,7 @@ def parse_rule(doc: object, *, rule_id: int) -> FaultRule:
         rate=1.0 if rate is None else rate,
         retry_after=None if retry_after is None else int(retry_after),
         delay=delay,
+        phase=str(phase),
     )
 
 

@@ -1,8 +1,14 @@
 """HTTPS transport: authentication, fault injection, request log, admin endpoints, routing.
 
 Order for every Key Vault request, as the real service does it: a request without a bearer
-token gets the ``401`` challenge before anything else is looked at; then the token is checked;
-then faults apply; then api-version, Host and body are validated and the operation runs.
+token gets the ``401`` challenge before anything else is looked at (its body, if well framed and
+within the limit, is read and discarded so the connection stays usable; otherwise the connection
+is closed after the reply); then the body framing is checked (``Transfer-Encoding``, a negative,
+repeated or non-numeric ``Content-Length``: ``400`` and the connection is closed; over 1 MiB:
+``413`` and closed) and the body read; then the token is checked; then ``Host`` (only the
+names in :mod:`.identity`: anything else is ``400 bad_host``); then faults apply (phase
+``before``); then the route and api-version are validated and the operation runs; then
+phase-``after`` faults replace or delay the reply.
 
 Admin endpoints (``/_admin/...``, loopback clients only, no token, never faulted or logged):
 
@@ -37,6 +43,7 @@ from .errors import (
     UnauthorizedError,
 )
 from .faults import FaultInjector, FaultRule
+from .identity import Identity
 from .requestlog import RequestLog, clean_header
 from .routes import Route, route
 from .service import KeyVaultService, ServiceRequest, ServiceResponse, check_api_version
@@ -48,8 +55,13 @@ SERVICE_VERSION = "1.9.0.0-emulator"
 CHALLENGE = (
     f'Bearer authorization="https://login.microsoftonline.com/{TENANT_ID}", resource="{AUDIENCE}"'
 )
-_HOST_RE = re.compile(r"^([a-z0-9.-]{1,253}|\[[0-9a-f:.]{2,45}\])(:[0-9]{1,5})?$")
+_CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")
 _JSON = "application/json; charset=utf-8"
+# After a reply on a connection whose request body was not (fully) read: how long, and how much,
+# to keep reading and discarding before closing, so the close does not reset the connection
+# before the client has read the reply.
+_LINGER_SECONDS = 1.0
+_LINGER_MAX_BYTES = 4 * MAX_BODY
 
 
 class EmulatorHTTPServer(ThreadingHTTPServer):
@@ -75,7 +87,10 @@ class EmulatorHTTPServer(ThreadingHTTPServer):
         self.request_log = request_log
         self.ssl_context = ssl_context
         self.clock = clock
+        if ":" in address[0]:  # an IPv6 literal such as ::1 (or :: for both families)
+            self.address_family = socket.AF_INET6
         super().__init__(address, KeyVaultHandler)
+        self.identity = Identity(bound_host=address[0], port=int(self.server_address[1]))
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, addr = super().get_request()
@@ -92,9 +107,12 @@ class EmulatorHTTPServer(ThreadingHTTPServer):
 
 def _is_loopback(host: str) -> bool:
     try:
-        return ipaddress.ip_address(host).is_loopback
+        addr = ipaddress.ip_address(host)
     except ValueError:
         return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped.is_loopback  # ::ffff:127.0.0.1 on a dual-stack socket
+    return addr.is_loopback
 
 
 class KeyVaultHandler(BaseHTTPRequestHandler):
@@ -105,6 +123,7 @@ class KeyVaultHandler(BaseHTTPRequestHandler):
     sys_version = ""
     timeout = 120
     server: EmulatorHTTPServer
+    _linger: bool = False
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  # stdlib signature
         """Silence the stdlib access log; requests are logged by :meth:`_finish`."""
@@ -126,17 +145,59 @@ class KeyVaultHandler(BaseHTTPRequestHandler):
 
     # --- plumbing ---------------------------------------------------------------------------
 
-    def _read_body(self) -> bytes:
-        length_text = self.headers.get("Content-Length") or "0"
-        try:
-            length = int(length_text)
-        except ValueError:
-            self.close_connection = True
-            raise BadParameterError("Content-Length is not a number", reason="bad_body") from None
+    def _close_after_reply(self) -> None:
+        """The request's body is not (fully) read: close the connection after the reply."""
+        self.close_connection = True
+        self._linger = True
+
+    def _framing_error(self, message: str) -> BadParameterError:
+        self._close_after_reply()
+        return BadParameterError(message, reason="bad_framing")
+
+    def _content_length(self) -> int:
+        """The body length the request declares.
+
+        Raises:
+            BadParameterError: reason ``bad_framing`` (Transfer-Encoding; Content-Length
+                negative, repeated or not a number); the connection will be closed.
+            PayloadTooLargeError: over :data:`MAX_BODY`; the connection will be closed.
+        """
+        if self.headers.get_all("Transfer-Encoding"):
+            raise self._framing_error(
+                "Transfer-Encoding is not supported; send the body with a Content-Length"
+            )
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
+            return 0
+        if len(values) > 1 or not _CONTENT_LENGTH_RE.fullmatch(values[0].strip()):
+            raise self._framing_error("Content-Length must be one non-negative decimal number")
+        length = int(values[0])
         if length > MAX_BODY:
-            self.close_connection = True
+            self._close_after_reply()
             raise PayloadTooLargeError(f"request bodies are limited to {MAX_BODY} bytes")
-        return self.rfile.read(length) if length > 0 else b""
+        return length
+
+    def _read_exactly(self, length: int) -> bytes:
+        data = self.rfile.read(length) if length > 0 else b""
+        if len(data) != length:
+            self.close_connection = True
+            raise ConnectionError("the client closed the connection in the middle of the body")
+        return data
+
+    def _read_body(self) -> bytes:
+        """The request body (see :meth:`_content_length` for what is refused)."""
+        return self._read_exactly(self._content_length())
+
+    def _skip_body(self) -> int | None:
+        """Read and discard the body of a request that is refused before it is looked at (no
+        token, admin from afar), so a keep-alive connection stays in step. Returns its length,
+        or None if it cannot be read safely (the connection is then closed after the reply)."""
+        try:
+            length = self._content_length()
+        except EmulatorError:
+            return None
+        self._read_exactly(length)
+        return length
 
     def _send(
         self,
@@ -159,20 +220,52 @@ class KeyVaultHandler(BaseHTTPRequestHandler):
             self.send_header("x-ms-client-request-id", client_id)
         for name, value in (extra or {}).items():
             self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if data:
             self.wfile.write(data)
 
     def _drop(self) -> None:
         self.close_connection = True
+        self._linger = False
         try:
             self.connection.shutdown(socket.SHUT_RDWR)
         except OSError:
             LOG.debug("socket already closed while dropping a connection")
 
+    def _lingering_close(self) -> None:
+        """Stop writing, then read and discard what the client still sends (at most
+        ``_LINGER_MAX_BYTES`` for ``_LINGER_SECONDS``): closing a socket with unread data resets
+        the connection, and the client could lose the reply it has not read yet."""
+        try:
+            self.connection.settimeout(_LINGER_SECONDS)
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + _LINGER_SECONDS
+            drained = 0
+            while drained < _LINGER_MAX_BYTES and time.monotonic() < deadline:
+                chunk = self.connection.recv(65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        except (OSError, ValueError):  # ssl.SSLError is an OSError; ValueError: closed socket
+            LOG.debug("connection ended while lingering before close")
+
+    def _end_request(self) -> None:
+        if self._linger:
+            self._linger = False
+            self._lingering_close()
+
     # --- dispatch ----------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
+        self._linger = False
+        try:
+            self._dispatch_one()
+        finally:
+            self._end_request()
+
+    def _dispatch_one(self) -> None:
         parts = urlsplit(self.path)
         if parts.path.startswith("/_admin"):
             self._admin(parts.path, dict(parse_qsl(parts.query)))
@@ -187,7 +280,10 @@ class KeyVaultHandler(BaseHTTPRequestHandler):
             "client_request_id": clean_header(self.headers.get("x-ms-client-request-id")),
             "request_id": request_id,
             "fault": None,
+            "fault_phase": None,
+            "operation_status": None,
             "reason": None,
+            "body_bytes": None,
         }
         query = dict(parse_qsl(parts.query, keep_blank_values=True))
         entry["api_version"] = clean_header(query.get("api-version"))
@@ -231,26 +327,53 @@ class KeyVaultHandler(BaseHTTPRequestHandler):
     def _keyvault(
         self, path: str, query: dict[str, str], entry: dict[str, Any], request_id: str
     ) -> int | None:
-        body_bytes = self._read_body()
         auth = self.headers.get("Authorization")
         if not auth or not auth.startswith("Bearer "):
+            entry["body_bytes"] = self._skip_body()
             raise UnauthorizedError(
                 "AKV10000: Request is missing a Bearer or PoP token.", reason="no_token"
             )
+        body_bytes = self._read_body()
+        entry["body_bytes"] = len(body_bytes)
         verify_token(self.server.token_key, auth[len("Bearer ") :].strip(), now=self.server.clock())
+        host = self._checked_host()
         fault = self.server.faults.pick(self.command, path)
         if fault is not None:
             entry["fault"] = fault.kind
-            if fault.kind == "delay":
+            entry["fault_phase"] = fault.phase
+        if fault is None or fault.phase == "before":
+            if fault is not None and fault.kind == "delay":
                 time.sleep(fault.delay)
-            else:
+            elif fault is not None:
                 return self._fault(fault, request_id)
+            return self._reply(self._operation(path, host, query, entry, body_bytes), request_id)
+        # phase "after": the operation runs (and any change is committed) first; then its reply
+        # is delayed, replaced by a 429/503, or lost with the connection.
+        outcome: ServiceResponse | EmulatorError
+        try:
+            outcome = self._operation(path, host, query, entry, body_bytes)
+        except EmulatorError as exc:
+            entry["reason"] = exc.reason
+            outcome = exc
+        entry["operation_status"] = outcome.status
+        if fault.kind != "delay":
+            return self._fault(fault, request_id)
+        time.sleep(fault.delay)
+        if isinstance(outcome, EmulatorError):
+            raise outcome
+        return self._reply(outcome, request_id)
+
+    def _operation(
+        self,
+        path: str,
+        host: str,
+        query: dict[str, str],
+        entry: dict[str, Any],
+        body_bytes: bytes,
+    ) -> ServiceResponse:
         r: Route = route(self.command, path)
         entry["operation"] = r.operation
         api_version = check_api_version(query.get("api-version"))
-        host = (self.headers.get("Host") or "").strip().lower()
-        if not _HOST_RE.match(host):
-            raise BadParameterError("the Host header is missing or invalid", reason="bad_host")
         body: Any = None
         if body_bytes:
             try:
@@ -259,9 +382,34 @@ class KeyVaultHandler(BaseHTTPRequestHandler):
                 raise BadParameterError(
                     "the request body is not valid JSON", reason="bad_body"
                 ) from None
-        response: ServiceResponse = self.server.service.handle(
-            ServiceRequest(route=r, host=host, api_version=api_version, query=query, body=body)
+        return self.server.service.handle(
+            ServiceRequest(
+                route=r,
+                host=host,
+                api_version=api_version,
+                query=query,
+                body=body,
+                authorities=self.server.identity.authorities,
+            )
         )
+
+    def _checked_host(self) -> str:
+        """The request's Host, if it names this emulator (kids are built from it).
+
+        Raises:
+            BadParameterError: reason ``bad_host``.
+        """
+        values = self.headers.get_all("Host") or []
+        host = values[0].strip().lower() if len(values) == 1 else ""
+        identity = self.server.identity
+        if host not in identity.authorities:
+            raise BadParameterError(
+                "the Host header must name this emulator: one of " + identity.describe(),
+                reason="bad_host",
+            )
+        return host
+
+    def _reply(self, response: ServiceResponse, request_id: str) -> int:
         self._send(response.status, response.body, request_id=request_id)
         return response.status
 
@@ -295,13 +443,16 @@ class KeyVaultHandler(BaseHTTPRequestHandler):
     def _admin(self, path: str, query: dict[str, str]) -> None:
         request_id = str(uuid.uuid4())
         try:
-            body_bytes = self._read_body()
             if not _is_loopback(self.client_address[0]):
+                self._skip_body()
                 raise PathNotFoundError(f"{path} is not part of the Key Vault keys API")
+            body_bytes = self._read_body()
             status, body = self._admin_op(path, query, body_bytes)
             self._send(status, body, request_id=request_id)
         except EmulatorError as exc:
             self._send(exc.status, exc.to_body(), request_id=request_id)
+        except (ConnectionError, TimeoutError, ssl.SSLError):
+            self.close_connection = True
 
     def _admin_op(
         self, path: str, query: dict[str, str], body_bytes: bytes

@@ -164,7 +164,9 @@ class KeyMaterial:
 
         Raises:
             BadParameterError: reason ``kty_mismatch`` when the plaintext is another kind of key
-                than ``family``, ``target_not_pkcs8`` when RSA/EC bytes are not PKCS#8.
+                than ``family``, ``plaintext_trailing_zeros`` when RSA/EC bytes are PKCS#8 followed
+                by 1-7 zero bytes (SoftHSM2's padding), ``target_not_pkcs8`` when they are
+                otherwise not PKCS#8, ``target_invalid`` for an inconsistent RSA key.
         """
         if family == "oct":
             if len(plaintext) not in (16, 24, 32):
@@ -187,6 +189,16 @@ class KeyMaterial:
                     f"the unwrapped key is a {len(plaintext) * 8}-bit AES key; "
                     f"it does not match kty {family}-HSM",
                     reason="kty_mismatch",
+                ) from None
+            zeros = _trailing_zeros_after_pkcs8(plaintext.reveal())
+            if zeros:
+                # Whether Managed HSM accepts such packages is not public: refuse, but say why.
+                raise BadParameterError(
+                    f"the unwrapped plaintext is a PKCS#8 private key followed by {zeros} zero "
+                    "byte(s); a PKCS#11 token such as SoftHSM2 likely zero-padded the key to a "
+                    "multiple of 8 bytes before wrapping it (AES-KWP pads by itself). Wrap the "
+                    "exact PKCS#8 DER (e.g. with offline_packager or OpenSSL) instead",
+                    reason="plaintext_trailing_zeros",
                 ) from None
             raise BadParameterError(
                 "the unwrapped key is not a PKCS#8 private key", reason="target_not_pkcs8"
@@ -286,6 +298,35 @@ class KeyMaterial:
         if (pub.x, pub.y) != (x, y):
             raise BadParameterError("the EC JWK's x/y do not match its d", reason="bad_jwk")
         return cls("EC", ec_key=key)
+
+
+def _der_length(data: bytes) -> int | None:
+    """Total length of the DER SEQUENCE at the start of ``data``, or None if it is not one."""
+    if len(data) < 2 or data[0] != 0x30:  # SEQUENCE tag
+        return None
+    first = data[1]
+    if first < 0x80:
+        return 2 + first
+    count = first & 0x7F
+    if not 1 <= count <= 4 or len(data) < 2 + count:
+        return None
+    return 2 + count + int.from_bytes(data[2 : 2 + count], "big")
+
+
+def _trailing_zeros_after_pkcs8(data: bytes) -> int:
+    """1-7 if ``data`` is a loadable PKCS#8 private key followed by that many zero bytes (what
+    SoftHSM2 produces when it KWP-wraps a key whose DER length is not a multiple of 8), else 0.
+    """
+    end = _der_length(data)
+    if end is None or not 1 <= len(data) - end <= 7 or any(data[end:]):
+        return 0
+    try:
+        serialization.load_der_private_key(
+            data[:end], password=None, unsafe_skip_rsa_key_validation=True
+        )
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return 0
+    return len(data) - end
 
 
 def _check_rsa_numbers(key: rsa.RSAPrivateKey) -> None:

@@ -44,13 +44,20 @@ _DAY = 86400
 
 @dataclass(frozen=True)
 class ServiceRequest:
-    """A Key Vault request after routing: ``host`` is the request's Host (host[:port])."""
+    """A Key Vault request after routing.
+
+    ``host`` is the request's Host (``host[:port]``, already checked to name this emulator):
+    kids in the answer are built from it. ``authorities`` are all the names this emulator
+    answers to (:class:`~.identity.Identity`); a BYOK package's kid must name one of them.
+    Empty means ``{host}``.
+    """
 
     route: Route
     host: str
     api_version: str
     query: Mapping[str, str] = field(default_factory=dict)
     body: Any = None
+    authorities: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -337,7 +344,7 @@ class KeyVaultService:
                 jwk["key_hsm"],
                 family=family,
                 crv=jwk.get("crv"),
-                host=req.host,
+                hosts=req.authorities or frozenset({req.host}),
                 find_kek=self._find_kek,
                 now=self._clock(),
             )

@@ -1,27 +1,47 @@
 """Durable key state: one JSON file per key name under ``DIR/keys``, loaded at start.
 
 Memory holds the truth while the emulator runs; every change rewrites that name's file
-atomically (temp file, fsync, rename, fsync directory) before the request is answered. Key
-material is stored only sealed (:mod:`.sealing`) and unsealed lazily on first use.
-All access goes through :attr:`KeyStore.lock`.
+atomically (temp file, fsync, rename, fsync directory) before the request is answered, and a
+purge unlinks it and fsyncs the directory. Key material is stored only sealed (:mod:`.sealing`)
+and unsealed lazily on first use. All access goes through :attr:`KeyStore.lock`.
+
+Integrity: a key file (format 2) carries ``mac``, an HMAC (:meth:`.Sealer.record_mac`) over the
+canonical JSON of everything else in it (name, versions with kty, key_ops, public JWK,
+attributes, tags, origin, sealed material; deleted state). A file whose MAC does not match, or
+that sits under another name, stops the emulator at start (reason ``key_file_tampered``).
+Files of format 1 (no MAC, written before this check existed) are upgraded in place, once: the
+first start that finds no ``keys/FORMAT`` marker trusts them as found, rewrites them with a MAC
+and writes the marker; from then on a file without a MAC is refused like a tampered one.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .datadir import DataDir, atomic_write
-from .errors import StartupError
+from .datadir import DataDir, atomic_write, fsync_dir
+from .errors import EmulatorError, StartupError
 from .material import KeyMaterial, family_of
 from .model import DeletedInfo, KeyAttributes, KeyRecord, KeyVersion
 from .sealing import Sealer
 
-FORMAT = 1
+LOG = logging.getLogger("managed_hsm_emulator")
+FORMAT = 2
+LEGACY_FORMAT = 1  # no MAC; upgraded once (see the module docstring)
+
+
+class RecordIntegrityError(Exception):
+    """A key file's MAC does not match its content, or the file holds another key's record."""
+
+
+def _canonical(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def _version_to_json(v: KeyVersion) -> dict[str, Any]:
@@ -53,8 +73,9 @@ def _version_from_json(name: str, d: dict[str, Any]) -> KeyVersion:
     )
 
 
-def record_to_json(record: KeyRecord) -> bytes:
-    doc = {
+def record_to_json(record: KeyRecord, sealer: Sealer) -> bytes:
+    """A key file: the record and a MAC over its canonical JSON."""
+    doc: dict[str, Any] = {
         "format": FORMAT,
         "name": record.name,
         "deleted": None
@@ -65,22 +86,48 @@ def record_to_json(record: KeyRecord) -> bytes:
         },
         "versions": [_version_to_json(v) for v in record.versions],
     }
+    doc["mac"] = base64.b64encode(sealer.record_mac(_canonical(doc))).decode("ascii")
     return json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")
 
 
-def record_from_json(data: bytes) -> KeyRecord:
+def record_from_json(data: bytes, sealer: Sealer, *, file_name: str) -> tuple[KeyRecord, bool]:
+    """Read a key file; returns the record and whether it is of the legacy format (no MAC).
+
+    Raises:
+        RecordIntegrityError: the MAC does not match, or ``file_name`` is not the record's file.
+        ValueError, KeyError, TypeError: the file is not a key file.
+    """
     doc = json.loads(data)
-    if doc.get("format") != FORMAT:
+    if not isinstance(doc, dict):
+        raise TypeError("a key file is a JSON object")
+    fmt = doc.get("format")
+    if fmt == FORMAT:
+        mac_text = doc.pop("mac", None)
+        try:
+            mac = base64.b64decode(str(mac_text), validate=True)
+        except (binascii.Error, ValueError):
+            mac = b""
+        if mac_text is None or not sealer.record_mac_ok(_canonical(doc), mac):
+            raise RecordIntegrityError(
+                "its MAC does not match its content (edited outside the emulator, or written "
+                "under another master.key)"
+            )
+    elif fmt != LEGACY_FORMAT:
         raise ValueError("unknown key file format")
     name = str(doc["name"])
+    if file_name != f"{name.lower()}.json":
+        if fmt == FORMAT:
+            raise RecordIntegrityError(f"it holds the record of key {name}, not of its own name")
+        raise ValueError("the key file holds another key's record")
     deleted = doc.get("deleted")
-    return KeyRecord(
+    record = KeyRecord(
         name=name,
         versions=[_version_from_json(name, v) for v in doc["versions"]],
         deleted=None
         if deleted is None
         else DeletedInfo(int(deleted["deletedDate"]), int(deleted["scheduledPurgeDate"])),
     )
+    return record, fmt == LEGACY_FORMAT
 
 
 class KeyStore:
@@ -94,23 +141,60 @@ class KeyStore:
         self.lock = threading.RLock()
 
     def load(self) -> None:
-        """Read every key file.
+        """Read every key file, checking its MAC (legacy files: see the module docstring).
 
         Raises:
-            StartupError: reason ``damaged_state`` naming the unreadable file.
+            StartupError: reason ``damaged_state`` naming an unreadable file,
+                ``key_file_tampered`` naming a file that fails its integrity check.
         """
         with self.lock:
+            strict = self._paths.key_format.exists()
+            legacy: list[KeyRecord] = []
             for path in sorted(self._paths.keys_dir.glob("*.json")):
-                try:
-                    record = record_from_json(path.read_bytes())
-                except (OSError, ValueError, KeyError, TypeError) as exc:
+                record, is_legacy = self._load_file(path)
+                if is_legacy and strict:
                     raise StartupError(
-                        f"key file {path.name} cannot be read ({type(exc).__name__})",
-                        reason="damaged_state",
-                    ) from None
+                        f"key file {path.name} carries no MAC (format {LEGACY_FORMAT}), but every "
+                        f"key file in this data directory must ({self._paths.key_format.name}): "
+                        "it was replaced or edited outside the emulator. Restore it from a "
+                        "backup, or delete it (its key is then lost)",
+                        reason="key_file_tampered",
+                    )
+                if is_legacy:
+                    legacy.append(record)
                 self._records[record.name.lower()] = record
                 for v in record.versions:
                     self._seq = max(self._seq, v.seq)
+            try:
+                for record in legacy:
+                    atomic_write(self._path(record.name), record_to_json(record, self._sealer))
+                    LOG.warning(
+                        "key file %s upgraded to format %d (integrity MAC added; its content "
+                        "was trusted as found)",
+                        self._path(record.name).name,
+                        FORMAT,
+                    )
+                if not strict:
+                    atomic_write(self._paths.key_format, f"{FORMAT}\n".encode(), mode=0o644)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot write key files: {exc.strerror}", reason="data_dir"
+                ) from None
+
+    def _load_file(self, path: Path) -> tuple[KeyRecord, bool]:
+        try:
+            return record_from_json(path.read_bytes(), self._sealer, file_name=path.name)
+        except RecordIntegrityError as exc:
+            raise StartupError(
+                f"key file {path.name} fails its integrity check: {exc}. Restore it from a "
+                "backup, or delete it (its key is then lost)",
+                reason="key_file_tampered",
+            ) from None
+        except (OSError, ValueError, KeyError, TypeError, EmulatorError) as exc:
+            raise StartupError(
+                f"key file {path.name} cannot be read ({type(exc).__name__})",
+                reason="damaged_state",
+            ) from None
 
     def next_seq(self) -> int:
         with self.lock:
@@ -130,14 +214,19 @@ class KeyStore:
     def save(self, record: KeyRecord) -> None:
         """Persist a new or changed record (durable when this returns)."""
         with self.lock:
-            atomic_write(self._path(record.name), record_to_json(record))
+            atomic_write(self._path(record.name), record_to_json(record, self._sealer))
             self._records[record.name.lower()] = record
 
     def remove(self, name: str) -> None:
-        """Forget a record and delete its file (purge)."""
+        """Forget a record and delete its file (purge; durable when this returns)."""
         with self.lock:
             self._records.pop(name.lower(), None)
-            self._path(name).unlink(missing_ok=True)
+            path = self._path(name)
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return
+            fsync_dir(path.parent)
 
     def material(self, v: KeyVersion) -> KeyMaterial:
         """The key material of a version, unsealed on first use and cached.

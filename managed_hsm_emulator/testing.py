@@ -13,7 +13,8 @@
 :func:`running_emulator` starts ``python -m managed_hsm_emulator --data-dir DIR --port 0`` as a
 subprocess (stdout/stderr to ``DIR/emulator.log``), waits for ``DIR/endpoint.json`` (raising
 :class:`EmulatorStartError` after ``startup_timeout`` seconds instead of hanging) and stops it
-with SIGTERM on exit. Starting again on the same ``DIR`` finds the same keys.
+with SIGTERM on exit. Starting again on the same ``DIR`` finds the same keys on the same port
+(kept in ``DIR/identity.json``), so kids and the BYOK packages built for its KEKs stay valid.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ class EmulatorHandle:
 
     @property
     def host(self) -> str:
-        """``127.0.0.1:PORT``: the host part of every ``kid`` this emulator issues."""
+        """``127.0.0.1:PORT``: the host part of the ``kid`` of every key read through
+        :attr:`url` (``localhost:PORT`` and ``[::1]:PORT`` name the same emulator)."""
         return self.url.removeprefix("https://")
 
     @property
@@ -146,8 +148,10 @@ class EmulatorHandle:
 
     def requests_seen(self, since: int = 0) -> list[dict[str, Any]]:
         """Request log entries after sequence number ``since``: ``seq``, ``time``, ``method``,
-        ``path``, ``api_version``, ``operation``, ``status`` (None: dropped), ``reason``,
-        ``client_request_id``, ``request_id``, ``fault``, ``duration_ms``."""
+        ``path``, ``api_version``, ``operation``, ``status`` (what the client got; None:
+        dropped), ``reason``, ``client_request_id``, ``request_id``, ``fault``, ``fault_phase``,
+        ``operation_status`` (with a phase-``after`` fault: what the operation itself answered),
+        ``body_bytes`` (request body length; None if its framing was refused), ``duration_ms``."""
         body = self._admin("GET", f"requests?since={since}")
         return list(body["value"])
 
@@ -165,12 +169,21 @@ class EmulatorHandle:
         rate: float | None = None,
         retry_after: int | None = None,
         delay: float | None = None,
+        phase: str | None = None,
     ) -> dict[str, Any]:
         """Add a fault rule (see :mod:`managed_hsm_emulator.faults`); returns it with its ``id``.
 
-        ``kind``: ``"429"``, ``"503"``, ``"drop"`` or ``"delay"``.
+        ``kind``: ``"429"``, ``"503"``, ``"drop"`` or ``"delay"``. ``phase``: ``"before"`` (the
+        default: instead of the operation) or ``"after"`` (the operation runs and commits, then
+        its reply is lost, replaced or delayed).
         """
-        optional = {"count": count, "rate": rate, "retry_after": retry_after, "delay": delay}
+        optional = {
+            "count": count,
+            "rate": rate,
+            "retry_after": retry_after,
+            "delay": delay,
+            "phase": phase,
+        }
         rule: dict[str, Any] = {"kind": kind, "method": method, "path": path}
         rule.update({name: value for name, value in optional.items() if value is not None})
         return dict(self._admin("POST", "faults", rule))

@@ -3,6 +3,13 @@
 The CA (``ca.pem``) is what clients trust (``connection_verify=ca.pem``). The server
 certificate names ``localhost``, ``127.0.0.1`` and ``::1``. Both are reused on later starts;
 the server certificate is re-issued when it nears expiry or no longer chains to the CA.
+
+``ca.key`` has to stay in DIR (the server certificate is re-issued from it), so whoever reads
+DIR can issue certificates under this CA. To keep that from mattering beyond this machine, the
+CA carries a critical NameConstraints extension that permits only the DNS name ``localhost``
+and the addresses ``127.0.0.0/8`` and ``::1/128``: a certificate it issues for any other name
+fails verification in every client that trusts ``ca.pem``. A CA made by an earlier version
+without the constraint is replaced (with a new server certificate) on the next start.
 """
 
 from __future__ import annotations
@@ -25,6 +32,14 @@ CA_DAYS = 3650
 SERVER_DAYS = 825
 RENEW_BEFORE = dt.timedelta(days=7)
 Now = Callable[[], dt.datetime]
+NAME_CONSTRAINTS = x509.NameConstraints(
+    permitted_subtrees=[
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_network("127.0.0.0/8")),
+        x509.IPAddress(ipaddress.ip_network("::1/128")),
+    ],
+    excluded_subtrees=None,
+)
 
 
 def _utcnow() -> dt.datetime:
@@ -77,6 +92,7 @@ def _make_ca(
             ),
             critical=True,
         )
+        .add_extension(NAME_CONSTRAINTS, critical=True)
         .add_extension(ski, critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -131,9 +147,19 @@ def _load_ca(
     if (
         not isinstance(key, ec.EllipticCurvePrivateKey)
         or cert.not_valid_after_utc - now < RENEW_BEFORE
+        or not _constrained(cert)
     ):
         return None
     return cert, key
+
+
+def _constrained(ca: x509.Certificate) -> bool:
+    """Whether the CA carries this module's NameConstraints, marked critical."""
+    try:
+        ext = ca.extensions.get_extension_for_class(x509.NameConstraints)
+    except x509.ExtensionNotFound:
+        return False
+    return ext.critical and ext.value == NAME_CONSTRAINTS
 
 
 def _server_ok(paths: DataDir, ca: x509.Certificate, now: dt.datetime) -> bool:

@@ -64,10 +64,32 @@ def mint_token(
     return f"{parts[0]}.{parts[1]}.{b64url_encode(_sign(key, signing_input))}"
 
 
-def _decode_json(part: str) -> Mapping[str, Any]:
+def _decode_part(part: str) -> bytes:
+    """Strict base64url of one token part: unpadded and canonical.
+
+    A base64url text whose last character carries non-zero spare bits decodes to the same bytes
+    as the canonical one, so without this check several spellings of one signature verify.
+    Re-encoding and comparing rejects every non-canonical (or padded) form.
+
+    Raises:
+        UnauthorizedError: reason ``token_malformed``.
+    """
     try:
-        value = json.loads(b64url_decode(part))
-    except (PackageFormatError, ValueError):
+        raw = b64url_decode(part)
+    except PackageFormatError:
+        raise UnauthorizedError("the access token is malformed", reason="token_malformed") from None
+    if b64url_encode(raw) != part:
+        raise UnauthorizedError(
+            "the access token is not canonical base64url", reason="token_malformed"
+        )
+    return raw
+
+
+def _decode_json(part: str) -> Mapping[str, Any]:
+    raw = _decode_part(part)
+    try:
+        value = json.loads(raw)
+    except ValueError:
         raise UnauthorizedError("the access token is malformed", reason="token_malformed") from None
     if not isinstance(value, dict):
         raise UnauthorizedError("the access token is malformed", reason="token_malformed")
@@ -89,10 +111,7 @@ def verify_token(key: SecretBytes, token: str, *, now: float) -> Mapping[str, An
         raise UnauthorizedError(
             "the access token's algorithm is not HS256", reason="token_malformed"
         )
-    try:
-        signature = b64url_decode(parts[2])
-    except PackageFormatError:
-        raise UnauthorizedError("the access token is malformed", reason="token_malformed") from None
+    signature = _decode_part(parts[2])
     expected = _sign(key, f"{parts[0]}.{parts[1]}".encode("ascii", "replace"))
     if not hmac.compare_digest(signature, expected):
         raise UnauthorizedError(

@@ -152,6 +152,10 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
           value: string(maxAttempts)
         }
         {
+          name: 'BYOK_RECONCILE_SCHEDULE'
+          value: '0 */10 * * * *'
+        }
+        {
           name: 'BYOK_ALLOWED_KEK_NAMES'
           value: allowedKekNames
         }

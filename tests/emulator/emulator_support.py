@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import ipaddress
 import json
 import os
+import re
+import socket
+import ssl
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from azure.keyvault.keys import JsonWebKey, KeyClient, KeyVaultKey
 from azure.keyvault.keys.crypto import EncryptionAlgorithm, SignatureAlgorithm
@@ -19,6 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from managed_hsm_emulator.testing import EmulatorHandle
+from managed_hsm_emulator.tls import client_context
+from managed_hsm_emulator.tokens import SCOPE
 from offline_packager.keytypes import TYPE_NAMES, TargetType
 from offline_packager.package_format import b64url_encode, encode_package
 from offline_packager.secret import SecretBytes
@@ -204,3 +212,111 @@ def error_of(exc: Any) -> tuple[int, str, str]:
     err = exc.value if hasattr(exc, "value") else exc
     body = err.response.json()
     return err.status_code, body["error"]["code"], body["error"]["message"]
+
+
+# --- ports, addresses and raw HTTP ------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def non_loopback_ipv4() -> str | None:
+    """An IPv4 address of this machine that is not loopback, or None if it has none."""
+    candidates: list[str] = []
+    with contextlib.suppress(OSError):
+        candidates.append(socket.gethostbyname(socket.gethostname()))
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.connect(("192.0.2.1", 9))  # UDP connect only picks a route: nothing is sent
+        candidates.append(udp.getsockname()[0])
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            ["ip", "-4", "-o", "addr", "show"],
+            capture_output=True, text=True, timeout=10, check=False,
+        ).stdout  # fmt: skip
+        candidates += re.findall(r"inet (\d+\.\d+\.\d+\.\d+)/", out)
+    for candidate in candidates:
+        with contextlib.suppress(ValueError):
+            addr = ipaddress.ip_address(candidate)
+            if not addr.is_loopback and not addr.is_unspecified:
+                return candidate
+    return None
+
+
+@dataclass(frozen=True)
+class RawReply:
+    status: int
+    headers: dict[str, str]  # lower-case names (the last value of a repeated header)
+    body: Any  # parsed JSON, or None
+
+
+def bearer(hsm: EmulatorHandle) -> str:
+    return f"Bearer {hsm.credential().get_token(SCOPE).token}"
+
+
+@contextlib.contextmanager
+def tls_connection(
+    hsm: EmulatorHandle, address: str = "127.0.0.1", timeout: float = 10.0
+) -> Iterator[ssl.SSLSocket]:
+    """One TLS connection to the emulator (the certificate is checked as ``localhost``)."""
+    ctx = client_context(str(hsm.ca))
+    with (
+        socket.create_connection((address, hsm.port), timeout=timeout) as sock,
+        ctx.wrap_socket(sock, server_hostname="localhost") as tls,
+    ):
+        yield tls
+
+
+def read_reply(fp: IO[bytes]) -> RawReply:
+    """Read one HTTP/1.1 response with a Content-Length body from ``fp``."""
+    status_line = fp.readline()
+    match = re.match(rb"HTTP/1\.1 (\d{3}) ", status_line)
+    assert match, f"not an HTTP response: {status_line[:60]!r}"
+    headers: dict[str, str] = {}
+    while (line := fp.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    data = fp.read(int(headers.get("content-length", "0")))
+    return RawReply(int(match.group(1)), headers, json.loads(data) if data else None)
+
+
+def server_closed(tls: ssl.SSLSocket, fp: IO[bytes], wait: float = 3.0) -> bool:
+    """Whether the server closed the connection (EOF) within ``wait`` seconds."""
+    tls.settimeout(wait)
+    try:
+        return fp.read(1) == b""
+    except TimeoutError:
+        return False
+    except (ConnectionResetError, ssl.SSLError):
+        return True
+
+
+def exchange(
+    hsm: EmulatorHandle,
+    data: bytes,
+    *,
+    replies: int,
+    address: str = "127.0.0.1",
+    close_wait: float | None = 3.0,
+) -> tuple[list[RawReply], bool]:
+    """Send raw bytes on one connection, read ``replies`` responses; also report whether the
+    server then closed the connection within ``close_wait`` seconds (False: still open; None:
+    do not wait, report False). The emulator closes right after the reply when it closes at
+    all, so a short ``close_wait`` suffices to show a connection stays open."""
+    with tls_connection(hsm, address) as tls:
+        tls.sendall(data)
+        fp = tls.makefile("rb")
+        out = [read_reply(fp) for _ in range(replies)]
+        return out, close_wait is not None and server_closed(tls, fp, close_wait)
+
+
+def http_request(
+    method: str, target: str, headers: dict[str, str] | list[tuple[str, str]], body: bytes = b""
+) -> bytes:
+    """The bytes of one HTTP/1.1 request, headers exactly as given (nothing added)."""
+    items = headers.items() if isinstance(headers, dict) else headers
+    head = f"{method} {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in items)
+    return head.encode("latin-1") + b"\r\n" + body

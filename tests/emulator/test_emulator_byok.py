@@ -287,9 +287,72 @@ def test_byok_needs_an_hsm_kty_and_ec_needs_crv(
         assert resp.body["error"]["innererror"]["code"] == reason
 
 
-def test_refusals_do_not_create_keys(client: KeyClient) -> None:
-    names = {p.name for p in client.list_properties_of_keys()}
-    assert not {n for n in names if n is not None and n.startswith("r-") and n != "r-state-ok"}
+def test_refusals_do_not_create_keys(
+    hsm: EmulatorHandle, client: KeyClient, kek: Kek, targets: dict[str, TargetKey]
+) -> None:
+    # Self-contained: every refusal here uses a name of its own, then none of them exists.
+    oct_target = targets["oct-256"]
+    oct_package = package_in_process(kek.public_key, kek.kid, oct_target.plaintext.reveal())
+    wrong_version = kek.kid.rsplit("/", 1)[0] + "/" + "0" * 32
+    other_hsm = "https://contoso.managedhsm.azure.net/keys/byok-kek/" + "0" * 32
+    doc = json.loads(oct_package)
+    raw = bytearray(base64.urlsafe_b64decode(doc["ciphertext"] + "=="))
+    raw[-3] ^= 0x01
+    doc["ciphertext"] = b64url_encode(bytes(raw))
+    cases: dict[str, JsonWebKey] = {
+        # the refusal the secret scan below makes: an AES package claimed as RSA-HSM
+        "nc-kty": JsonWebKey(kty="RSA-HSM", t=oct_package),
+        "nc-version": jwk_for(
+            oct_target.type,
+            package_in_process(kek.public_key, wrong_version, oct_target.plaintext.reveal()),
+        ),
+        "nc-host": jwk_for(
+            oct_target.type,
+            package_in_process(kek.public_key, other_hsm, oct_target.plaintext.reveal()),
+        ),
+        "nc-tampered": jwk_for(oct_target.type, json.dumps(doc).encode()),
+        "nc-crv": JsonWebKey(
+            kty="EC-HSM",
+            crv="P-384",
+            t=package_in_process(kek.public_key, kek.kid, targets["ec-p256"].plaintext.reveal()),
+        ),
+    }
+    for name, jwk in cases.items():
+        status, _, message = _refusal(client, name, jwk)
+        assert status in (400, 404), (name, message)
+    garbage = {"key": {"kty": "RSA-HSM", "key_hsm": "not base64url!"}, "Hsm": True}
+    assert hsm.request("PUT", "/keys/nc-garbage?api-version=7.6", garbage).status == 400
+    refused = {*cases, "nc-garbage"}
+    for name in refused:
+        with pytest.raises(ResourceNotFoundError):
+            client.get_key(name)
+    listed = {p.name for p in client.list_properties_of_keys()}
+    assert not listed & refused
+    # and the check can fail: a name that was imported is found
+    client.import_key("nc-control", jwk_for(oct_target.type, oct_package), hardware_protected=True)
+    assert "nc-control" in {p.name for p in client.list_properties_of_keys()}
+
+
+@pytest.mark.parametrize("type_name", ["rsa-2048", "ec-p256", "ec-p384"])
+def test_softhsm_style_zero_padded_plaintext_is_refused_with_a_clear_reason(
+    client: KeyClient, kek: Kek, targets: dict[str, TargetKey], type_name: str
+) -> None:
+    # SoftHSM2 pads an RSA/EC PKCS#8 plaintext with zeros to a multiple of 8 before KWP-wrapping
+    # it (byok-facts.md section 5). Managed HSM's answer to that is not public: refuse, clearly.
+    target = targets[type_name]
+    der = target.plaintext.reveal()
+    zeros = (-len(der)) % 8 or 7
+    package = package_in_process(kek.public_key, kek.kid, der + bytes(zeros))
+    status, code, message = _refusal(client, f"softhsm-{type_name}", jwk_for(target.type, package))
+    assert (status, code) == (400, "BadParameter")
+    assert "plaintext_trailing_zeros" in message
+    assert "target_not_pkcs8" not in message
+    assert f"{zeros} zero byte" in message
+    assert "SoftHSM" in message
+    assert "PKCS#11" in message
+    # the same key without the padding imports
+    exact = package_in_process(kek.public_key, kek.kid, der)
+    client.import_key(f"softhsm-{type_name}", jwk_for(target.type, exact), hardware_protected=True)
 
 
 # --- no secret anywhere ------------------------------------------------------------------------
@@ -344,4 +407,6 @@ def test_no_target_or_kek_secret_in_logs_responses_or_files(
     # the scan itself can find things: a file that holds a secret is reported
     probe = hsm.data_dir.parent / "probe.bin"
     probe.write_bytes(b"x" + b64url_encode(secrets_to_find["oct-256"]).encode())
-    assert scan_for([probe], secrets_to_find["oct-256"]) == ["probe.bin:base64url"]
+    # (the base64 needle matches too when the secret's base64 has no "+" or "/")
+    assert "probe.bin:base64url" in scan_for([probe], secrets_to_find["oct-256"])
+    assert scan_for([probe], b"\x00" * 32) == []

@@ -4,16 +4,17 @@ the service with a fixed clock and deterministic randomness."""
 from __future__ import annotations
 
 import itertools
+import json
+import string
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from managed_hsm_emulator import crypto_ops
-from managed_hsm_emulator.byok import Kek, import_byok
+from managed_hsm_emulator.byok import Kek, import_byok, parse_kek_kid
 from managed_hsm_emulator.datadir import DataDir
 from managed_hsm_emulator.errors import (
     BadParameterError,
@@ -22,9 +23,11 @@ from managed_hsm_emulator.errors import (
     KeyNotFoundError,
     MethodNotAllowedError,
     PathNotFoundError,
+    StartupError,
     UnauthorizedError,
 )
 from managed_hsm_emulator.faults import FaultInjector
+from managed_hsm_emulator.identity import Identity
 from managed_hsm_emulator.material import KeyMaterial
 from managed_hsm_emulator.model import KeyAttributes, KeyVersion, check_key_ops
 from managed_hsm_emulator.routes import Route, route
@@ -32,8 +35,9 @@ from managed_hsm_emulator.sealing import Sealer, SealError
 from managed_hsm_emulator.service import KeyVaultService, ServiceRequest
 from managed_hsm_emulator.store import KeyStore
 from managed_hsm_emulator.tokens import AUDIENCE, mint_token, verify_token
+from offline_packager.errors import KidError
 from offline_packager.kid import KeyId
-from offline_packager.package_format import b64url_encode, encode_package
+from offline_packager.package_format import b64url_decode, b64url_encode, encode_package
 from offline_packager.secret import SecretBytes
 from offline_packager.target_keys import key_check_value
 from offline_packager.wrap import wrap_target
@@ -59,16 +63,43 @@ def test_token_round_trip_and_time_window() -> None:
     assert exc.value.reason == "token_bad_signature"
 
 
-@settings(max_examples=60, deadline=None)
-@given(position=st.integers(min_value=0), replacement=st.sampled_from("ABCxyz019-_."))
-def test_any_change_to_a_token_is_rejected(position: int, replacement: str) -> None:
+def test_every_single_character_change_to_a_token_is_rejected() -> None:
+    # Deterministic and exhaustive: every position, every base64url character and the
+    # separators. Changing a signature's last character only in its spare bits decodes to the
+    # same bytes; it must still be refused (non-canonical base64url).
     token = mint_token(KEY, audience=AUDIENCE, issued_at=NOW, lifetime_seconds=3600)
-    i = position % len(token)
-    if token[i] == replacement:
-        return
-    changed = token[:i] + replacement + token[i + 1 :]
-    with pytest.raises(UnauthorizedError):
-        verify_token(KEY, changed, now=NOW)
+    verify_token(KEY, token, now=NOW)
+    alphabet = string.ascii_letters + string.digits + "-_.=+/ "
+    accepted = []
+    tried = 0
+    for i, original in enumerate(token):
+        for replacement in alphabet:
+            if replacement == original:
+                continue
+            changed = token[:i] + replacement + token[i + 1 :]
+            tried += 1
+            try:
+                verify_token(KEY, changed, now=NOW)
+            except UnauthorizedError:
+                continue
+            accepted.append((i, replacement))
+    assert accepted == []
+    assert tried == len(token) * (len(alphabet) - 1)
+
+
+def test_non_canonical_base64url_signature_is_malformed() -> None:
+    token = mint_token(KEY, audience=AUDIENCE, issued_at=NOW, lifetime_seconds=3600)
+    head, sig = token.rsplit(".", 1)
+    # 32 bytes -> 43 characters: the last one carries 2 spare bits; set one of them
+    last = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
+    spare = last[last.index(sig[-1]) ^ 1]
+    assert b64url_decode(sig[:-1] + spare) == b64url_decode(sig)  # same bytes...
+    with pytest.raises(UnauthorizedError) as exc:  # ...still refused
+        verify_token(KEY, f"{head}.{sig[:-1]}{spare}", now=NOW)
+    assert exc.value.reason == "token_malformed"
+    with pytest.raises(UnauthorizedError) as exc:  # padding is not canonical either
+        verify_token(KEY, f"{head}.{sig}=", now=NOW)
+    assert exc.value.reason == "token_malformed"
 
 
 # --- sealing ------------------------------------------------------------------------------
@@ -194,14 +225,16 @@ def test_import_byok_core(kek_material: KeyMaterial) -> None:
         kid, wrap_target(kek_material.rsa_key.public_key(), SecretBytes(aes)), "t"
     )
     key_hsm = b64url_encode(package)
-    args = {"host": "hsm.example:8443", "find_kek": _find(kek), "now": NOW}
+    hosts = frozenset({"hsm.example:8443", "localhost:8443"})
+    args = {"hosts": hosts, "find_kek": _find(kek), "now": NOW}
     material = import_byok(key_hsm, family="oct", crv=None, **args)  # type: ignore[arg-type]  # test dict
     assert material.aes_key is not None
     assert material.aes_key.reveal() == aes
     assert "redacted" in repr(material)
-    with pytest.raises(BadParameterError) as exc:
-        import_byok(key_hsm, family="oct", crv=None, **{**args, "host": "other:1"})  # type: ignore[arg-type]  # test dict
-    assert exc.value.reason == "kid_wrong_hsm"
+    for other in ({"other:1"}, {"hsm.example:8444"}, {"localhost:8443"}):
+        with pytest.raises(BadParameterError) as exc:
+            import_byok(key_hsm, family="oct", crv=None, **{**args, "hosts": frozenset(other)})  # type: ignore[arg-type]  # test dict
+        assert exc.value.reason == "kid_wrong_hsm"
     with pytest.raises(BadParameterError) as exc:
         import_byok(key_hsm, family="EC", crv="P-256", **args)  # type: ignore[arg-type]  # test dict
     assert exc.value.reason == "kty_mismatch"
@@ -212,6 +245,80 @@ def test_import_byok_core(kek_material: KeyMaterial) -> None:
     # messages never carry the package or the key
     assert key_hsm[:32] not in exc.value.message
     assert aes.hex() not in exc.value.message
+
+
+@pytest.mark.parametrize(
+    ("kid_host", "accepted"),
+    [
+        ("127.0.0.1:8443", True),
+        ("LOCALHOST:8443", True),
+        ("[::1]:8443", True),
+        ("[0:0:0:0:0:0:0:1]:8443", True),  # the same IPv6 address, spelled out
+        ("127.0.0.1:8444", False),
+        ("[::2]:8443", False),
+        ("evil.example:8443", False),
+    ],
+)
+def test_package_kid_must_name_one_of_the_emulators_authorities(
+    kid_host: str, accepted: bool
+) -> None:
+    hosts = Identity(bound_host="127.0.0.1", port=8443).authorities
+    kid = f"https://{kid_host}/keys/kek/{'a' * 32}"
+    if accepted:
+        parsed = parse_kek_kid(kid, hosts)
+        assert (parsed.name, parsed.version) == ("kek", "a" * 32)
+        return
+    with pytest.raises(KidError) as exc:
+        parse_kek_kid(kid, hosts)
+    assert exc.value.reason == "kid_wrong_hsm"
+
+
+@pytest.mark.parametrize(
+    "kid",
+    [
+        "https://[::1]:8443/keys/kek",  # no version
+        "https://u:p@[::1]:8443/keys/kek/" + "a" * 32,  # credentials
+        "https://[::1]:99999/keys/kek/" + "a" * 32,  # port out of range
+        "https://[nonsense]:8443/keys/kek/" + "a" * 32,
+        "http://127.0.0.1:8443/keys/kek/" + "a" * 32,
+    ],
+)
+def test_malformed_package_kids_are_bad_kid(kid: str) -> None:
+    hosts = Identity(bound_host="127.0.0.1", port=8443).authorities
+    with pytest.raises(KidError) as exc:
+        parse_kek_kid(kid, hosts)
+    assert exc.value.reason == "bad_kid"
+
+
+def test_identity_authorities() -> None:
+    assert Identity(bound_host="127.0.0.1", port=8443).authorities == {
+        "127.0.0.1:8443", "localhost:8443", "[::1]:8443",
+    }  # fmt: skip
+    assert Identity(bound_host="0.0.0.0", port=1).authorities == {  # noqa: S104  # the wildcard
+        "127.0.0.1:1", "localhost:1", "[::1]:1",
+    }  # fmt: skip
+    assert "127.0.0.2:1" in Identity(bound_host="127.0.0.2", port=1).authorities
+    assert "[::1]:1" in Identity(bound_host="0:0::1", port=1).authorities
+    assert "localhost" in Identity(bound_host="localhost", port=443).authorities
+
+
+@pytest.mark.parametrize("zeros", range(1, 8))
+def test_softhsm_zero_padded_pkcs8_is_refused_with_its_own_reason(zeros: int) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    der = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    with pytest.raises(BadParameterError) as exc:
+        KeyMaterial.from_plaintext("EC", SecretBytes(der + bytes(zeros)))
+    assert exc.value.reason == "plaintext_trailing_zeros"
+    assert "SoftHSM" in exc.value.message
+    # other trailing bytes, or 8 zeros (not padding to a multiple of 8), stay target_not_pkcs8
+    for tail in (b"\x01" * zeros, bytes(8)):
+        with pytest.raises(BadParameterError) as exc:
+            KeyMaterial.from_plaintext("EC", SecretBytes(der + tail))
+        assert exc.value.reason == "target_not_pkcs8"
 
 
 # --- crypto ----------------------------------------------------------------------------------
@@ -268,6 +375,132 @@ def test_service_with_injected_clock_and_randomness(tmp_path: Path) -> None:
     assert not (paths.keys_dir / "k.json").exists()
     with pytest.raises(EmulatorError):
         call("get_key", "bad name!")
+
+
+def _store(root: Path, key: SecretBytes = KEY) -> KeyStore:
+    paths = DataDir(root)
+    paths.create()
+    store = KeyStore(paths, Sealer(key))
+    store.load()
+    return store
+
+
+def test_purge_fsyncs_the_keys_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from managed_hsm_emulator import store as store_module
+
+    store = _store(tmp_path / "d")
+    service = KeyVaultService(store)
+    req = ServiceRequest(Route("create_key", name="p"), host="h:1", api_version="7.6")
+    service.handle(replace(req, body={"kty": "oct-HSM", "key_size": 128}))
+    synced: list[Path] = []
+    monkeypatch.setattr(store_module, "fsync_dir", synced.append)
+    store.remove("p")
+    assert not (DataDir(tmp_path / "d").keys_dir / "p.json").exists()
+    assert synced == [tmp_path / "d" / "keys"]
+    store.remove("p")  # nothing left: nothing to sync
+    assert synced == [tmp_path / "d" / "keys"]
+
+
+def _key_file(root: Path, name: str) -> tuple[Path, dict[str, Any]]:
+    path = root / "keys" / f"{name}.json"
+    return path, json.loads(path.read_text())
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda v: v.update(key_ops=["encrypt", "decrypt", "wrapKey", "unwrapKey"]),
+        lambda v: v.update(kty="oct-HSM"),
+        lambda v: v["attributes"].update(enabled=True, exp=None),
+        lambda v: v["public"].update(n="AQAB"),
+        lambda v: v["tags"].update(owner="mallory"),
+        lambda v: v.update(origin="byok"),
+    ],
+    ids=["key_ops", "kty", "attributes", "public", "tags", "origin"],
+)
+def test_edited_key_record_is_refused_at_start(tmp_path: Path, edit: Any) -> None:
+    store = _store(tmp_path / "d")
+    service = KeyVaultService(store, clock=lambda: NOW)
+    body = {
+        "kty": "RSA-HSM",
+        "key_size": 2048,
+        "key_ops": ["encrypt"],
+        "attributes": {"enabled": False, "exp": NOW + 60},
+        "tags": {"owner": "alice"},
+    }
+    req = ServiceRequest(Route("create_key", name="k"), host="h:1", api_version="7.6", body=body)
+    service.handle(req)
+    _store(tmp_path / "d")  # untouched: loads
+    path, doc = _key_file(tmp_path / "d", "k")
+    edit(doc["versions"][0])
+    path.write_text(json.dumps(doc))
+    with pytest.raises(StartupError) as exc:
+        _store(tmp_path / "d")
+    assert exc.value.reason == "key_file_tampered"
+    assert "k.json" in str(exc.value)
+    assert "integrity" in str(exc.value)
+
+
+def test_record_copied_to_another_name_or_under_another_master_key_is_refused(
+    tmp_path: Path,
+) -> None:
+    store = _store(tmp_path / "d")
+    KeyVaultService(store).handle(
+        ServiceRequest(
+            Route("create_key", name="a"), host="h:1", api_version="7.6", body={"kty": "oct-HSM"}
+        )
+    )
+    path, _ = _key_file(tmp_path / "d", "a")
+    with pytest.raises(StartupError) as exc:
+        _store(tmp_path / "d", SecretBytes(b"\x02" * 32))
+    assert exc.value.reason == "key_file_tampered"
+    path.rename(path.with_name("b.json"))
+    with pytest.raises(StartupError) as exc:
+        _store(tmp_path / "d")
+    assert exc.value.reason == "key_file_tampered"
+    assert "not of its own name" in str(exc.value)
+
+
+def test_legacy_key_files_are_upgraded_once_then_a_missing_mac_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = _store(tmp_path / "d")
+    KeyVaultService(store).handle(
+        ServiceRequest(
+            Route("create_key", name="old"), host="h:1", api_version="7.6", body={"kty": "oct-HSM"}
+        )
+    )
+    paths = DataDir(tmp_path / "d")
+    assert paths.key_format.read_text() == "2\n"
+    path, doc = _key_file(tmp_path / "d", "old")
+    legacy = {k: v for k, v in doc.items() if k != "mac"} | {"format": 1}
+    # a data directory from before the MAC existed: format 1 files and no marker
+    path.write_text(json.dumps(legacy))
+    paths.key_format.unlink()
+    with caplog.at_level("WARNING", logger="managed_hsm_emulator"):
+        upgraded = _store(tmp_path / "d")
+    assert "old.json upgraded to format 2" in caplog.text
+    assert upgraded.get("old") is not None
+    _, doc = _key_file(tmp_path / "d", "old")
+    assert doc["format"] == 2
+    assert "mac" in doc
+    assert paths.key_format.exists()
+    # from now on, a downgraded (MAC-less) file is refused like a tampered one
+    path.write_text(json.dumps(legacy))
+    with pytest.raises(StartupError) as exc:
+        _store(tmp_path / "d")
+    assert exc.value.reason == "key_file_tampered"
+
+
+def test_fault_phase_validation() -> None:
+    f = FaultInjector()
+    assert f.add({"kind": "drop"}).phase == "before"
+    assert f.add({"kind": "503", "phase": "after"}).phase == "after"
+    assert f.add({"kind": "delay", "delay": 0.1, "phase": "after"}).phase == "after"
+    for bad in ("later", None, 1):
+        with pytest.raises(BadParameterError) as exc:
+            f.add({"kind": "drop", "phase": bad})
+        assert exc.value.reason == "bad_fault_rule"
 
 
 def test_fault_injector_count_and_seeded_rate() -> None:

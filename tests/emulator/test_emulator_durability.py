@@ -8,13 +8,14 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from azure.keyvault.keys import JsonWebKey
 from azure.keyvault.keys.crypto import EncryptionAlgorithm
 from emulator_support import all_files, kcv_block, scan_for
 
-from managed_hsm_emulator.testing import running_emulator
+from managed_hsm_emulator.testing import EmulatorStartError, running_emulator
 
 
 def test_restart_keeps_keys_versions_deleted_state_and_certificates(tmp_path: Path) -> None:
@@ -75,6 +76,44 @@ def test_concurrent_creates_are_all_kept(tmp_path: Path) -> None:
             assert len(list(client.list_properties_of_key_versions(f"own-{i}"))) == 5
 
 
+def _rewrite_with_mac(data: Path, path: Path, doc: dict[str, Any]) -> None:
+    """Write a key file as the emulator would, MAC included (needs master.key)."""
+    from managed_hsm_emulator.sealing import Sealer
+    from managed_hsm_emulator.store import record_from_json, record_to_json
+    from offline_packager.secret import SecretBytes
+
+    sealer = Sealer(SecretBytes((data / "master.key").read_bytes()))
+    doc.pop("mac", None)
+    doc["format"] = 1  # read without a MAC check, then written with a fresh MAC
+    record, _ = record_from_json(json.dumps(doc).encode(), sealer, file_name=path.name)
+    path.write_bytes(record_to_json(record, sealer))
+
+
+def test_edited_key_file_stops_the_start_with_a_clear_error(tmp_path: Path) -> None:
+    data = tmp_path / "hsm"
+    with running_emulator(data) as hsm:
+        client = hsm.key_client()
+        client.create_rsa_key("locked", size=2048, key_operations=["verify"])
+        client.update_key_properties("locked", enabled=False)
+    path = data / "keys" / "locked.json"
+    original = path.read_text()
+    doc = json.loads(original)
+    # someone without master.key tries to make the key usable for more than it allows
+    doc["versions"][0]["key_ops"] = ["sign", "verify", "decrypt"]
+    doc["versions"][0]["attributes"]["enabled"] = True
+    path.write_text(json.dumps(doc))
+    with pytest.raises(EmulatorStartError) as exc, running_emulator(data):
+        pass
+    assert "key_file_tampered" in str(exc.value)
+    assert "locked.json" in str(exc.value)
+    assert "integrity" in str(exc.value)
+    path.write_text(original)  # restored from the "backup": starts again, unchanged
+    with running_emulator(data) as hsm:
+        key = hsm.key_client().get_key("locked")
+        assert key.key_operations == ["verify"]
+        assert key.properties.enabled is False
+
+
 def test_damaged_sealed_material_is_detected(tmp_path: Path) -> None:
     data = tmp_path / "hsm"
     with running_emulator(data) as hsm:
@@ -85,6 +124,12 @@ def test_damaged_sealed_material_is_detected(tmp_path: Path) -> None:
     sealed[20] = ord("A") if sealed[20] != ord("A") else ord("B")
     doc["versions"][0]["sealed"] = sealed.decode()
     path.write_text(json.dumps(doc))
+    # without a matching MAC the file is refused at start...
+    with pytest.raises(EmulatorStartError, match="key_file_tampered"), running_emulator(data):
+        pass
+    # ...and even with one (written by someone holding master.key), the AEAD of the sealed
+    # material still refuses the damaged blob when the key is used
+    _rewrite_with_mac(data, path, doc)
     with running_emulator(data) as hsm:
         resp = hsm.request(
             "POST",

@@ -64,6 +64,7 @@ REQUIRED_APP_SETTINGS = {
     "BYOK_MAX_ATTEMPTS",
     "BYOK_ALLOWED_KEK_NAMES",
     "BYOK_ALLOWED_TARGET_TYPES",
+    "BYOK_RECONCILE_SCHEDULE",
     "APPLICATIONINSIGHTS_CONNECTION_STRING",
     "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
     *EXPECTED_CONTAINER_SETTINGS,
@@ -1292,3 +1293,11 @@ def test_readme_covers_the_runbook() -> None:
         "checkov-skips.json",
     ):
         assert phrase in text, phrase
+
+
+def test_every_binding_expression_of_the_function_app_is_an_app_setting() -> None:
+    """A `%NAME%` in a trigger that no app setting defines stops the Function from indexing."""
+    source = (REPO_ROOT / "function_app.py").read_text()
+    names = set(re.findall(r"%([A-Za-z0-9_]+)%", source))
+    assert names == {"BYOK_INCOMING_CONTAINER", "BYOK_RECONCILE_SCHEDULE"}
+    assert names <= REQUIRED_APP_SETTINGS

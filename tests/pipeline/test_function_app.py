@@ -38,7 +38,13 @@ def wired(stack: Stack) -> Iterator[Stack]:
 def test_function_app_declares_the_triggers(functions: dict[str, Callable[..., Any]]) -> None:
     import function_app
 
-    assert set(functions) == {"process_package", "list_packages", "get_package", "get_kek"}
+    assert set(functions) == {
+        "process_package",
+        "list_packages",
+        "get_package",
+        "get_kek",
+        "reconcile",
+    }
     source = (function_app.__file__ and open(function_app.__file__).read()) or ""  # noqa: PTH123, SIM115  # read our own source
     assert "%BYOK_INCOMING_CONTAINER%/{name}" in source
     assert "source=func.BlobSource.EVENT_GRID" in source

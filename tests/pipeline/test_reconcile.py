@@ -1,0 +1,83 @@
+"""The reconciler completes what exhausted retries left undone: audit records, lost events."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from pipeline_support import Stack
+
+from byok_pipeline.audit import MemoryAuditSink
+from byok_pipeline.errors import TransientError
+from byok_pipeline.reconcile import reconcile
+
+pytestmark = pytest.mark.azurite
+
+
+class FailingOn(MemoryAuditSink):
+    """Refuses events named in ``failing`` (an audit store outage), accepts the rest."""
+
+    def __init__(self, failing: set[str]) -> None:
+        super().__init__()
+        self.failing = failing
+
+    def emit(self, event: Mapping[str, Any]) -> None:
+        if event["event"] in self.failing:
+            raise ConnectionError("audit store unavailable")
+        super().emit(event)
+
+
+def test_missing_audit_record_is_completed_after_the_platform_gave_up(stack: Stack) -> None:
+    sink = FailingOn({"byok.imported"})
+    stack.deps.audit = sink
+    pkg = stack.package("oct-256", "audit-outage")
+    stack.drop_package(pkg)
+    for _ in range(3):  # the platform retries, then gives up
+        with pytest.raises(TransientError, match="audit"):
+            stack.deliver(pkg.name)
+    (doc,) = stack.status_docs()
+    assert doc["state"] == "imported"
+    assert "audit append failed" in doc["last_error"]
+    status = stack.deps.store.status_by_name(pkg.name)
+    assert status is not None
+    assert status.summary()["audit_pending"] is True
+    assert stack.blobs(stack.settings.incoming_container) == [pkg.name]  # not disposed yet
+
+    sink.failing = set()  # the audit store is back
+    report = reconcile(stack.deps, now=stack.deps.clock() + timedelta(minutes=5))
+    assert report.audits_completed == 1
+    assert report.redelivered == {pkg.name: "imported"}  # and the package is finally moved
+    events = [e["event"] for e in sink.events]
+    assert events.count("byok.imported") == 1
+    assert events[-2:] == ["byok.imported", "byok.verified"]
+    assert stack.blobs(stack.settings.incoming_container) == []
+    status = stack.deps.store.status_by_name(pkg.name)
+    assert status is not None
+    assert status.summary()["audit_pending"] is False
+
+
+def test_redrop_of_same_bytes_first_completes_the_first_records_audit(stack: Stack) -> None:
+    sink = FailingOn({"byok.imported"})
+    stack.deps.audit = sink
+    pkg = stack.package("ec-p256", "audit-redrop")
+    stack.drop_package(pkg)
+    with pytest.raises(TransientError):
+        stack.deliver(pkg.name)
+    sink.failing = set()
+    stack.service.get_blob_client(stack.settings.incoming_container, pkg.name).upload_blob(
+        pkg.data, overwrite=True, metadata=pkg.options.to_metadata()
+    )
+    assert stack.deliver(pkg.name).state == "duplicate"
+    assert [e["event"] for e in sink.events].count("byok.imported") == 1
+
+
+def test_package_whose_event_was_lost_is_delivered_by_the_reconciler(stack: Stack) -> None:
+    pkg = stack.package("ec-p384", "lost-event")
+    stack.drop_package(pkg)  # no delivery at all: its Event Grid event was dead-lettered
+    assert reconcile(stack.deps).redelivered == {}  # too fresh: its own event may be on the way
+    report = reconcile(stack.deps, now=stack.deps.clock() + timedelta(minutes=5))
+    assert report.redelivered == {pkg.name: "imported"}
+    assert report.errors == 0
+    assert stack.blobs(stack.settings.incoming_container) == []
