@@ -13,6 +13,7 @@ Exactly-once rests on three mechanisms (see README "How exactly-once works"):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -103,6 +104,8 @@ def _fresh_doc(blob: IncomingBlob, sha: str | None, deps: Deps) -> StatusDoc:
         drop_time=utc(blob.created.astimezone(UTC)) if blob.created else None,
         uploader=(blob.metadata or {}).get("byok_uploader"),
     )
+    with contextlib.suppress(Rejected):  # a bad name is refused later, with its reason
+        doc.key_name = key_name_of(blob.name)
     doc.advance("received", deps.clock())
     return doc
 

@@ -220,6 +220,10 @@ def main() -> int:
 
         banner("Prove each imported key works")
         prove(env, offline, names)
+
+        banner("Check the tamper-evident audit trail and export one key's history for the auditor")
+        run([*byok, "audit", "verify"], env)
+        run([*byok, "audit", "export", "--key", "payments-rsa", "--format", "csv"], env)
         print("\nDemo complete: 3 keys imported exactly once, verified against their manifests.")
         events = (stack_dir / "audit.jsonl").read_text().splitlines()
         print(
