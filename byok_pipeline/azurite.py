@@ -76,19 +76,15 @@ class Azurite:
             if match:
                 return cls(proc, match[1].decode(), location)
             time.sleep(0.05)
-        cls._kill(proc.pid)
+        stop_process_group(proc.pid)
         tail = log_path.read_bytes().decode(errors="replace")[-500:]
         raise ConfigError(f"Azurite did not start: {tail}")
 
     def stop(self) -> None:
         """SIGTERM to its process group, then SIGKILL after 10 s."""
-        self._kill(self.process.pid)
+        stop_process_group(self.process.pid)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=1)
-
-    @staticmethod
-    def _kill(pid: int) -> None:
-        stop_process_group(pid)
 
     def __enter__(self) -> Self:
         return self
