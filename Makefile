@@ -74,4 +74,5 @@ bench: deps
 	$(PY) benchmarks/emulator_bench.py
 
 clean:
-	rm -rf $(VENV) $(INFRA_VENV) node_modules .mypy_cache .ruff_cache .pytest_cache .demo
+	-[ -f .byok-dev/stack.json ] && $(VENV)/bin/byok dev down --dir .byok-dev
+	rm -rf $(VENV) $(INFRA_VENV) node_modules .mypy_cache .ruff_cache .pytest_cache .demo .byok-dev

@@ -30,14 +30,22 @@ from .settings import Settings
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def _settings(args: argparse.Namespace, *, require_hsm: bool = True) -> Settings:
     """Settings from the environment; ``--hsm-url``/``--storage`` override it for this process
     (every client built later, the audit trail's included, sees the same values)."""
     for flag, name in (("hsm_url", "BYOK_HSM_URL"), ("storage", "BYOK_STORAGE")):
         value = getattr(args, flag, None)
         if value:
             os.environ[name] = value
-    return Settings.from_env()
+    return Settings.from_env(require_hsm=require_hsm)
+
+
+def _store(settings: Settings) -> Any:
+    """Storage only (status, upload): no HSM settings needed."""
+    from .blobstore import BlobStore
+    from .wiring import blob_service
+
+    return BlobStore(blob_service(settings), settings)
 
 
 def _credential() -> Any:
@@ -92,11 +100,19 @@ def _out(args: argparse.Namespace, result: dict[str, Any], human: str) -> None:
 
 # -- kek ------------------------------------------------------------------------------------------
 def cmd_kek_create(args: argparse.Namespace) -> int:
+    from offline_packager.kid import KEY_NAME_RE
+
     from .audit import cli_event
 
+    if not KEY_NAME_RE.match(args.name):
+        raise Rejected("bad_key_name", "a key name is 1-127 of 0-9 a-z A-Z -")
     settings = _settings(args)
     sink = _audit_sink(settings)
     hsm = _hsm(settings)
+    if not args.new_version and _exists(hsm, args.name):
+        raise Rejected(
+            "kek_exists", f"a key named {args.name} exists; give --new-version to add a version"
+        )
     expires = datetime.now(UTC) + timedelta(days=args.expires_days) if args.expires_days else None
     cid = uuid.uuid4().hex
     try:
@@ -112,6 +128,20 @@ def cmd_kek_create(args: argparse.Namespace) -> int:
     _out(args, result, f"created KEK {key.id}\n  RSA-{args.size}, operations: import only"
          + (f", expires {expires:%Y-%m-%d}" if expires else ""))  # fmt: skip
     return EXIT_OK
+
+
+def _exists(hsm: Any, name: str) -> bool:
+    from azure.core.exceptions import AzureError, ResourceNotFoundError
+
+    try:
+        hsm.client.get_key(name)
+    except ResourceNotFoundError:
+        return False
+    except AzureError as exc:
+        from .keyvault import translate
+
+        raise translate(exc, "looking for the key") from None
+    return True
 
 
 def cmd_kek_download(args: argparse.Namespace) -> int:
@@ -134,6 +164,7 @@ def cmd_kek_download(args: argparse.Namespace) -> int:
     out = Path(args.out)
     write_files_atomically([(out, info["public_key_pem"].encode())], force=args.force)
     _audit(sink, cli_event("byok.kek.downloaded", correlation_id=cid, kek_kid=info["kid"],
+                           key_name=parse_kid(info["kid"]).name,
                                kek_spki_sha256=info["spki_sha256"]))  # fmt: skip
     result = {k: v for k, v in info.items() if k != "public_key_pem"} | {"pem": str(out)}
     _out(args, result, f"wrote {out}\n  kid:         {info['kid']}\n"
@@ -183,7 +214,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
     from .processor import key_name_of
     from .upload import default_uploader, options_for, upload
 
-    settings = _settings(args)
+    settings = _settings(args, require_hsm=False)
     data = _read_package(args.package, settings.max_package_bytes)
     blob_name = args.name or Path(args.package).name
     key_name_of(blob_name)
@@ -192,9 +223,8 @@ def cmd_upload(args: argparse.Namespace) -> int:
     )
     from azure.core.exceptions import ResourceExistsError
 
-    deps = _deps(settings)
     try:
-        result = upload(deps.store, blob_name, data, options)
+        result = upload(_store(settings), blob_name, data, options)
     except ResourceExistsError:
         raise Rejected(
             "duplicate_upload", f"{blob_name} is already waiting in {settings.incoming_container}"
@@ -288,13 +318,18 @@ class _Recorder:
 
 # -- status / watch -------------------------------------------------------------------------------
 def cmd_status(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    store = _deps(settings).store
+    """One package (by blob name or key name) or all; a package still waiting says so."""
+    settings = _settings(args, require_hsm=False)
+    store = _store(settings)
     if args.name:
-        doc = store.status_by_name(args.name)
+        blob_name = args.name if args.name.endswith(".byok") else f"{args.name}.byok"
+        doc = store.status_by_name(blob_name)
         if doc is None:
-            print(f"byok: no status for {args.name}", file=sys.stderr)
-            return EXIT_FAILED
+            if blob_name in store.list_incoming():
+                _out(args, {"blob_name": blob_name, "state": "waiting"},
+                     f"{blob_name}: waiting in {settings.incoming_container} (not delivered yet)")  # fmt: skip
+                return EXIT_OK
+            raise Rejected("not_found", f"no package named {blob_name} (status or incoming)")
         docs = [doc]
     else:
         docs = list(store.iter_statuses(args.state))
@@ -388,6 +423,13 @@ def _sdk_failure(exc: Exception, what: str) -> int:
 
 
 # -- parser ---------------------------------------------------------------------------------------
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--hsm-url", help="Managed HSM URL (default: $BYOK_HSM_URL)")
@@ -409,13 +451,13 @@ def build_parser() -> argparse.ArgumentParser:
         "create", parents=[common], help="create an import-only RSA-HSM KEK; prints its kid"
     )
     kc.add_argument("--name", required=True, help="key name (1-127 of 0-9 a-z A-Z -)")
-    kc.add_argument("--size", type=int, choices=[2048, 3072, 4096], default=4096)
     kc.add_argument(
-        "--expires-days",
-        type=int,
-        metavar="N",
-        help="KEK expiry N days from now (recommended: short)",
+        "--size", type=int, choices=[2048, 3072, 4096], default=4096, help="RSA size (default 4096)"
     )
+    kc.add_argument("--expires-days", type=_positive, metavar="N",
+                    help="KEK expires N (>= 1) days from now; recommended: short (default: no expiry)")  # fmt: skip
+    kc.add_argument("--new-version", action="store_true",
+                    help="add a version to an existing key of that name (default: refuse)")  # fmt: skip
     kd = kek_sub.add_parser(
         "download", parents=[common], help="write the KEK public PEM; print kid and SPKI SHA-256"
     )
@@ -441,7 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="validate, import and verify directly (no storage); safe to repeat")  # fmt: skip
     im.add_argument("package", metavar="NAME.byok")
     im.add_argument("--manifest", help="its manifest (default: NAME.manifest.json beside it)")
-    im.add_argument("--no-manifest", action="store_true")
+    im.add_argument(
+        "--no-manifest", action="store_true", help="do not pick up a manifest beside it"
+    )
     im.add_argument("--name", help="key name (default: NAME from the file name)")
     im.add_argument(
         "--tag",
@@ -459,8 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
         "watch", parents=[common], help="local runner: deliver dropped packages like Event Grid"
     )
     wa.add_argument("--once", action="store_true", help="process what is there, then exit")
-    wa.add_argument("--interval", type=float, default=2.0, help="seconds between polls")
-    wa.add_argument("--workers", type=int, default=1, help="concurrent deliveries")
+    wa.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default 2)")
+    wa.add_argument(
+        "--workers", type=_positive, default=1, help="concurrent deliveries (default 1)"
+    )
 
     dev = sub.add_parser("dev", help="start/stop a local stack (Azurite + Managed HSM emulator)")
     dev_sub = dev.add_subparsers(dest="dev_command", required=True)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable
 from datetime import datetime
 
 from offline_packager.keytypes import TARGET_TYPES
 from offline_packager.target_keys import Fingerprint
 
+from .errors import Rejected
 from .keyvault import TAG_KEK_KID, TAG_PACKAGE_SHA256, HsmAdapter, ImportedKey
 from .metadata import ImportOptions
 from .settings import Settings
@@ -33,6 +35,15 @@ def validate(
     _, kid = read_package(data, settings)
     facts = hsm.get_kek(kid, request_id=request_id)
     kek = check_kek_facts(facts, clock())
+    if options.kek_spki_sha256 and not hmac.compare_digest(
+        options.kek_spki_sha256, kek.fingerprint
+    ):
+        raise Rejected(
+            "kek_mismatch",
+            f"the manifest says the package was wrapped under a KEK with SPKI SHA-256 "
+            f"{options.kek_spki_sha256}, but {kid.kid} has {kek.fingerprint}: re-wrap with the KEK "
+            "downloaded from this HSM (check --kek-sha256)",
+        )
     return check_against_kek(data, kek, kid, options, settings)
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import shlex
 import signal
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,11 @@ def up(directory: Path) -> dict[str, Any]:
 
 
 def write_env_file(path: Path, env: Mapping[str, str]) -> None:
+    """Settings for ``source``, with this virtualenv's ``bin`` (byok, byok-package) on PATH."""
     lines = ["# written by `byok dev up`; use: source " + shlex.quote(str(path))]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    bin_dir = shlex.quote(str(Path(sys.executable).parent))
+    lines.append(f'case ":$PATH:" in *:{bin_dir}:*) ;; *) export PATH={bin_dir}:"$PATH" ;; esac')
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o600)
 

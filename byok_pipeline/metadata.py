@@ -22,9 +22,10 @@ META_FINGERPRINT = "byok_fingerprint"
 META_PACKAGE_SHA256 = "byok_package_sha256"
 META_MANIFEST_SHA256 = "byok_manifest_sha256"
 META_UPLOADER = "byok_uploader"
+META_KEK_SHA256 = "byok_kek_sha256"
 KNOWN = frozenset(
     {META_TARGET_TYPE, META_KEY_OPS, META_TAGS, META_FINGERPRINT, META_PACKAGE_SHA256,
-     META_MANIFEST_SHA256, META_UPLOADER}
+     META_MANIFEST_SHA256, META_UPLOADER, META_KEK_SHA256}
 )  # fmt: skip
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _KCV = re.compile(r"^[0-9A-F]{6}$")
@@ -43,6 +44,7 @@ class ImportOptions:
     package_sha256: str | None = None
     manifest_sha256: str | None = None
     uploader: str | None = None
+    kek_spki_sha256: str | None = None  # the KEK the manifest says the package was wrapped under
 
     def to_metadata(self) -> dict[str, str]:
         """The blob metadata that carries these options."""
@@ -61,6 +63,8 @@ class ImportOptions:
             meta[META_MANIFEST_SHA256] = self.manifest_sha256
         if self.uploader:
             meta[META_UPLOADER] = self.uploader
+        if self.kek_spki_sha256:
+            meta[META_KEK_SHA256] = self.kek_spki_sha256
         return meta
 
 
@@ -130,7 +134,7 @@ def parse_metadata(meta: Mapping[str, str]) -> ImportOptions:
             bad = [o for o in key_ops if o not in target.allowed_key_ops]
             if bad:
                 raise _bad(f"key ops {shown(bad)} not allowed for {target.name}")
-    for name in (META_PACKAGE_SHA256, META_MANIFEST_SHA256):
+    for name in (META_PACKAGE_SHA256, META_MANIFEST_SHA256, META_KEK_SHA256):
         if name in lower and not _HEX64.match(lower[name]):
             raise _bad(f"{name} must be 64 lower-case hex digits")
     fingerprint = parse_fingerprint(lower[META_FINGERPRINT]) if META_FINGERPRINT in lower else None
@@ -149,6 +153,7 @@ def parse_metadata(meta: Mapping[str, str]) -> ImportOptions:
         package_sha256=lower.get(META_PACKAGE_SHA256),
         manifest_sha256=lower.get(META_MANIFEST_SHA256),
         uploader=uploader,
+        kek_spki_sha256=lower.get(META_KEK_SHA256),
     )
 
 
@@ -167,6 +172,7 @@ def options_from_manifest(
         META_KEY_OPS: ",".join(target.get("key_ops") or []),
         META_FINGERPRINT: f"{fp.get('kind')}:{fp.get('value')}",
         META_PACKAGE_SHA256: str(manifest.get("package", {}).get("sha256", "")),
+        META_KEK_SHA256: str(manifest.get("kek", {}).get("spki_sha256", "")),
     }
     if manifest_sha256:
         meta[META_MANIFEST_SHA256] = manifest_sha256

@@ -54,6 +54,8 @@ SETTINGS_DOC: dict[str, str] = {
     "BYOK_ALLOWED_TARGET_TYPES": "Comma list of target types (rsa-3072, oct-256, ...); empty allows any",
     "AZURE_CLIENT_ID": "Client id of the user-assigned managed identity (Azure)",
     "APPLICATIONINSIGHTS_CONNECTION_STRING": "Enables export of telemetry to Application Insights",
+    "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": "Authorization=AAD;ClientId=<identity client id>: "
+    "Entra ID ingestion (the Bicep sets it; local auth is off on the component)",
     "BYOK_HSM_CA_BUNDLE": "CA file to trust for the HSM endpoint (local emulator only)",
     "BYOK_HSM_EMULATOR_DIR": "Emulator data dir: use its credential (local runner only)",
 }
@@ -113,8 +115,15 @@ class Settings:
         return parts.netloc.lower()
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: str | None) -> Settings:
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        require_hsm: bool = True,
+        **overrides: str | None,
+    ) -> Settings:
         """Read settings from ``env`` (default ``os.environ``); ``overrides`` win when not None.
+        ``require_hsm=False`` serves storage-only commands (status, upload, audit).
 
         Raises:
             ConfigError: a required setting is missing or a value is invalid.
@@ -123,7 +132,9 @@ class Settings:
         merged.update({k: v for k, v in overrides.items() if v is not None})
         hsm_url = (merged.get("BYOK_HSM_URL") or "").rstrip("/")
         parts = urlsplit(hsm_url)
-        if parts.scheme != "https" or not parts.netloc or parts.path not in ("", "/"):
+        if (require_hsm or hsm_url) and (
+            parts.scheme != "https" or not parts.netloc or parts.path not in ("", "/")
+        ):
             raise ConfigError("BYOK_HSM_URL must be set to https://<name>.managedhsm.azure.net")
         bad_types = _csv(merged.get("BYOK_ALLOWED_TARGET_TYPES")) - TARGET_TYPES.keys()
         if bad_types:

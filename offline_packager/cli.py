@@ -80,6 +80,10 @@ def _load_kek(args: argparse.Namespace) -> Kek:
     kek = load_kek_pem(_read_file(args.kek, "KEK file", limit=64 * 1024))
     if args.kek_sha256:
         verify_fingerprint(kek, args.kek_sha256)
+    else:
+        print(f"{TOOL_NAME}: warning: no --kek-sha256: the KEK file was not checked against the "
+              f"fingerprint shown on the connected side (this file: {kek.fingerprint})",
+              file=sys.stderr)  # fmt: skip
     return kek
 
 

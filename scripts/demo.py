@@ -27,7 +27,7 @@ def banner(text: str) -> None:
 
 def run(args: list[str], env: dict[str, str], *, capture: bool = False) -> str:
     shown = " ".join(shlex.quote(a) for a in args)
-    print(f"$ {shown}", flush=True)
+    print(f"$ {shown}" + ("   # JSON output read by the demo" if capture else ""), flush=True)
     proc = subprocess.run(args, env=env, text=True, capture_output=capture, check=False)
     if capture:
         sys.stdout.write(proc.stderr)

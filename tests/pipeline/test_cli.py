@@ -54,6 +54,12 @@ def test_ceremony_through_the_cli(
         capsys, "kek", "create", "--name", "cli-kek", "--size", "2048", "--expires-days", "3"
     )
     assert created["key_ops"] == ["import"]
+    # a second create of the same name is refused unless a new version is asked for
+    assert main(["kek", "create", "--name", "cli-kek", "--size", "2048"]) == 2
+    assert "[kek_exists]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["kek", "create", "--name", "x", "--expires-days", "0"])
+    capsys.readouterr()
     kek_pem = tmp_path / "kek.pem"
     info = run_json(capsys, "kek", "download", "--kid", created["kid"], "--out", str(kek_pem))
     assert info["kid"] == created["kid"]
@@ -72,6 +78,8 @@ def test_ceremony_through_the_cli(
     # a second upload of the same name while it waits is refused
     run_json(capsys, "upload", str(out), expect=2)
 
+    waiting = run_json(capsys, "status", "cli-rsa")  # by key name, before delivery
+    assert waiting == {"blob_name": "cli-rsa.byok", "state": "waiting"}
     assert main(["watch", "--once"]) == 0
     capsys.readouterr()
     status = run_json(capsys, "status", "cli-rsa.byok")
@@ -89,6 +97,8 @@ def test_ceremony_through_the_cli(
     audit = [json.loads(line) for line in (stack.tmp / "audit.jsonl").read_text().splitlines()]
     names = [e["event"] for e in audit]
     assert names[:2] == ["byok.kek.created", "byok.kek.downloaded"]
+    assert audit[1]["key_name"] == "cli-kek"
+    assert run_json(capsys, "status", "nothing-here", expect=2)["reason"] == "not_found"
     assert "byok.imported" in names
 
 
@@ -129,8 +139,11 @@ def test_missing_settings_fail_clearly(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.delenv("BYOK_HSM_URL", raising=False)
-    assert main(["status"]) == 1
-    assert "BYOK_HSM_URL" in capsys.readouterr().err
+    monkeypatch.delenv("BYOK_STORAGE", raising=False)
+    assert main(["watch", "--once"]) == 1  # needs the HSM
+    assert "[config_error]: BYOK_HSM_URL" in capsys.readouterr().err
+    assert main(["status"]) == 1  # needs only storage
+    assert "[config_error]: set BYOK_STORAGE" in capsys.readouterr().err
 
 
 def test_reasons_and_help(capsys: pytest.CaptureFixture[str]) -> None:

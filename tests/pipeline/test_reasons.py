@@ -91,6 +91,12 @@ def _other_fingerprint(stack: Stack) -> tuple[str, bytes, dict[str, str]]:
     return "fp.byok", data, meta
 
 
+def _other_kek_fingerprint(stack: Stack) -> tuple[str, bytes, dict[str, str]]:
+    data, meta = _pkg(stack)
+    meta["byok_kek_sha256"] = "ab" * 32  # the manifest names another KEK than the HSM's
+    return "k.byok", data, meta
+
+
 def _future(days: int) -> datetime:
     return datetime.now(UTC) + timedelta(days=days)
 
@@ -119,6 +125,7 @@ CASES: dict[str, Case] = {
     "kek_not_yet_valid": Case(lambda s: ("k.byok", _with_kid(s, _kek(s, f"kek-nbf-{secrets.token_hex(3)}", not_before=_future(2))), {})),
     "kek_expired": Case(lambda s: ("k.byok", _with_kid(s, _expired_kek(s)), {})),
     "kek_not_rsa": Case(lambda s: ("k.byok", _with_kid(s, _ec_kek(s)), {})),
+    "kek_mismatch": Case(_other_kek_fingerprint),
     "kek_not_import_only": Case(lambda s: ("k.byok", _with_kid(s, _kek(s, f"kek-wrap-{secrets.token_hex(3)}", key_operations=["wrapKey", "unwrapKey"])), {})),
     "ciphertext_length_mismatch": Case(lambda s: ("k.byok", _with_ct(_pkg(s)[0], lambda c: c[:-1]), {})),
     "rsa_block_out_of_range": Case(lambda s: ("k.byok", _with_ct(_pkg(s)[0], lambda c: b"\xff" * 384 + c[384:]), {})),

@@ -13,6 +13,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from offline_packager.kek import spki_sha256
+
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 TOKEN_LABEL = "byok-test"
 USER_PIN = "4711-user"
@@ -59,6 +61,8 @@ def wrap_args(softhsm: SoftHsm, kek: KekFiles, out: Path, *extra: str) -> list[s
         str(kek.pem),
         "--kek-kid",
         KEK_KID,
+        "--kek-sha256",  # as a custodian does: the fingerprint read out on the connected side
+        spki_sha256(kek.private_key.public_key()),
         "--pkcs11-module",
         softhsm.module,
         "--token-label",
