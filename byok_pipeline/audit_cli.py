@@ -1,7 +1,9 @@
 """``byok audit verify`` and ``byok audit export``: check and read the tamper-evident trail.
 
-``verify [--from DATE] [--to DATE] [--json]`` re-reads the hash chain (UTC days, inclusive)
-and reports the first broken link: exit 0 intact, 2 broken, 1 failure (storage, settings).
+``verify [--from DATE] [--to DATE] [--expect-head SEQ:SHA256] [--json]`` re-reads the hash
+chain (UTC days, inclusive) and reports the first broken link: exit 0 intact, 2 broken, 1
+failure (storage, settings). ``--expect-head`` pins the head from outside the storage account
+(Application Insights): a trail cut below that record, or rewritten, is broken.
 ``export --key NAME | --package SHA256 [--format json|csv]`` prints the complete history of one
 key or one package from the trail, after verifying the chain it read (exit 2 if broken, the
 history is printed all the same). Only storage is needed: ``BYOK_STORAGE`` (or
@@ -25,6 +27,7 @@ from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_BROKEN = 0, 1, 2
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_HEAD = re.compile(r"^([1-9][0-9]*):([0-9a-fA-F]{64})$")
 #: CSV columns, in this order; fields outside the list follow, sorted.
 CSV_COLUMNS = (
     "sequence", "recorded", "time", "event", "state", "key_name", "blob_name", "package_sha256",
@@ -48,6 +51,15 @@ def _sha256(text: str) -> str:
     return text.lower()
 
 
+def _expected_head(text: str) -> tuple[int, str]:
+    match = _HEAD.match(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"not SEQUENCE:RECORD_SHA256 (a positive integer, a colon, 64 hex digits): {text!r}"
+        )
+    return int(match[1]), match[2].lower()
+
+
 def add_audit_parser(subparsers: Any, common_parent: argparse.ArgumentParser) -> None:
     """Add ``audit verify`` and ``audit export`` to the ``byok`` parser.
 
@@ -69,8 +81,12 @@ def add_audit_parser(subparsers: Any, common_parent: argparse.ArgumentParser) ->
         sub.add_argument("--from", dest="from_day", type=_day, metavar="DATE",
                          help="first UTC day, YYYY-MM-DD (default: the start of the trail)")  # fmt: skip
         sub.add_argument("--to", dest="to_day", type=_day, metavar="DATE",
-                         help="last UTC day, YYYY-MM-DD (default: today)")  # fmt: skip
+                         help="last UTC day, YYYY-MM-DD (default: no limit, the end of the trail)")  # fmt: skip
         sub.add_argument("--container", help="audit container (default: $BYOK_AUDIT_CONTAINER)")
+    ver.add_argument("--expect-head", type=_expected_head, metavar="SEQ:SHA256",
+                     help="the record_sha256 of sequence SEQ as recorded elsewhere (Application "
+                          "Insights): broken (exit 2) if the trail ends before SEQ or holds a "
+                          "different record there")  # fmt: skip
     which = export.add_mutually_exclusive_group(required=True)
     which.add_argument("--key", metavar="NAME", help="the key name")
     which.add_argument("--package", metavar="SHA256", type=_sha256, help="the package SHA-256")
@@ -106,12 +122,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from .errors import TransientError
     from .transient import as_transient
 
+    expect = getattr(args, "expect_head", None)
     if args.from_day and args.to_day and args.from_day > args.to_day:
-        print("byok: --from is after --to", file=sys.stderr)
-        return EXIT_FAILED
+        return _usage_error(args, "--from is after --to")
+    if expect is not None and args.to_day is not None:
+        return _usage_error(args, "--expect-head checks the end of the trail: drop --to")
     try:
         reader = _reader(args)
-        report, lines = reader.verify(args.from_day, args.to_day)
+        report, lines = reader.verify(args.from_day, args.to_day, expect_head=expect)
     except AzureError as exc:
         raise as_transient(exc, "reading the audit trail") or TransientError(
             f"reading the audit trail: {type(exc).__name__} {getattr(exc, 'error_code', '') or ''}",
@@ -122,18 +140,31 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return _print_export(args, report, lines)
 
 
+def _usage_error(args: argparse.Namespace, message: str) -> int:
+    print(f"byok: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"status": "failed", "reason": "usage", "message": message}))
+    return EXIT_FAILED
+
+
 def _print_verify(args: argparse.Namespace, report: Any) -> int:
     result = report.to_dict()
+    expected = report.expected_head
+    undecided = report.ok and expected is not None and expected["found"] is None
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     elif report.ok:
         head = report.head
         print(f"audit trail intact: {report.records} records in {len(report.blobs)} blob(s)"
-              + (f", head sequence {head['sequence']} sha256 {head['record_sha256']}" if head else ""))  # fmt: skip
+              + (f", head sequence {head['sequence']} sha256 {head['record_sha256']}" if head else "")
+              + (f"; expected head: {expected['detail']}" if expected else ""))  # fmt: skip
     else:
         b = report.broken
         print(f"audit trail BROKEN at {b.blob} line {b.line} (sequence {b.sequence}, expected "
               f"{b.expected_sequence}): {b.kind}: {b.detail}")  # fmt: skip
+    if undecided:  # the range read cannot tell: not a verdict
+        print(f"byok: --expect-head not checked: {expected['detail']}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK if report.ok else EXIT_BROKEN
 
 
@@ -208,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_audit(args)
     except PipelineError as exc:
         print(f"byok: failed [{exc.reason}]: {exc.message}", file=sys.stderr)
+        if args.json:  # as ``byok``'s own commands do: the error on stdout, as JSON
+            print(json.dumps({"status": "failed", "reason": exc.reason, "message": exc.message}))
         return EXIT_FAILED
 
 

@@ -279,9 +279,10 @@ def emit_or_retry(audit: AuditSink, event: dict[str, object]) -> None:
     """
     try:
         audit.emit(event)
-    except TransientError as exc:
+    except TransientError as exc:  # keep the trail's own reason (e.g. audit_trail_broken)
         raise TransientError(f"audit append failed: {exc.message}", retry_after=exc.retry_after,
-                             reason="audit_failed") from None  # fmt: skip
+                             reason=exc.reason if exc.reason.startswith("audit") else "audit_failed",
+                             ) from None  # fmt: skip
     except Exception as exc:  # noqa: BLE001  # any sink failure means the record is not durable
         raise TransientError(
             f"audit append failed: {type(exc).__name__}: {exc}", reason="audit_failed"

@@ -4,7 +4,9 @@
   to Application Insights: audit events land in table ``AppTraces`` (``Message`` is the event
   name, the event's fields are in ``Properties``), spans in ``AppRequests``/``AppDependencies``.
   Spans are sampled at 100 % (``sampling_ratio=1.0``) and log records are never dropped for
-  belonging to an unsampled trace (``enable_trace_based_sampling_for_logs=False``). With
+  belonging to an unsampled trace (``enable_trace_based_sampling_for_logs=False``). The
+  distro lets ``OTEL_TRACES_SAMPLER`` (and ``OTEL_LOGS_EXPORTER=none``) in the environment
+  override that: :func:`azure_monitor_options` warns when they are set. With
   ``APPLICATIONINSIGHTS_AUTHENTICATION_STRING`` (``Authorization=AAD;ClientId=...``) the
   exporter authenticates with that managed identity (Entra ID).
 - Otherwise, when ``BYOK_TELEMETRY_LOG`` is set (or ``BYOK_AUDIT_LOG``: ``telemetry.jsonl``
@@ -16,7 +18,9 @@ first span or audit event calls :func:`configure_once`. Tests install in-memory 
 :func:`install` and undo it with :func:`reset`.
 
 Telemetry is not the audit record (Application Insights can sample or drop): the trail in blob
-storage is. :class:`TelemetryAuditSink` therefore never fails an event.
+storage is. :class:`TelemetryAuditSink` therefore does not fail an event for an exporter's
+error (logged); a programming error (a ``TypeError`` from an OpenTelemetry SDK older than the
+keyword ``Logger.emit`` of 1.38) is raised, so tests see it.
 """
 
 from __future__ import annotations
@@ -44,6 +48,11 @@ SPAN_NAME = "byok.package"
 #: Span attributes copied from the audit events emitted inside a package span.
 SPAN_FIELDS = ("correlation_id", "package_sha256", "key_name", "target_type", "state",
                "reason_code", "imported_kid", "attempt")  # fmt: skip
+#: ``OTEL_TRACES_SAMPLER`` values that keep every span (any other overrides sampling_ratio=1.0).
+_KEEPS_EVERY_SPAN = frozenset({"always_on", "parentbased_always_on"})
+#: What an exporter or the SDK may raise while a log record is emitted (I/O of a synchronous
+#: exporter, a closed stream, a shut-down processor); anything else is a bug and propagates.
+TELEMETRY_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, RuntimeError)
 
 
 @dataclass
@@ -126,11 +135,21 @@ def telemetry_log_path(settings: Settings | None, env: Mapping[str, str]) -> Pat
 def azure_monitor_options(env: Mapping[str, str]) -> dict[str, Any]:
     """Keyword arguments for ``configure_azure_monitor``: no sampling of audit records, the
     pipeline's logger only, and Entra ID authentication as the Function's managed identity.
+    Warns when the environment overrides them (``OTEL_TRACES_SAMPLER``,
+    ``OTEL_LOGS_EXPORTER=none``: the distro reads both from the environment and they win).
 
     ``APPLICATIONINSIGHTS_AUTHENTICATION_STRING`` with a ``ClientId`` is read by the exporter
     itself (so no ``credential`` is passed); with ``Authorization=AAD`` but no ``ClientId``,
     the user-assigned identity of ``AZURE_CLIENT_ID`` is passed explicitly.
     """
+    sampler = env.get("OTEL_TRACES_SAMPLER", "").strip()
+    if sampler and sampler.lower() not in _KEEPS_EVERY_SPAN:
+        log.warning("OTEL_TRACES_SAMPLER=%s is set: azure-monitor-opentelemetry lets it override "
+                    "sampling_ratio=1.0, so package spans may be sampled (audit log records are "
+                    "still sent); unset it to keep every span", sampler)  # fmt: skip
+    if env.get("OTEL_LOGS_EXPORTER", "").strip().lower() == "none":
+        log.warning("OTEL_LOGS_EXPORTER=none is set: audit events are not sent to Application "
+                    "Insights (the trail still records them)")  # fmt: skip
     options: dict[str, Any] = {
         "connection_string": env["APPLICATIONINSIGHTS_CONNECTION_STRING"],
         "sampling_ratio": 1.0,
@@ -303,7 +322,9 @@ def event_attributes(event: Mapping[str, Any]) -> dict[str, str | int | float | 
 class TelemetryAuditSink:
     """Writes each audit event as an OpenTelemetry log record: body = the event name,
     attributes = the event's fields (in Application Insights: ``AppTraces``, ``Message`` and
-    ``Properties.<field>``). Best effort: a telemetry failure is logged, never raised."""
+    ``Properties.<field>``). Best effort: an exporter's failure (:data:`TELEMETRY_ERRORS`) is
+    logged, never raised; anything else (a ``TypeError`` from an SDK without the keyword form
+    of ``Logger.emit``, opentelemetry-sdk < 1.38) is a bug and propagates."""
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings
@@ -323,5 +344,9 @@ class TelemetryAuditSink:
             span = _current.get()
             if span is not None:
                 span.note_event(event)
-        except Exception:  # telemetry must never fail an audited step; the trail is the record
-            log.exception("could not write an audit event to telemetry")
+        except TELEMETRY_ERRORS as exc:  # the trail is the record: an exporter's error is logged
+            log.warning(
+                "could not write audit event %s to telemetry: %s",
+                event.get("event"),
+                type(exc).__name__,
+            )

@@ -131,7 +131,8 @@ def audit_sink(settings: Settings) -> AuditSink:
         raise ConfigError(
             "audit events need the audit trail (BYOK_STORAGE) or a local file (BYOK_AUDIT_LOG)"
         ) from None
-    trail = AuditTrail(service, settings.audit_container)
+    # one append never outlives half the lease of the package it records
+    trail = AuditTrail(service, settings.audit_container, deadline=settings.lease_seconds / 2)
     return TrailAuditSink(trail, then=FanoutAuditSink(*after))
 
 

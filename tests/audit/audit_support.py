@@ -127,6 +127,88 @@ def tamper(
     client.append_block(data)
 
 
+AppendFault = Callable[[Any, bytes, dict[str, Any]], Any]
+
+
+class SpyContainer:
+    """Stands in for a trail writer's ``ContainerClient``: records which blob methods were
+    called, and hands ``append_block`` calls whose data ``when`` accepts to ``fault`` (given
+    the real blob client, the data and the keywords) while ``faults`` lasts."""
+
+    def __init__(self, inner: Any, *, when: Callable[[bytes], bool] = lambda _: False,
+                 fault: AppendFault | None = None, faults: int = 0) -> None:  # fmt: skip
+        self.inner = inner
+        self.when = when
+        self.fault = fault
+        self.faults = faults
+        self.calls: list[tuple[str, str]] = []  # (method, blob name)
+
+    def get_blob_client(self, name: str) -> _SpyBlob:
+        return _SpyBlob(self, self.inner.get_blob_client(name), name)
+
+    def list_blobs(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(("list_blobs", ""))
+        return self.inner.list_blobs(*args, **kwargs)
+
+
+class _SpyBlob:
+    def __init__(self, owner: SpyContainer, inner: Any, name: str) -> None:
+        self._owner = owner
+        self._inner = inner
+        self._name = name
+
+    def append_block(self, data: bytes, **kwargs: Any) -> Any:
+        owner = self._owner
+        owner.calls.append(("append_block", self._name))
+        if owner.fault is not None and owner.faults > 0 and owner.when(data):
+            owner.faults -= 1
+            return owner.fault(self._inner, data, kwargs)
+        return self._inner.append_block(data, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._inner, name)
+
+        def spied(*args: Any, **kwargs: Any) -> Any:
+            self._owner.calls.append((name, self._name))
+            return method(*args, **kwargs)
+
+        return spied
+
+
+def neutral_distro_env(monkeypatch: Any) -> None:
+    """Make the environment azure-monitor-opentelemetry reads neutral (restored afterwards)."""
+    for name in ("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG", "OTEL_LOGS_EXPORTER",
+                 "OTEL_TRACES_EXPORTER", "PYTHON_APPLICATIONINSIGHTS_LOGGER_NAME"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    # the distro sets this default in os.environ; "otel" keeps cloud detectors (IMDS) off
+    monkeypatch.setenv("OTEL_EXPERIMENTAL_RESOURCE_DETECTORS", "otel")
+
+
+def resolved(options: Mapping[str, Any]) -> dict[str, Any]:
+    """What azure-monitor-opentelemetry makes of ``options`` (its own option resolution)."""
+    from azure.monitor.opentelemetry._utils.configurations import _get_configurations
+
+    conf: dict[str, Any] = _get_configurations(**options)
+    return conf
+
+
+def sampler_built(conf: Mapping[str, Any]) -> tuple[str, object]:
+    """The sampler the distro's ``_setup_tracing`` builds from resolved options (its order:
+    an OTEL_TRACES_SAMPLER choice, else sampling_ratio, else the rate-limited default)."""
+    from azure.monitor.opentelemetry._constants import (
+        SAMPLER_TYPE,
+        SAMPLING_ARG,
+        SAMPLING_RATIO_ARG,
+        SAMPLING_TRACES_PER_SECOND_ARG,
+    )
+
+    if SAMPLING_ARG in conf:
+        return str(conf[SAMPLER_TYPE]), conf[SAMPLING_ARG]
+    if SAMPLING_RATIO_ARG in conf:
+        return "application_insights_ratio", conf[SAMPLING_RATIO_ARG]
+    return "rate_limited", conf[SAMPLING_TRACES_PER_SECOND_ARG]
+
+
 def secret_forms(secret: bytes) -> dict[str, bytes]:
     """Encodings under which a secret could leak: raw, hex, base64 and base64url at each of
     the three alignments (the last group dropped: it depends on what follows)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from audit_support import sample_event, schema_errors
+from audit_support import neutral_distro_env, resolved, sample_event, sampler_built, schema_errors
 
 from byok_pipeline import telemetry
 from byok_pipeline.audit import cli_event
@@ -185,6 +185,7 @@ def test_configure_once_uses_azure_monitor_with_a_connection_string(
 ) -> None:
     import azure.monitor.opentelemetry as distro
 
+    neutral_distro_env(monkeypatch)
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(distro, "configure_azure_monitor", lambda **kw: calls.append(kw))
     env = {"APPLICATIONINSIGHTS_CONNECTION_STRING": "InstrumentationKey=x"}
@@ -193,7 +194,11 @@ def test_configure_once_uses_azure_monitor_with_a_connection_string(
     assert first is again
     assert first.exporter == "azure-monitor"
     assert len(calls) == 1
-    assert calls[0]["sampling_ratio"] == 1.0
+    # what the distro itself makes of the options passed (a misspelled option would not count)
+    conf = resolved(calls[0])
+    assert sampler_built(conf) == ("application_insights_ratio", 1.0)
+    assert conf["enable_trace_based_sampling_for_logs"] is False
+    assert conf["logger_name"] == "byok_pipeline"
 
 
 def test_without_app_insights_a_local_exporter_writes_json_lines(

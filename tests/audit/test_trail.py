@@ -165,7 +165,7 @@ def test_an_append_that_keeps_failing_raises_transient_never_skips(
     trail = AuditTrail(service, container, max_attempts=3, sleep=lambda _: None)
     attempts: list[int] = []
 
-    def always_conflict(self: AuditTrail, head: Any, line: bytes) -> None:
+    def always_conflict(self: AuditTrail, *args: Any, **kwargs: Any) -> None:
         attempts.append(1)
         raise audit_trail._Conflict("another writer appended first")
 
