@@ -22,21 +22,9 @@ from byok_pipeline import telemetry
 from byok_pipeline.audit import FanoutAuditSink
 from byok_pipeline.azurite import Azurite
 from byok_pipeline.wiring import audit_sink
-from managed_hsm_emulator.testing import EmulatorHandle, running_emulator
+from managed_hsm_emulator.testing import EmulatorHandle
 
 _COUNTER = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
-    with Azurite.start(tmp_path_factory.mktemp("azurite")) as az:
-        yield az
-
-
-@pytest.fixture(scope="session")
-def hsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorHandle]:
-    with running_emulator(tmp_path_factory.mktemp("hsm") / "data") as handle:
-        yield handle
 
 
 @pytest.fixture(scope="session")

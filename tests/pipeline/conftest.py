@@ -12,21 +12,9 @@ from azure.storage.blob import BlobServiceClient
 from pipeline_support import Stack
 
 from byok_pipeline.azurite import Azurite
-from managed_hsm_emulator.testing import EmulatorHandle, running_emulator
+from managed_hsm_emulator.testing import EmulatorHandle
 
 _COUNTER = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
-    with Azurite.start(tmp_path_factory.mktemp("azurite")) as az:
-        yield az
-
-
-@pytest.fixture(scope="session")
-def hsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorHandle]:
-    with running_emulator(tmp_path_factory.mktemp("hsm") / "data") as handle:
-        yield handle
 
 
 @pytest.fixture(scope="session")
