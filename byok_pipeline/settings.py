@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from offline_packager.keytypes import TARGET_TYPES
@@ -61,27 +62,27 @@ SETTINGS_DOC: dict[str, str] = {
 }
 
 
+N = TypeVar("N", int, float)
+
+
 def _csv(value: str | None) -> frozenset[str]:
     return frozenset(v.strip() for v in (value or "").split(",") if v.strip())
 
 
-def _int(env: Mapping[str, str], name: str, low: int, high: int) -> int:
-    raw = env.get(name) or DEFAULTS[name]
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, not {raw!r}") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be between {low} and {high}")
-    return value
+def _number(env: Mapping[str, str], name: str, low: N, high: N) -> N:
+    """``name`` as a number of the bounds' type, within [low, high].
 
-
-def _float(env: Mapping[str, str], name: str, low: float, high: float) -> float:
+    Raises:
+        ConfigError: not a number of that type, or out of range.
+    """
     raw = env.get(name) or DEFAULTS[name]
+    kind = type(low)
     try:
-        value = float(raw)
+        value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a number, not {raw!r}") from None
+        raise ConfigError(
+            f"{name} must be {'an integer' if kind is int else 'a number'}, not {raw!r}"
+        ) from None
     if not low <= value <= high:
         raise ConfigError(f"{name} must be between {low} and {high}")
     return value
@@ -150,12 +151,12 @@ class Settings:
             quarantine_container=merged.get("BYOK_QUARANTINE_CONTAINER")
             or DEFAULTS["BYOK_QUARANTINE_CONTAINER"],
             audit_container=merged.get("BYOK_AUDIT_CONTAINER") or DEFAULTS["BYOK_AUDIT_CONTAINER"],
-            max_package_bytes=_int(merged, "BYOK_MAX_PACKAGE_BYTES", 1024, 1024 * 1024),
-            max_attempts=_int(merged, "BYOK_MAX_ATTEMPTS", 1, 100),
-            retry_total=_int(merged, "BYOK_RETRY_TOTAL", 0, 20),
-            retry_backoff=_float(merged, "BYOK_RETRY_BACKOFF_SECONDS", 0.0, 60.0),
-            retry_backoff_max=_float(merged, "BYOK_RETRY_BACKOFF_MAX_SECONDS", 0.0, 600.0),
-            lease_seconds=_int(merged, "BYOK_LEASE_SECONDS", 15, 60),
+            max_package_bytes=_number(merged, "BYOK_MAX_PACKAGE_BYTES", 1024, 1024 * 1024),
+            max_attempts=_number(merged, "BYOK_MAX_ATTEMPTS", 1, 100),
+            retry_total=_number(merged, "BYOK_RETRY_TOTAL", 0, 20),
+            retry_backoff=_number(merged, "BYOK_RETRY_BACKOFF_SECONDS", 0.0, 60.0),
+            retry_backoff_max=_number(merged, "BYOK_RETRY_BACKOFF_MAX_SECONDS", 0.0, 600.0),
+            lease_seconds=_number(merged, "BYOK_LEASE_SECONDS", 15, 60),
             allowed_kek_names=_csv(merged.get("BYOK_ALLOWED_KEK_NAMES")),
             allowed_target_types=_csv(merged.get("BYOK_ALLOWED_TARGET_TYPES")),
             kek_kid=merged.get("BYOK_KEK_KID") or None,

@@ -1,0 +1,45 @@
+"""Settings: read from the environment on demand, validated, with clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from byok_pipeline.errors import ConfigError
+from byok_pipeline.settings import DEFAULTS, Settings
+
+HSM = {"BYOK_HSM_URL": "https://contoso.managedhsm.azure.net/"}
+
+
+def test_defaults_and_overrides() -> None:
+    s = Settings.from_env(
+        {**HSM, "BYOK_RETRY_BACKOFF_SECONDS": "0.25", "BYOK_ALLOWED_KEK_NAMES": "a, b,"}
+    )
+    assert s.hsm_url == "https://contoso.managedhsm.azure.net"
+    assert s.hsm_host == "contoso.managedhsm.azure.net"
+    assert s.max_package_bytes == int(DEFAULTS["BYOK_MAX_PACKAGE_BYTES"])
+    assert s.retry_backoff == 0.25
+    assert s.allowed_kek_names == frozenset({"a", "b"})
+    assert Settings.from_env(HSM, BYOK_INCOMING_CONTAINER="other").incoming_container == "other"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "BYOK_HSM_URL must be set"),
+        ({"BYOK_HSM_URL": "http://contoso.managedhsm.azure.net"}, "BYOK_HSM_URL must be set"),
+        ({"BYOK_HSM_URL": "https://contoso.managedhsm.azure.net/keys"}, "BYOK_HSM_URL must be set"),
+        ({**HSM, "BYOK_LEASE_SECONDS": "2.5"}, "must be an integer"),
+        ({**HSM, "BYOK_LEASE_SECONDS": "61"}, "between 15 and 60"),
+        ({**HSM, "BYOK_RETRY_BACKOFF_SECONDS": "soon"}, "must be a number"),
+        ({**HSM, "BYOK_ALLOWED_TARGET_TYPES": "rsa-1024"}, "unknown type"),
+    ],
+)
+def test_invalid_settings_are_refused_clearly(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(env)
+
+
+def test_storage_only_commands_need_no_hsm() -> None:
+    assert Settings.from_env({}, require_hsm=False).hsm_url == ""
+    with pytest.raises(ConfigError):
+        Settings.from_env({"BYOK_HSM_URL": "not a url"}, require_hsm=False)
