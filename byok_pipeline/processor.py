@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -130,6 +131,7 @@ class _Run:
         self.path = path
         self.doc = doc
         self.lease = lease
+        self._attempt_noted = float("-inf")  # monotonic time the last import attempt was saved
 
     # -- recording --------------------------------------------------------------------------
     def save(self, *, renew: bool = False) -> None:
@@ -145,21 +147,22 @@ class _Run:
                 emit_or_retry(self.deps.audit, verified_event(self.doc, self.deps.clock()))
             entry.audited = True
 
-    def record(self, state: str) -> None:
-        """Advance, write the status durably, then audit the change."""
-        if self.doc.advance(state, self.deps.clock()):
-            self.save()
+    def record(self, *states: str, renew: bool = False) -> None:
+        """Advance through ``states``, write the status durably once, then audit each change."""
+        now = self.deps.clock()
+        if [state for state in states if self.doc.advance(state, now)]:
+            self.save(renew=renew)
             self.flush_audit()
 
     def finish(self, state: str, *, reason: str | None = None, message: str | None = None) -> None:
         self.doc.reason_code = reason
         self.doc.message = message
         self.record(state)
-        self.save()  # persist the audited marks
+        self.doc.disposition = self._destination()[2]
+        self.save()  # persist the audited marks and where the package goes
         self.dispose()
 
-    def dispose(self) -> None:
-        """Move the package out of incoming (status already durable), then note where."""
+    def _destination(self) -> tuple[str, str, str]:
         s = self.deps.settings
         container = s.archive_container if self.doc.state in ARCHIVED else s.quarantine_container
         if self.blob.data is None:
@@ -167,6 +170,11 @@ class _Run:
         else:
             folder = self.doc.key_name or "_invalid-name"
             dest = f"{folder}/{self.doc.package_sha256}.byok"
+        return container, dest, f"{container}/{dest}"
+
+    def dispose(self) -> None:
+        """Move the package out of incoming (status already durable); note it if it stayed."""
+        container, dest, _ = self._destination()
         meta = {"original_name": _ascii(self.blob.name), "state": self.doc.state or "",
                 "correlation_id": self.doc.correlation_id}  # fmt: skip
         where = self.deps.store.dispose(self.blob, container, dest, meta) or (
@@ -207,8 +215,11 @@ class _Run:
             doc.target_type = validated.target_type.name
             doc.target_type_source = "inferred" if validated.target_type_inferred else "stated"
             doc.key_ops = list(validated.key_ops)
-            self.record("validated")
-            self.record("importing")
+            # both states in one write, with the lease renewed and the import attempt noted:
+            # the first PUT follows at once (see _before_put)
+            doc.import_attempt_at = utc(deps.clock())
+            self.record("validated", "importing", renew=True)
+            self._attempt_noted = time.monotonic()
             deps.fault("before_import")
             imported = import_validated(
                 deps.hsm, doc.key_name, data=data, package_sha256=doc.package_sha256,
@@ -217,8 +228,7 @@ class _Run:
             )  # fmt: skip
             deps.fault("after_import")
         assert imported is not None  # noqa: S101  # found, or imported just above
-        doc.imported_kid = imported.kid
-        self.save()  # from here on, any failure must deal with the live version
+        doc.imported_kid = imported.kid  # a crash from here on is recovered by the version's tag
         result = fingerprint_result(deps.hsm, imported, options.fingerprint, doc.target_type,
                                     request_id=doc.correlation_id)  # fmt: skip
         doc.fingerprint_result = result
@@ -231,10 +241,14 @@ class _Run:
             self.finish("imported")
 
     def _before_put(self) -> None:
-        """Right before each import PUT: note the attempt and renew the lease, so the lease
-        outlives the PUT (whose timeouts are bounded by it, see HsmAdapter.import_once)."""
-        self.doc.import_attempt_at = utc(self.deps.clock())
-        self.save(renew=True)
+        """Right before each import PUT: the attempt is noted and the lease renewed, so the lease
+        outlives the PUT (whose timeouts are bounded by it, see HsmAdapter.import_once). The
+        write that recorded ``importing`` did both; it is repeated when more than a second has
+        passed since (a slow look for the tagged version, a retry)."""
+        if time.monotonic() - self._attempt_noted > 1.0:
+            self.doc.import_attempt_at = utc(self.deps.clock())
+            self.save(renew=True)
+            self._attempt_noted = time.monotonic()
         self.deps.fault("before_put")
 
     def import_in_flight(self) -> bool:
