@@ -480,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tag for the imported key version (repeatable, at most 10)")  # fmt: skip
 
     im = sub.add_parser("import", parents=[common],
-                        help="validate, import and verify directly (no storage); safe to repeat")  # fmt: skip
+                        help="validate, import and verify directly, without a blob drop (audited); safe to repeat")  # fmt: skip
     im.add_argument("package", metavar="NAME.byok")
     im.add_argument("--manifest", help="its manifest (default: NAME.manifest.json beside it)")
     im.add_argument(

@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--kek-sha256",
         metavar="HEX",
-        help="expected SHA-256 of the KEK's SPKI (refuse on mismatch)",
+        help="SHA-256 of the KEK's SPKI as shown on the connected side: refuse on mismatch (strongly recommended)",
     )
     src = w.add_mutually_exclusive_group()
     src.add_argument(
