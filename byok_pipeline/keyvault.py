@@ -1,7 +1,8 @@
 """Managed HSM adapter over ``azure-keyvault-keys``. Translates SDK errors into domain errors.
 
-Needs, on the HSM (local RBAC, scope ``/keys``): ``Managed HSM Crypto User`` for get, list
-versions, import, update (disable) and encrypt (the AES check value).
+Needs, on the HSM (local RBAC, scope ``/keys``): the custom role ``BYOK Importer``
+(infra/hsm-roles/byok-importer.json: keys read, import, write to disable a version, encrypt for
+the AES check value), which infra/assign-hsm-roles.sh creates and assigns.
 """
 
 from __future__ import annotations

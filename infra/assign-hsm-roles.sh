@@ -1,43 +1,58 @@
 #!/usr/bin/env bash
 # Assign Managed HSM data-plane (local RBAC) roles for the BYOK pipeline.
 #
-# Managed HSM keeps its data-plane role assignments inside the HSM, not in Azure Resource Manager,
-# so Bicep cannot create them. This script does, with `az keyvault role assignment create`.
-# It is idempotent: an assignment that already exists (same principal, role and scope) is left
-# alone, so it can be run again after every deployment.
+# Managed HSM keeps its data-plane role definitions and assignments inside the HSM, not in Azure
+# Resource Manager, so Bicep cannot create them. This script does, with
+# `az keyvault role definition create` (the custom roles in infra/hsm-roles/*.json) and
+# `az keyvault role assignment create`. It is idempotent: a role definition with the same name,
+# or an assignment with the same principal, role and scope, is left alone, so it can be run
+# again after every deployment.
 set -euo pipefail
 
-readonly DEFAULT_FUNCTION_ROLE="Managed HSM Crypto User"
-readonly DEFAULT_CUSTODIAN_ROLE="Managed HSM Crypto User"
+script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+readonly IMPORTER_ROLE="BYOK Importer"
+readonly IMPORTER_ROLE_FILE="$script_dir/hsm-roles/byok-importer.json"
+readonly CUSTODIAN_ROLE="BYOK KEK Custodian"
+readonly CUSTODIAN_ROLE_FILE="$script_dir/hsm-roles/byok-kek-custodian.json"
+readonly BUILTIN_ROLE="Managed HSM Crypto User"
 
 usage() {
   cat <<'EOF'
 Usage: assign-hsm-roles.sh --hsm-name NAME --function-principal-id OBJECT_ID
-                           [--custodian-object-id OBJECT_ID]... [--kek-name NAME]...
-                           [--function-role ROLE] [--custodian-role ROLE] [--dry-run]
+                           [--custodian-object-id OBJECT_ID --kek-name NAME...]...
+                           [--builtin-role] [--function-role ROLE] [--custodian-role ROLE]
+                           [--dry-run]
 
 Assigns Managed HSM local RBAC roles for the BYOK pipeline:
 
   * the Function's user-assigned identity (output functionPrincipalId of infra/main.bicep)
-    gets ROLE (default "Managed HSM Crypto User") at scope /keys: it imports packages
-    and reads the imported keys back to verify them;
-  * each custodian (user or group object id) who creates and downloads KEKs gets ROLE
-    (default "Managed HSM Crypto User") at scope /keys/<KEK name> for every --kek-name,
-    or at /keys when no --kek-name is given.
+    gets the custom role "BYOK Importer" (infra/hsm-roles/byok-importer.json: key read,
+    import, update and encrypt only) at scope /keys: it imports packages, reads the imported
+    keys back, disables a version that failed verification and computes the AES check value;
+  * each custodian (user or group object id) who creates and downloads KEKs gets the custom
+    role "BYOK KEK Custodian" (infra/hsm-roles/byok-kek-custodian.json: key create and read
+    only) at scope /keys/<KEK name> for every --kek-name. Custodians need --kek-name: the
+    script refuses to give them a role on every key.
+
+The custom role definitions are created first when the HSM does not have them yet.
 
 Options:
   --hsm-name NAME                 Managed HSM name (the part before .managedhsm.azure.net)
   --function-principal-id ID      object id of the Function's managed identity
   --custodian-object-id ID        object id of a KEK custodian (user or group); repeatable
-  --kek-name NAME                 limit custodians to this KEK (scope /keys/NAME); repeatable
-  --function-role ROLE            role for the Function (name or id), e.g. a custom role
-  --custodian-role ROLE           role for the custodians (name or id)
-  --dry-run                       print what would be assigned; call nothing
+  --kek-name NAME                 the custodians' KEK (scope /keys/NAME); repeatable; required
+                                  with --custodian-object-id
+  --builtin-role                  opt in to the built-in "Managed HSM Crypto User" for both
+                                  (every key operation except purge, recover and export);
+                                  no custom role definitions are created
+  --function-role ROLE            an existing role for the Function (name or id) instead
+  --custodian-role ROLE           an existing role for the custodians (name or id) instead
+  --dry-run                       print what would be created and assigned; call nothing
   -h, --help                      show this help
 
 Exit status: 0 done (or nothing to do), 1 an az command failed, 2 bad arguments.
-Needs: Azure CLI, signed in as a principal that may manage role assignments in the HSM
-(e.g. "Managed HSM Administrator" or "Managed HSM Policy Administrator").
+Needs: Azure CLI, signed in as a principal that may manage role definitions and assignments
+in the HSM (e.g. "Managed HSM Administrator").
 EOF
 }
 
@@ -53,8 +68,9 @@ readonly KEY_NAME_RE='^[0-9a-zA-Z-]{1,127}$'
 
 hsm_name=""
 function_principal_id=""
-function_role="$DEFAULT_FUNCTION_ROLE"
-custodian_role="$DEFAULT_CUSTODIAN_ROLE"
+function_role=""
+custodian_role=""
+builtin_role=false
 dry_run=false
 custodians=()
 kek_names=()
@@ -98,6 +114,10 @@ while [[ $# -gt 0 ]]; do
       custodian_role="$2"
       shift 2
       ;;
+    --builtin-role)
+      builtin_role=true
+      shift
+      ;;
     --dry-run)
       dry_run=true
       shift
@@ -123,13 +143,63 @@ done
 for kek in "${kek_names[@]+"${kek_names[@]}"}"; do
   [[ "$kek" =~ $KEY_NAME_RE ]] || die_usage "not a key name: $kek"
 done
-[[ -n "$function_role" ]] || die_usage "--function-role must not be empty"
-[[ -n "$custodian_role" ]] || die_usage "--custodian-role must not be empty"
+if [[ ${#custodians[@]} -gt 0 && ${#kek_names[@]} -eq 0 ]]; then
+  die_usage "--custodian-object-id needs --kek-name: custodians get a role on their KEK only, never on /keys"
+fi
+
+# Which role each side gets, and which custom role definitions must exist first.
+function_role_file=""
+custodian_role_file=""
+if [[ -z "$function_role" ]]; then
+  if [[ "$builtin_role" == true ]]; then
+    function_role="$BUILTIN_ROLE"
+  else
+    function_role="$IMPORTER_ROLE"
+    function_role_file="$IMPORTER_ROLE_FILE"
+  fi
+fi
+if [[ -z "$custodian_role" ]]; then
+  if [[ "$builtin_role" == true ]]; then
+    custodian_role="$BUILTIN_ROLE"
+  else
+    custodian_role="$CUSTODIAN_ROLE"
+    custodian_role_file="$CUSTODIAN_ROLE_FILE"
+  fi
+fi
+for role_file in "$function_role_file" "$custodian_role_file"; do
+  if [[ -n "$role_file" && ! -f "$role_file" ]]; then
+    echo "assign-hsm-roles.sh: role definition file not found: $role_file" >&2
+    exit 1
+  fi
+done
 
 if [[ "$dry_run" == false ]] && ! command -v az >/dev/null 2>&1; then
   echo "assign-hsm-roles.sh: the Azure CLI (az) is not on PATH" >&2
   exit 1
 fi
+
+# ensure_role_definition ROLE_NAME FILE: create the custom role unless the HSM has one by that name.
+ensure_role_definition() {
+  local role="$1" file="$2"
+  if [[ "$dry_run" == true ]]; then
+    echo "would ensure: role definition '$role' from $file in HSM $hsm_name"
+    return 0
+  fi
+  local existing
+  existing="$(az keyvault role definition list \
+    --hsm-name "$hsm_name" \
+    --query "length([?roleName=='$role'])" \
+    --output tsv)"
+  if [[ "$existing" =~ ^[0-9]+$ ]] && [[ "$existing" -gt 0 ]]; then
+    echo "exists:   role definition '$role'"
+    return 0
+  fi
+  az keyvault role definition create \
+    --hsm-name "$hsm_name" \
+    --role-definition "@$file" \
+    --output none
+  echo "created:  role definition '$role'"
+}
 
 # ensure_assignment OBJECT_ID ROLE SCOPE [PRINCIPAL_TYPE]
 ensure_assignment() {
@@ -165,20 +235,20 @@ ensure_assignment() {
   echo "assigned: role '$role' at scope '$scope' for $object_id"
 }
 
-# The Function: import packages, read the imported key back for verification.
+# Custom role definitions first: an assignment needs its role to exist.
+if [[ -n "$function_role_file" ]]; then
+  ensure_role_definition "$function_role" "$function_role_file"
+fi
+if [[ -n "$custodian_role_file" && ${#custodians[@]} -gt 0 ]]; then
+  ensure_role_definition "$custodian_role" "$custodian_role_file"
+fi
+
+# The Function: import packages, read them back, disable a failed version, AES check value.
 ensure_assignment "$function_principal_id" "$function_role" "/keys" "ServicePrincipal"
 
-# Custodians: create and download KEKs. Narrowed to the named KEKs when given.
-custodian_scopes=()
-if [[ ${#kek_names[@]} -gt 0 ]]; then
-  for kek in "${kek_names[@]}"; do
-    custodian_scopes+=("/keys/$kek")
-  done
-else
-  custodian_scopes+=("/keys")
-fi
+# Custodians: create and download their KEKs, and only those.
 for custodian in "${custodians[@]+"${custodians[@]}"}"; do
-  for scope in "${custodian_scopes[@]}"; do
-    ensure_assignment "$custodian" "$custodian_role" "$scope"
+  for kek in "${kek_names[@]}"; do
+    ensure_assignment "$custodian" "$custodian_role" "/keys/$kek"
   done
 done

@@ -43,6 +43,9 @@ param maxAttempts int = 5
 @maxValue(146000)
 param auditRetentionDays int = 365
 
+@description('Set to true once the audit retention policy is locked (infra/README.md, step 6). ARM cannot update a locked policy, so the template then leaves it alone; it stays in force.')
+param auditPolicyLocked bool = false
+
 @description('Days that deleted blobs, deleted containers and old versions are kept.')
 @minValue(7)
 @maxValue(365)
@@ -83,6 +86,12 @@ param uploaderPrincipalIds array = []
 
 @description('Optional: Entra object ids (users or groups) that may read status documents. They get read access to the status container only.')
 param statusReaderPrincipalIds array = []
+
+@description('Optional: Entra object ids (users or groups) of KEK custodians. They may upload to the incoming container, append KEK events to the audit container, read status documents and send audit telemetry.')
+param custodianPrincipalIds array = []
+
+@description('Optional: Entra object ids (users or groups) of auditors. They get read access to the audit and status containers only.')
+param auditorPrincipalIds array = []
 
 @description('Optional: e-mail address that receives alerts for failed imports and failed verifications.')
 param alertEmailAddress string = ''
@@ -136,6 +145,7 @@ module storage 'modules/storage.bicep' = {
     deadletterContainerName: containerNames.deadletter
     deploymentContainerName: containerNames.deployment
     auditRetentionDays: auditRetentionDays
+    auditPolicyLocked: auditPolicyLocked
     softDeleteRetentionDays: softDeleteRetentionDays
     workspaceId: monitoring.outputs.workspaceId
   }
@@ -149,6 +159,7 @@ module functionApp 'modules/functionapp.bicep' = {
     functionAppName: functionAppName
     planName: 'plan-${appName}-${suffix}'
     identityName: 'id-${appName}-${suffix}'
+    deploymentIdentityName: 'id-${appName}-deploy-${suffix}'
     storageAccountName: storage.outputs.storageAccountName
     deploymentContainerName: containerNames.deployment
     appInsightsName: monitoring.outputs.appInsightsName
@@ -175,10 +186,17 @@ module roles 'modules/roles.bicep' = {
     storageAccountName: storage.outputs.storageAccountName
     appInsightsName: monitoring.outputs.appInsightsName
     functionPrincipalId: functionApp.outputs.identityPrincipalId
+    deploymentPrincipalId: functionApp.outputs.deploymentIdentityPrincipalId
     incomingContainerName: containerNames.incoming
     statusContainerName: containerNames.status
+    archiveContainerName: containerNames.archive
+    quarantineContainerName: containerNames.quarantine
+    auditContainerName: containerNames.audit
+    deploymentContainerName: containerNames.deployment
     uploaderPrincipalIds: uploaderPrincipalIds
     statusReaderPrincipalIds: statusReaderPrincipalIds
+    custodianPrincipalIds: custodianPrincipalIds
+    auditorPrincipalIds: auditorPrincipalIds
   }
 }
 
@@ -189,15 +207,25 @@ module eventGrid 'modules/eventgrid.bicep' = {
     tags: tags
     systemTopicName: 'evgt-${appName}-${suffix}'
     storageAccountName: storage.outputs.storageAccountName
-    functionAppName: functionApp.outputs.functionAppName
-    functionName: functionName
-    incomingContainerName: containerNames.incoming
     deadletterContainerName: containerNames.deadletter
-    deployEventSubscription: deployEventSubscription
   }
   dependsOn: [
     roles
   ]
+}
+
+// Second pass only: the subscription reads the blobs_extension key with listKeys(), which exists
+// once the code is published. As a conditional module, pass 1 never evaluates that call.
+module eventSubscription 'modules/eventsubscription.bicep' = if (deployEventSubscription) {
+  name: 'byok-eventsubscription'
+  params: {
+    systemTopicName: eventGrid.outputs.systemTopicName
+    storageAccountName: storage.outputs.storageAccountName
+    functionAppName: functionApp.outputs.functionAppName
+    functionName: functionName
+    incomingContainerName: containerNames.incoming
+    deadletterContainerName: containerNames.deadletter
+  }
 }
 
 module hsmDiagnostics 'modules/hsm-diagnostics.bicep' = {

@@ -1,5 +1,10 @@
 // The BYOK workbook (infra/workbook.json) and the alert rules (infra/queries/*.kql).
-// Both query the pipeline's audit events in table AppTraces of the shared workspace.
+// Both query the shared workspace: the pipeline's audit events in table AppTraces, and the
+// storage account's blob and queue logs (StorageBlobLogs, StorageQueueLogs).
+//
+// Alert windows: every rule runs every 5 minutes over the last 20 minutes, so a record that
+// arrives late (Log Analytics ingestion usually takes a few minutes) is still inside the window;
+// each query keeps only records ingested in the last 5 minutes, so a record alerts once.
 
 param location string
 param tags object
@@ -17,7 +22,9 @@ resource workbook 'Microsoft.Insights/workbooks@2023-06-01' = {
     category: 'workbook'
     version: 'Notebook/1.0'
     sourceId: workspaceId
-    serializedData: loadTextContent('../workbook.json')
+    // fallbackResourceIds in workbook.json: the workspace, so the workbook opened from
+    // Monitor > Workbooks (outside the workspace) queries the right data.
+    serializedData: replace(loadTextContent('../workbook.json'), '__WORKSPACE_ID__', workspaceId)
   }
 }
 
@@ -53,7 +60,7 @@ resource verificationFailedAlert 'Microsoft.Insights/scheduledQueryRules@2021-08
     severity: 1
     enabled: true
     evaluationFrequency: 'PT5M'
-    windowSize: 'PT5M'
+    windowSize: 'PT20M'
     scopes: [
       workspaceId
     ]
@@ -89,7 +96,7 @@ resource failedAlert 'Microsoft.Insights/scheduledQueryRules@2021-08-01' = {
     severity: 2
     enabled: true
     evaluationFrequency: 'PT5M'
-    windowSize: 'PT5M'
+    windowSize: 'PT20M'
     scopes: [
       workspaceId
     ]
@@ -97,6 +104,78 @@ resource failedAlert 'Microsoft.Insights/scheduledQueryRules@2021-08-01' = {
       allOf: [
         {
           query: loadTextContent('../queries/alert-failed.kql')
+          timeAggregation: 'Count'
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    autoMitigate: false
+    actions: {
+      actionGroups: actionGroupIds
+    }
+  }
+}
+
+// Severity 2 (warning): Event Grid could not deliver a BlobCreated event and dead-lettered it.
+resource deadletterAlert 'Microsoft.Insights/scheduledQueryRules@2021-08-01' = {
+  name: 'alert-${appName}-byok-deadletter'
+  location: location
+  tags: tags
+  properties: {
+    displayName: 'BYOK: Event Grid event dead-lettered'
+    description: 'Event Grid wrote an undeliverable BlobCreated event to byok-deadletter. The package waits until the reconcile timer picks it up; check the Function endpoint and the dead letter.'
+    severity: 2
+    enabled: true
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT20M'
+    scopes: [
+      workspaceId
+    ]
+    criteria: {
+      allOf: [
+        {
+          query: loadTextContent('../queries/alert-deadletter.kql')
+          timeAggregation: 'Count'
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    autoMitigate: false
+    actions: {
+      actionGroups: actionGroupIds
+    }
+  }
+}
+
+// Severity 2 (warning): the blob trigger gave up on a package (poison queue).
+resource poisonAlert 'Microsoft.Insights/scheduledQueryRules@2021-08-01' = {
+  name: 'alert-${appName}-byok-poison'
+  location: location
+  tags: tags
+  properties: {
+    displayName: 'BYOK: blob trigger message poisoned'
+    description: 'The blob trigger failed a package 5 times and moved its message to webjobs-blobtrigger-poison. See the Function logs; the reconcile timer re-delivers packages still waiting.'
+    severity: 2
+    enabled: true
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT20M'
+    scopes: [
+      workspaceId
+    ]
+    criteria: {
+      allOf: [
+        {
+          query: loadTextContent('../queries/alert-poison.kql')
           timeAggregation: 'Count'
           operator: 'GreaterThan'
           threshold: 0

@@ -6,6 +6,7 @@ param tags object
 param functionAppName string
 param planName string
 param identityName string
+param deploymentIdentityName string
 param storageAccountName string
 param deploymentContainerName string
 param appInsightsName string
@@ -32,10 +33,19 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
   name: appInsightsName
 }
 
-// One identity for storage, the host, Application Insights and the Managed HSM data plane.
+// The runtime identity: storage, the host, Application Insights and the Managed HSM data plane.
 // Its data-plane role in the HSM is assigned by infra/assign-hsm-roles.sh.
 resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
   name: identityName
+  location: location
+  tags: tags
+}
+
+// The deployment identity: reads and writes the deployment package in the app-package container
+// and nothing else (functionAppConfig.deployment.storage), so the code the Function runs cannot
+// be replaced with the runtime identity's rights.
+resource deploymentIdentity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
+  name: deploymentIdentityName
   location: location
   tags: tags
 }
@@ -63,6 +73,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
     type: 'UserAssigned'
     userAssignedIdentities: {
       '${identity.id}': {}
+      '${deploymentIdentity.id}': {}
     }
   }
   properties: {
@@ -182,7 +193,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
           value: '${storageAccount.properties.primaryEndpoints.blob}${deploymentContainerName}'
           authentication: {
             type: 'UserAssignedIdentity'
-            userAssignedIdentityResourceId: identity.id
+            userAssignedIdentityResourceId: deploymentIdentity.id
           }
         }
       }
@@ -241,3 +252,4 @@ output functionAppId string = functionApp.id
 output defaultHostName string = functionApp.properties.defaultHostName
 output identityPrincipalId string = identity.properties.principalId
 output identityClientId string = identity.properties.clientId
+output deploymentIdentityPrincipalId string = deploymentIdentity.properties.principalId

@@ -14,11 +14,15 @@ param auditContainerName string
 param deadletterContainerName string
 param deploymentContainerName string
 param auditRetentionDays int
+// True once the audit retention policy has been locked (infra/README.md, step 6): ARM cannot
+// create-or-update a locked policy, so from then on the template must leave it alone.
+param auditPolicyLocked bool
 param softDeleteRetentionDays int
 param workspaceId string
 
-// Containers without special policies: uploads, results, the Event Grid dead letters and the
-// Flex Consumption deployment package.
+// Containers without special policies: uploads, results, the Event Grid dead letters, the
+// Flex Consumption deployment package, and the two containers the Functions host uses (created
+// here so that the Function's identity needs no account-wide blob role to create them).
 var plainContainerNames = [
   incomingContainerName
   statusContainerName
@@ -26,6 +30,8 @@ var plainContainerNames = [
   quarantineContainerName
   deadletterContainerName
   deploymentContainerName
+  'azure-webjobs-hosts'
+  'azure-webjobs-secrets'
 ]
 
 resource storageAccount 'Microsoft.Storage/storageAccounts@2023-05-01' = {
@@ -121,8 +127,10 @@ resource auditContainer 'Microsoft.Storage/storageAccounts/blobServices/containe
 // Time-based retention on the audit container: blobs can be created and read, and append blobs
 // can grow (the hash-chained audit log), but nothing can be overwritten or deleted until the
 // retention period has passed. ARM creates the policy unlocked; lock it once validated
-// (infra/README.md, "Lock the audit retention policy").
-resource auditImmutability 'Microsoft.Storage/storageAccounts/blobServices/containers/immutabilityPolicies@2023-05-01' = {
+// (infra/README.md, "Lock the audit retention policy"). A locked policy rejects ARM's
+// create-or-update, so redeployments after locking pass auditPolicyLocked=true and skip it
+// (the locked policy stays in force: it can no longer be deleted or shortened by anyone).
+resource auditImmutability 'Microsoft.Storage/storageAccounts/blobServices/containers/immutabilityPolicies@2023-05-01' = if (!auditPolicyLocked) {
   parent: auditContainer
   name: 'default'
   properties: {

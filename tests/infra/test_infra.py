@@ -116,6 +116,8 @@ INTERPOLATION_RE = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")
 EVENT_RE = re.compile(r"\bbyok(?:\.[a-z0-9_]+)+")
 PROPERTY_RE = re.compile(r"\bProperties(?:\.([A-Za-z_]\w*)|\[\s*[\"']([^\"']+)[\"']\s*\])")
 KQL_COMMENT_RE = re.compile(r"//[^\n]*")
+WORKBOOK_WORKSPACE_PLACEHOLDER = "__WORKSPACE_ID__"
+BICEP_COMMENT_LINE_RE = re.compile(r"(?m)^\s*//.*$")
 
 # The audit events that end a package's processing: "waiting" means received without one.
 FINAL_EVENTS = {
@@ -191,6 +193,30 @@ class Resource:
     body: dict[str, Any]
     loop_var: str | None
     loop_source: Any
+    condition: Any = None
+
+
+def _make_resource(file: str, symbol: str, resource: dict[str, Any]) -> Resource:
+    config = resource["config"]
+    loop = _dig(config, "loop_type", "detail") or {}
+    condition = None
+    body = config
+    while isinstance(body, dict) and isinstance(body.get("config"), dict):
+        if "condition" in body:
+            condition = body["condition"]
+        if "loop_type" not in body and "condition" not in body:
+            break
+        body = body["config"]
+    return Resource(
+        file=file,
+        symbol=symbol,
+        type=resource["type"],
+        existing=bool(resource.get("existing")),
+        body=_unwrap(config),
+        loop_var=loop.get("item_name"),
+        loop_source=loop.get("array_name"),
+        condition=condition,
+    )
 
 
 class Deployment:
@@ -215,20 +241,19 @@ class Deployment:
             for symbol, resource in model.get("resources", {}).items():
                 if resource["type"] != type_ or bool(resource.get("existing")) != existing:
                     continue
-                config = resource["config"]
-                loop = _dig(config, "loop_type", "detail") or {}
-                found.append(
-                    Resource(
-                        file=file,
-                        symbol=symbol,
-                        type=resource["type"],
-                        existing=bool(resource.get("existing")),
-                        body=_unwrap(config),
-                        loop_var=loop.get("item_name"),
-                        loop_source=loop.get("array_name"),
-                    )
-                )
+                found.append(_make_resource(file, symbol, resource))
         return found
+
+    def resource(self, file: str, symbol: str) -> Resource | None:
+        resource = self.files[file].get("resources", {}).get(symbol)
+        return _make_resource(file, symbol, resource) if resource else None
+
+    def module_condition(self, path: str) -> Any:
+        """The `if (...)` of the module in main.bicep that deploys `path` (None: unconditional)."""
+        for module in self.files["main.bicep"].get("modules", {}).values():
+            if module["detail"]["path"] == path:
+                return module["config"].get("condition")
+        return None
 
     def symbol(self, file: str, symbol: str) -> dict[str, Any] | None:
         resource = self.files[file].get("resources", {}).get(symbol)
@@ -403,6 +428,18 @@ def check_audit_immutability(dep: Deployment) -> Findings:
         return [f"audit: expected one immutability policy, found {len(policies)}"]
     policy = policies[0]
     findings: Findings = []
+    # A locked policy rejects ARM's create-or-update: after locking, redeployments must skip it.
+    negated = _dig(policy.condition, "operator", "operands", "bool_value")
+    if _dig(policy.condition, "operator", "type") != "not" or negated != "auditPolicyLocked":
+        findings.append(
+            "audit: the immutability policy must be deployed only if (!auditPolicyLocked), "
+            "or every redeployment after locking fails"
+        )
+    locked = dep.files["main.bicep"].get("parameters", {}).get("auditPolicyLocked", {})
+    if locked.get("default") is not False or "auditPolicyLocked" not in dep.bindings.get(
+        policy.file, {}
+    ):
+        findings.append("audit: main.bicep must pass auditPolicyLocked (default false)")
     parent = dep.symbol(policy.file, str(policy.body.get("parent")))
     parent_name = dep.resolve(policy.file, (parent or {}).get("name"))
     if parent_name != EXPECTED_CONTAINERS["audit"]:
@@ -429,6 +466,11 @@ def _app_settings(dep: Deployment, site: Resource) -> dict[str, Any]:
         for item in settings
         if isinstance(item, dict)
     }
+
+
+def _app_settings_raw(site: Resource) -> dict[str, Any]:
+    settings = _dig(site.body, "properties", "siteConfig", "appSettings") or []
+    return {str(item.get("name")): item.get("value") for item in settings if isinstance(item, dict)}
 
 
 def _function_sites(dep: Deployment) -> list[Resource]:
@@ -465,6 +507,22 @@ def check_function_app(dep: Deployment) -> Findings:
     auth = _dig(props, "functionAppConfig", "deployment", "storage", "authentication", "type")
     if auth != "UserAssignedIdentity":
         findings.append(f"function: deployment storage must use the managed identity, got {auth!r}")
+    deploy_identity = _accessor_path(
+        _dig(
+            props,
+            "functionAppConfig",
+            "deployment",
+            "storage",
+            "authentication",
+            "userAssignedIdentityResourceId",
+        )
+    )[0]
+    runtime_identity = _accessor_path(_app_settings_raw(site).get("AZURE_CLIENT_ID"))[0]
+    if not isinstance(deploy_identity, str) or deploy_identity == runtime_identity:
+        findings.append(
+            "function: the deployment package must be read with its own identity, "
+            f"not the runtime identity ({deploy_identity!r})"
+        )
     policies = {
         str(p.body.get("name")): _dig(p.body, "properties", "allow")
         for p in dep.resources("Microsoft.Web/sites/basicPublishingCredentialsPolicies")
@@ -546,6 +604,20 @@ def check_event_grid(dep: Deployment) -> Findings:
         retry.get("eventTimeToLiveInMinutes"), int
     ):
         findings.append("eventgrid: retryPolicy must set attempts and time to live")
+    for file in dep.files:
+        text = BICEP_COMMENT_LINE_RE.sub("", (dep.root / file).read_text(encoding="utf-8"))
+        if "listkeys(" not in text.lower():
+            continue
+        if file == "main.bicep" or dep.module_condition(file) != "deployEventSubscription":
+            findings.append(
+                f"eventgrid: {file} calls listKeys(), so it must be a module deployed only "
+                "if (deployEventSubscription): ARM may evaluate list* in conditional resources"
+            )
+    if sub.condition is not None:
+        findings.append("eventgrid: the subscription's module carries the condition, not itself")
+    default = _dig(dep.files["main.bicep"], "parameters", "deployEventSubscription", "default")
+    if default is not False:
+        findings.append("eventgrid: deployEventSubscription must default to false (first pass)")
     dead_letter = props.get("deadLetterWithResourceIdentity", {})
     container = dep.resolve(
         sub.file, _dig(dead_letter, "deadLetterDestination", "properties", "blobContainerName")
@@ -557,9 +629,88 @@ def check_event_grid(dep: Deployment) -> Findings:
     return findings
 
 
+CONTAINER_TYPE = "Microsoft.Storage/storageAccounts/blobServices/containers"
+ACCOUNT_TYPE = "Microsoft.Storage/storageAccounts"
+COMPONENT_TYPE = "Microsoft.Insights/components"
+DATA_ROLES = {ROLE_BLOB_DATA_CONTRIBUTOR, ROLE_BLOB_DATA_READER, ROLE_QUEUE_DATA_CONTRIBUTOR}
+# Data-role grants broader than one container, each with its reason: (file, symbol) -> reason.
+ALLOWED_BROAD_GRANTS = {
+    ("modules/roles.bicep", "functionQueueAccess"): (
+        "queues only; the Functions host creates its queues (webjobs-blobtrigger-poison and its "
+        "internal ones) with names it chooses, so they cannot be listed in advance"
+    ),
+}
+HOST_CONTAINERS = {"azure-webjobs-hosts", "azure-webjobs-secrets"}
+PIPELINE_CONTAINERS = {
+    EXPECTED_CONTAINERS[k] for k in ("incoming", "status", "archive", "quarantine", "audit")
+}
+DEPLOYMENT_CONTAINER = "app-package"
+APP_INSIGHTS = "<application insights>"
+STORAGE_ACCOUNT = "<storage account>"
+# Who holds which role where: principal (parameter or identity) -> {(role, target)}.
+EXPECTED_GRANTS: dict[str, set[tuple[str, str]]] = {
+    "functionPrincipalId": {
+        *((ROLE_BLOB_DATA_CONTRIBUTOR, c) for c in PIPELINE_CONTAINERS | HOST_CONTAINERS),
+        (ROLE_QUEUE_DATA_CONTRIBUTOR, STORAGE_ACCOUNT),
+        (ROLE_MONITORING_METRICS_PUBLISHER, APP_INSIGHTS),
+    },
+    "deploymentPrincipalId": {(ROLE_BLOB_DATA_CONTRIBUTOR, DEPLOYMENT_CONTAINER)},
+    "uploaderPrincipalIds": {(ROLE_BLOB_DATA_CONTRIBUTOR, "byok-incoming")},
+    "statusReaderPrincipalIds": {(ROLE_BLOB_DATA_READER, "byok-status")},
+    "custodianPrincipalIds": {
+        (ROLE_BLOB_DATA_CONTRIBUTOR, "byok-incoming"),
+        (ROLE_BLOB_DATA_CONTRIBUTOR, "byok-audit"),
+        (ROLE_BLOB_DATA_READER, "byok-status"),
+        (ROLE_MONITORING_METRICS_PUBLISHER, APP_INSIGHTS),
+    },
+    "auditorPrincipalIds": {
+        (ROLE_BLOB_DATA_READER, "byok-audit"),
+        (ROLE_BLOB_DATA_READER, "byok-status"),
+    },
+    "systemTopic.identity.principalId": {(ROLE_BLOB_DATA_CONTRIBUTOR, "byok-deadletter")},
+}
+# Human principals who write to byok-incoming: no delete, no move (an ABAC condition).
+CONDITIONED_PRINCIPALS = {"uploaderPrincipalIds", "custodianPrincipalIds"}
+BLOB_DELETE_ACTION = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/delete"
+
+
+def _scope_targets(dep: Deployment, assignment: Resource) -> tuple[str, list[str]]:
+    """(resource type, resolved names) of what an assignment is scoped to."""
+    scope = assignment.body.get("scope")
+    if scope is None:
+        return "resourceGroup", ["<resource group>"]
+    if _dig(scope, "operator", "type") == "index_accessor":
+        scope = scope["operator"]["operands"]["operand_1"]
+    if not isinstance(scope, str):
+        return "unknown", [json.dumps(scope)]
+    target = dep.resource(assignment.file, scope)
+    if target is None:
+        return "unknown", [scope]
+    if target.type == ACCOUNT_TYPE:
+        return target.type, [STORAGE_ACCOUNT]
+    if target.type == COMPONENT_TYPE:
+        return target.type, [APP_INSIGHTS]
+    name = target.body.get("name")
+    if target.loop_var is not None and name == target.loop_var:
+        resolved = dep.resolve(target.file, target.loop_source)
+        return target.type, [
+            str(n) for n in (resolved if isinstance(resolved, list) else [resolved])
+        ]
+    return target.type, [str(dep.resolve(target.file, name))]
+
+
+def _principal_key(assignment: Resource) -> str:
+    principal = _dig(assignment.body, "properties", "principalId")
+    if assignment.loop_var is not None and principal == assignment.loop_var:
+        return str(assignment.loop_source)
+    if isinstance(principal, dict):
+        return ".".join(str(part) for part in _accessor_path(principal))
+    return str(principal)
+
+
 def check_role_assignments(dep: Deployment) -> Findings:
     findings: Findings = []
-    granted: set[tuple[str, str]] = set()
+    granted: dict[str, set[tuple[str, str]]] = {}
     assignments = dep.resources("Microsoft.Authorization/roleAssignments")
     if not assignments:
         return ["roles: no role assignments found"]
@@ -578,17 +729,50 @@ def check_role_assignments(dep: Deployment) -> Findings:
             findings.append(
                 f"{where} roleDefinitionId does not name one built-in role: {role_text}"
             )
+        scope_type, targets = _scope_targets(dep, assignment)
+        principal = _principal_key(assignment)
         for role in roles:
             if role in FORBIDDEN_ROLES:
                 findings.append(f"{where} grants {FORBIDDEN_ROLES[role]}")
             elif role not in ALLOWED_ROLES:
                 findings.append(f"{where} grants a role outside the allowed narrow set: {role}")
-            granted.add((str(props.get("principalId")), role))
-    for role in (ROLE_BLOB_DATA_CONTRIBUTOR, ROLE_QUEUE_DATA_CONTRIBUTOR):
-        if ("functionPrincipalId", role) not in granted:
-            findings.append(f"roles: the function identity lacks {role} on the storage account")
-    if ("functionPrincipalId", ROLE_MONITORING_METRICS_PUBLISHER) not in granted:
-        findings.append("roles: the function identity lacks Monitoring Metrics Publisher")
+            if (
+                role in DATA_ROLES
+                and scope_type != CONTAINER_TYPE
+                and (assignment.file, assignment.symbol) not in ALLOWED_BROAD_GRANTS
+            ):
+                findings.append(
+                    f"{where} grants a data role account-wide or broader ({scope_type}); "
+                    "scope it to a container or allow it with a reason"
+                )
+            if role == ROLE_MONITORING_METRICS_PUBLISHER and scope_type != COMPONENT_TYPE:
+                findings.append(f"{where} Monitoring Metrics Publisher must be on the component")
+            granted.setdefault(principal, set()).update((role, target) for target in targets)
+        if principal in CONDITIONED_PRINCIPALS and "byok-incoming" in targets:
+            # pycep keeps Bicep's escaped quotes (\\'); ARM sees plain ones.
+            condition = str(dep.resolve(assignment.file, props.get("condition")))
+            condition = condition.replace("\\'", "'")
+            if (
+                f"!(ActionMatches{{'{BLOB_DELETE_ACTION}'}})" not in condition
+                or props.get("conditionVersion") != "2.0"
+            ):
+                findings.append(
+                    f"{where} needs an ABAC condition (version 2.0) denying blob delete to "
+                    "people who upload packages"
+                )
+    for principal, expected in EXPECTED_GRANTS.items():
+        actual = granted.get(principal, set())
+        for role, target in sorted(actual - expected):
+            extra = "the deployment package (app-package)" if target == DEPLOYMENT_CONTAINER else ""
+            findings.append(
+                f"roles: {principal} holds {role} on {target}, which it must not {extra}".rstrip()
+            )
+        for role, target in sorted(expected - actual):
+            findings.append(f"roles: {principal} lacks {role} on {target}")
+    for principal in sorted(set(granted) - set(EXPECTED_GRANTS)):
+        findings.append(
+            f"roles: unexpected principal {principal} holds {sorted(granted[principal])}"
+        )
     return findings
 
 
@@ -641,6 +825,8 @@ def check_monitoring(dep: Deployment) -> Findings:
 
 def _loaded_file(dep: Deployment, resource: Resource, value: Any) -> Path | None:
     function = _dig(value, "function")
+    if isinstance(function, dict) and function.get("type") == "replace":
+        function = _dig(function, "parameters", "original_string", "function")
     if not isinstance(function, dict) or function.get("type") != "load_text_content":
         return None
     relative = str(function["parameters"]["file_path"])
@@ -656,18 +842,64 @@ def check_dashboards(dep: Deployment) -> Findings:
     data = _loaded_file(dep, workbook, _dig(workbook.body, "properties", "serializedData"))
     if data is None or data.resolve() != (dep.root / "workbook.json").resolve():
         findings.append("dashboards: the workbook must load infra/workbook.json")
+    # Opened from Monitor > Workbooks, a workbook queries its fallbackResourceIds.
+    serialized = _dig(workbook.body, "properties", "serializedData", "function", "parameters")
+    fallback = []
+    if data is not None and data.is_file():
+        fallback = json.loads(data.read_text(encoding="utf-8")).get("fallbackResourceIds", [])
+    if (
+        not isinstance(serialized, dict)
+        or fallback != [WORKBOOK_WORKSPACE_PLACEHOLDER]
+        or serialized.get("old_string") != WORKBOOK_WORKSPACE_PLACEHOLDER
+        or serialized.get("new_string") != "workspaceId"
+    ):
+        findings.append(
+            "dashboards: the workbook's fallbackResourceIds must be the workspace "
+            f"({WORKBOOK_WORKSPACE_PLACEHOLDER} replaced with workspaceId)"
+        )
     alert_events: set[str] = set()
+    alert_texts: list[str] = []
     for rule in dep.resources("Microsoft.Insights/scheduledQueryRules"):
-        for criterion in _dig(rule.body, "properties", "criteria", "allOf") or []:
+        props = rule.body.get("properties", {})
+        frequency = _minutes(props.get("evaluationFrequency"))
+        window = _minutes(props.get("windowSize"))
+        for criterion in _dig(props, "criteria", "allOf") or []:
             query_file = _loaded_file(dep, rule, criterion.get("query"))
             if query_file is None or not query_file.is_file():
                 findings.append(f"dashboards: {rule.symbol} must load its query from infra/queries")
                 continue
-            alert_events |= set(EVENT_RE.findall(query_file.read_text(encoding="utf-8")))
+            text = KQL_COMMENT_RE.sub("", query_file.read_text(encoding="utf-8"))
+            alert_texts.append(text)
+            alert_events |= set(EVENT_RE.findall(text))
+            # Ingestion delay: look back well beyond the evaluation frequency, and count each
+            # record once by its ingestion time.
+            if frequency is None or window is None or window < max(15, 3 * frequency):
+                findings.append(
+                    f"dashboards: {rule.symbol} window {window} min leaves no room for "
+                    f"ingestion delay (evaluated every {frequency} min)"
+                )
+            if not re.search(rf"ingestion_time\(\)\s*>\s*ago\({frequency}m\)", text):
+                findings.append(
+                    f"dashboards: {rule.symbol} must count records ingested in the last "
+                    f"{frequency} min (ingestion_time()), or overlapping windows alert twice"
+                )
     for event in ("byok.verification_failed", "byok.failed"):
         if event not in alert_events:
             findings.append(f"dashboards: no alert rule for {event}")
+    for table, marker, what in (
+        ("StorageBlobLogs", "/byok-deadletter/", "dead-lettered events"),
+        ("StorageQueueLogs", "webjobs-blobtrigger-poison", "poison blob-trigger messages"),
+    ):
+        if not any(table in text and marker in text for text in alert_texts):
+            findings.append(f"dashboards: no alert rule for {what} ({table}, {marker})")
     return findings
+
+
+def _minutes(duration: Any) -> int | None:
+    match = re.fullmatch(r"PT(?:(\d+)H)?(?:(\d+)M)?", str(duration))
+    if not match or not any(match.groups()):
+        return None
+    return int(match.group(1) or 0) * 60 + int(match.group(2) or 0)
 
 
 BICEP_CHECKS = {
@@ -691,18 +923,51 @@ def all_findings(dep: Deployment) -> Findings:
 # --------------------------------------------------------------------------- queries
 
 
+# A package's events follow its processing: an event can carry what the stage before it knew
+# (a refusal after validation names the key; a verification failure knows the imported key's
+# KEK and fingerprint result). The schema's allOf lists what each event always carries; with
+# these stages, what it can carry.
+EARLIER_STAGE = {
+    "byok.validated": "byok.received",
+    "byok.importing": "byok.validated",
+    "byok.imported": "byok.importing",
+    "byok.verified": "byok.imported",
+    "byok.rejected": "byok.validated",
+    "byok.failed": "byok.importing",
+    "byok.verification_failed": "byok.imported",
+    "byok.duplicate": "byok.validated",
+}
+
+
 @dataclass(frozen=True)
 class AuditSchema:
     fields: frozenset[str]
     events: frozenset[str]
+    carries: dict[str, frozenset[str]]
 
 
 def load_audit_schema() -> AuditSchema:
     schema = json.loads(AUDIT_SCHEMA.read_text(encoding="utf-8"))
-    return AuditSchema(
-        fields=frozenset(schema["properties"]),
-        events=frozenset(schema["properties"]["event"]["enum"]),
-    )
+    common = set(schema["required"])
+    required: dict[str, set[str]] = {}
+    for rule in schema.get("allOf", []):
+        event = _dig(rule, "if", "properties", "event", "const")
+        if isinstance(event, str):
+            then = rule.get("then", {})
+            required[event] = set(then.get("required", [])) | set(then.get("properties", {}))
+    # Fields no event is required to carry are optional for every event (message, drop_time...).
+    claimed = set().union(*required.values()) if required else set()
+    optional = set(schema["properties"]) - claimed - common
+    events = frozenset(schema["properties"]["event"]["enum"])
+    carries: dict[str, frozenset[str]] = {}
+    for event in events:
+        fields = common | optional
+        stage: str | None = event
+        while stage is not None:
+            fields |= required.get(stage, set())
+            stage = EARLIER_STAGE.get(stage)
+        carries[event] = frozenset(fields)
+    return AuditSchema(fields=frozenset(schema["properties"]), events=events, carries=carries)
 
 
 def workbook_queries(node: Any) -> Iterator[str]:
@@ -725,9 +990,19 @@ def query_findings(query: str, schema: AuditSchema) -> Findings:
         name = dotted or indexed
         if name not in schema.fields:
             findings.append(f"query names field Properties.{name}, which the pipeline never emits")
-    for event in EVENT_RE.findall(query):
+    events = set(EVENT_RE.findall(query))
+    for event in sorted(events):
         if event not in schema.events:
             findings.append(f"query names event {event!r}, which the pipeline never emits")
+    # A query that filters on events may read only fields those events can carry.
+    if events and events <= schema.events:
+        can_carry = set().union(*(schema.carries[e] for e in events))
+        for dotted, indexed in PROPERTY_RE.findall(query):
+            name = dotted or indexed
+            if name in schema.fields and name not in can_carry:
+                findings.append(
+                    f"query reads Properties.{name}, which none of {sorted(events)} carries"
+                )
     if "customDimensions" in query:
         findings.append("query uses customDimensions: in the workspace the column is Properties")
     if "Properties" in query and "AppTraces" not in query:
@@ -888,14 +1163,14 @@ MUTATIONS = [
     ),
     (
         "event-type",
-        "modules/eventgrid.bicep",
+        "modules/eventsubscription.bicep",
         "'Microsoft.Storage.BlobCreated'",
         "'Microsoft.Storage.BlobDeleted'",
         "includedEventTypes",
     ),
     (
         "event-subject",
-        "modules/eventgrid.bicep",
+        "modules/eventsubscription.bicep",
         "containers/${incomingContainerName}/blobs/",
         "containers/${deadletterContainerName}/blobs/",
         "subjectBeginsWith",
@@ -920,6 +1195,97 @@ MUTATIONS = [
         "name: guid(storageAccount.id, functionPrincipalId, roleIds.storageQueueDataContributor)",
         "name: 'function-queue-access'",
         "guid(scope, principal, role)",
+    ),
+    (
+        "policy-redeployed-when-locked",
+        "modules/storage.bicep",
+        " = if (!auditPolicyLocked) {",
+        " = {",
+        "auditPolicyLocked",
+    ),
+    (
+        "listkeys-on-first-pass",
+        "main.bicep",
+        "module eventSubscription 'modules/eventsubscription.bicep' = if (deployEventSubscription) {",
+        "module eventSubscription 'modules/eventsubscription.bicep' = {",
+        "listKeys",
+    ),
+    (
+        "function-blob-account-wide",
+        "modules/roles.bicep",
+        "  scope: functionContainers[i]\n",
+        "  scope: storageAccount\n",
+        "account-wide",
+    ),
+    (
+        "function-reads-deployment-package",
+        "modules/roles.bicep",
+        "  'azure-webjobs-secrets'\n]",
+        "  'azure-webjobs-secrets'\n  deploymentContainerName\n]",
+        "deployment package",
+    ),
+    (
+        "deployment-with-runtime-identity",
+        "modules/functionapp.bicep",
+        "userAssignedIdentityResourceId: deploymentIdentity.id",
+        "userAssignedIdentityResourceId: identity.id",
+        "its own identity",
+    ),
+    (
+        "uploader-may-delete",
+        "modules/roles.bicep",
+        (
+            "    description: 'byok-managed-hsm uploader: drop .byok packages into the incoming container'\n"
+            "    condition: noDeleteCondition\n"
+        ),
+        "    description: 'byok-managed-hsm uploader: drop .byok packages into the incoming container'\n",
+        "ABAC condition",
+    ),
+    (
+        "auditor-writes-audit",
+        "modules/roles.bicep",
+        (
+            "name: guid(auditContainer.id, principalId, roleIds.storageBlobDataReader)\n"
+            "  scope: auditContainer\n"
+            "  properties: {\n"
+            "    roleDefinitionId: subscriptionResourceId("
+            "'Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataReader)"
+        ),
+        (
+            "name: guid(auditContainer.id, principalId, roleIds.storageBlobDataReader)\n"
+            "  scope: auditContainer\n"
+            "  properties: {\n"
+            "    roleDefinitionId: subscriptionResourceId("
+            "'Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataContributor)"
+        ),
+        "auditorPrincipalIds holds",
+    ),
+    (
+        "workbook-unscoped",
+        "modules/dashboards.bicep",
+        "replace(loadTextContent('../workbook.json'), '__WORKSPACE_ID__', workspaceId)",
+        "loadTextContent('../workbook.json')",
+        "fallbackResourceIds",
+    ),
+    (
+        "alert-window-too-short",
+        "modules/dashboards.bicep",
+        (
+            "    windowSize: 'PT20M'\n    scopes: [\n      workspaceId\n    ]\n    criteria: {\n"
+            "      allOf: [\n        {\n          query: loadTextContent('../queries/alert-failed.kql')"
+        ),
+        (
+            "    windowSize: 'PT5M'\n    scopes: [\n      workspaceId\n    ]\n    criteria: {\n"
+            "      allOf: [\n        {\n          query: loadTextContent('../queries/alert-failed.kql')"
+        ),
+        "ingestion delay",
+    ),
+    (
+        "no-poison-alert",
+        "modules/dashboards.bicep",
+        "query: loadTextContent('../queries/alert-poison.kql')",
+        "query: loadTextContent('../queries/alert-failed.kql')",
+        "poison",
     ),
     (
         "https-only",
@@ -1030,6 +1396,40 @@ def test_parameters_example_matches_main(deployment: Deployment) -> None:
     required = {name for name, p in declared.items() if "default" not in p}
     assert required <= given, f"required parameters missing from the example: {required - given}"
     assert example["parameters"]["deployEventSubscription"]["value"] is False
+    assert example["parameters"]["auditPolicyLocked"]["value"] is False
+    assert parameters_example_findings(example) == []
+
+
+ZERO_GUID = "00000000-0000-0000-0000-000000000000"
+PRINCIPAL_LIST_PARAMETERS = (
+    "uploaderPrincipalIds",
+    "statusReaderPrincipalIds",
+    "custodianPrincipalIds",
+    "auditorPrincipalIds",
+)
+
+
+def parameters_example_findings(example: dict[str, Any]) -> Findings:
+    """Principal lists in the example are empty or real-looking object ids, never the zero GUID
+    (a role assignment to it fails only at deployment, far from the mistake)."""
+    findings: Findings = []
+    if ZERO_GUID in json.dumps(example):
+        findings.append("parameters: the example must not ship the all-zero GUID")
+    for name in PRINCIPAL_LIST_PARAMETERS:
+        values = example["parameters"].get(name, {}).get("value")
+        if not isinstance(values, list):
+            findings.append(f"parameters: {name} must be a list")
+            continue
+        for value in values:
+            if not GUID_RE.fullmatch(str(value)) or value == ZERO_GUID:
+                findings.append(f"parameters: {name} holds {value!r}, not an object id")
+    return findings
+
+
+def test_parameters_example_check_rejects_the_zero_guid() -> None:
+    example = json.loads(PARAMETERS_EXAMPLE.read_text(encoding="utf-8"))
+    example["parameters"]["uploaderPrincipalIds"] = {"value": [ZERO_GUID]}
+    assert any("zero GUID" in f for f in parameters_example_findings(example))
 
 
 def test_app_settings_are_the_pipelines_own(deployment: Deployment) -> None:
@@ -1128,8 +1528,15 @@ def test_alert_queries_name_only_emitted_events_and_fields(audit_schema: AuditSc
         ('"byok.imported"', '"byok.import_done"', "byok.import_done"),
         ("Properties.drop_time", 'Properties["dropped_at"]', "Properties.dropped_at"),
         ("AppTraces", "traces", "AppTraces"),
+        ("Properties.duplicate_of", "Properties.kek_spki_sha256", "Properties.kek_spki_sha256"),
     ],
-    ids=["unknown-field", "unknown-event", "unknown-indexed-field", "wrong-table"],
+    ids=[
+        "unknown-field",
+        "unknown-event",
+        "unknown-indexed-field",
+        "wrong-table",
+        "field-of-another-event",
+    ],
 )
 def test_workbook_check_catches_unknown_names(
     audit_schema: AuditSchema, old: str, new: str, phrase: str
@@ -1149,7 +1556,19 @@ printf '%s\\n' "$*" >> "$FAKE_AZ_LOG"
 if [[ "$1 $2 $3 $4" == "keyvault role assignment list" ]]; then
   echo "${FAKE_AZ_EXISTING:-0}"
 fi
+if [[ "$1 $2 $3 $4" == "keyvault role definition list" ]]; then
+  echo "${FAKE_AZ_EXISTING:-0}"
+fi
 """
+HSM_ROLE_DIR = INFRA_DIR / "hsm-roles"
+HSM_KEYS = "Microsoft.KeyVault/managedHsm/keys"
+IMPORTER_DATA_ACTIONS = {
+    f"{HSM_KEYS}/read/action",
+    f"{HSM_KEYS}/import/action",
+    f"{HSM_KEYS}/write/action",
+    f"{HSM_KEYS}/encrypt/action",
+}
+CUSTODIAN_DATA_ACTIONS = {f"{HSM_KEYS}/create", f"{HSM_KEYS}/read/action"}
 FUNCTION_OID = "11111111-2222-3333-4444-555555555555"
 CUSTODIAN_OID = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
 
@@ -1217,6 +1636,14 @@ def test_role_script_help(tmp_path: Path) -> None:
             "--custodian-object-id",
             "nope",
         ],
+        [
+            "--hsm-name",
+            "contoso-mhsm",
+            "--function-principal-id",
+            FUNCTION_OID,
+            "--custodian-object-id",
+            CUSTODIAN_OID,
+        ],
     ],
     ids=[
         "nothing",
@@ -1227,6 +1654,7 @@ def test_role_script_help(tmp_path: Path) -> None:
         "unknown-option",
         "missing-value",
         "bad-custodian",
+        "custodian-without-kek",
     ],
 )
 def test_role_script_rejects_bad_arguments(tmp_path: Path, args: list[str]) -> None:
@@ -1235,48 +1663,84 @@ def test_role_script_rejects_bad_arguments(tmp_path: Path, args: list[str]) -> N
     assert calls == [], "nothing may be called before the arguments are valid"
 
 
-def test_role_script_assigns_missing_roles(tmp_path: Path) -> None:
-    args = [
-        "--hsm-name",
-        "contoso-mhsm",
-        "--function-principal-id",
-        FUNCTION_OID,
-        "--custodian-object-id",
-        CUSTODIAN_OID,
-        "--kek-name",
-        "KEKforBYOK",
-    ]
-    proc, calls = run_role_script(args, tmp_path, existing=0)
+CUSTODIAN_ARGS = [
+    "--hsm-name",
+    "contoso-mhsm",
+    "--function-principal-id",
+    FUNCTION_OID,
+    "--custodian-object-id",
+    CUSTODIAN_OID,
+    "--kek-name",
+    "KEKforBYOK",
+]
+
+
+def test_hsm_custom_roles_grant_only_what_the_pipeline_uses() -> None:
+    importer = json.loads((HSM_ROLE_DIR / "byok-importer.json").read_text(encoding="utf-8"))
+    custodian = json.loads((HSM_ROLE_DIR / "byok-kek-custodian.json").read_text(encoding="utf-8"))
+    assert set(importer["dataActions"]) == IMPORTER_DATA_ACTIONS
+    assert set(custodian["dataActions"]) == CUSTODIAN_DATA_ACTIONS
+    script = ROLE_SCRIPT.read_text(encoding="utf-8")
+    for role in (importer, custodian):
+        assert role["actions"] == []
+        assert role["notActions"] == []
+        assert role["notDataActions"] == []
+        assert f'"{role["roleName"]}"' in script, role["roleName"]
+        assert len(role["dataActions"]) == len(set(role["dataActions"]))
+
+
+def test_role_script_creates_custom_roles_and_assigns_them(tmp_path: Path) -> None:
+    proc, calls = run_role_script(CUSTODIAN_ARGS, tmp_path, existing=0)
     assert proc.returncode == 0, proc.stderr
+    definitions = [c for c in calls if c.startswith("keyvault role definition create")]
+    assert definitions == [
+        f"keyvault role definition create --hsm-name contoso-mhsm --role-definition "
+        f"@{HSM_ROLE_DIR / name} --output none"
+        for name in ("byok-importer.json", "byok-kek-custodian.json")
+    ]
     creates = [c for c in calls if c.startswith("keyvault role assignment create")]
     assert len(creates) == 2, calls
+    # Definitions before the assignments that use them.
+    assert calls.index(definitions[-1]) < calls.index(creates[0])
     function_call, custodian_call = creates
     for expected in (
         "--hsm-name contoso-mhsm",
-        "--role Managed HSM Crypto User",
+        "--role BYOK Importer",
         "--scope /keys ",
         f"--assignee-object-id {FUNCTION_OID}",
         "--assignee-principal-type ServicePrincipal",
     ):
         assert expected in function_call + " ", function_call
-    assert "--scope /keys/KEKforBYOK" in custodian_call
+    assert "--role BYOK KEK Custodian" in custodian_call
+    assert "--scope /keys/KEKforBYOK " in custodian_call + " "
     assert f"--assignee-object-id {CUSTODIAN_OID}" in custodian_call
+    assert not any("Managed HSM Crypto User" in c for c in calls)
+
+
+def test_role_script_builtin_role_is_opt_in(tmp_path: Path) -> None:
+    proc, calls = run_role_script([*CUSTODIAN_ARGS, "--builtin-role"], tmp_path, existing=0)
+    assert proc.returncode == 0, proc.stderr
+    assert not any(c.startswith("keyvault role definition") for c in calls)
+    creates = [c for c in calls if c.startswith("keyvault role assignment create")]
+    assert len(creates) == 2
+    assert all("--role Managed HSM Crypto User" in c for c in creates)
+    assert "--scope /keys/KEKforBYOK" in creates[1]
 
 
 def test_role_script_is_idempotent(tmp_path: Path) -> None:
-    args = ["--hsm-name", "contoso-mhsm", "--function-principal-id", FUNCTION_OID]
-    proc, calls = run_role_script(args, tmp_path, existing=1)
+    proc, calls = run_role_script(CUSTODIAN_ARGS, tmp_path, existing=1)
     assert proc.returncode == 0, proc.stderr
-    assert [c for c in calls if "assignment create" in c] == []
+    assert [c for c in calls if " create " in f" {c} "] == []
     assert any(c.startswith("keyvault role assignment list") for c in calls)
+    assert any(c.startswith("keyvault role definition list") for c in calls)
 
 
 def test_role_script_dry_run_calls_nothing(tmp_path: Path) -> None:
-    args = ["--hsm-name", "contoso-mhsm", "--function-principal-id", FUNCTION_OID, "--dry-run"]
-    proc, calls = run_role_script(args, tmp_path)
+    proc, calls = run_role_script([*CUSTODIAN_ARGS, "--dry-run"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert calls == []
-    assert "Managed HSM Crypto User" in proc.stdout
+    assert "role definition 'BYOK Importer'" in proc.stdout
+    assert "role 'BYOK KEK Custodian' at scope '/keys/KEKforBYOK'" in proc.stdout
 
 
 # --------------------------------------------------------------------------- tests: README
