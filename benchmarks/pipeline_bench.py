@@ -45,14 +45,11 @@ from azure.storage.blob import BlobServiceClient
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from byok_pipeline.audit import MemoryAuditSink
 from byok_pipeline.azurite import Azurite
-from byok_pipeline.blobstore import BlobStore
 from byok_pipeline.errors import InProgress, TransientError
-from byok_pipeline.keyvault import HsmAdapter
+from byok_pipeline.localdev import emulator_deps
 from byok_pipeline.metadata import options_from_manifest
 from byok_pipeline.processor import Deps, process_blob
-from byok_pipeline.settings import Settings
 from managed_hsm_emulator.testing import EmulatorHandle, running_emulator
 from offline_packager.kek import Kek, load_kek_pem
 from offline_packager.keytypes import TYPE_NAMES, TargetType
@@ -143,24 +140,9 @@ def kek_of(client: KeyClient) -> tuple[Kek, KeyId]:
 
 
 def build_deps(hsm: EmulatorHandle, service: BlobServiceClient, prefix: str) -> Deps:
-    """The pipeline as tests/pipeline/pipeline_support.py ``Stack.create`` wires it."""
-    settings = Settings(
-        hsm_url=hsm.url,
-        incoming_container=f"{prefix}-incoming",
-        status_container=f"{prefix}-status",
-        archive_container=f"{prefix}-archive",
-        quarantine_container=f"{prefix}-quarantine",
-        audit_container=f"{prefix}-audit",
-        retry_total=3,
-        retry_backoff=0.05,
-        retry_backoff_max=2.0,
-        lease_seconds=15,
-    )
-    client = hsm.key_client(retry_total=3, retry_backoff_factor=0.05, retry_backoff_max=2.0)
-    adapter = HsmAdapter(client, settings, crypto_factory=hsm.crypto_client)
-    store = BlobStore(service, settings)
-    store.ensure_containers()
-    return Deps(settings=settings, store=store, hsm=adapter, audit=MemoryAuditSink())
+    """The pipeline wired as the tests wire it (byok_pipeline.localdev.emulator_deps)."""
+    deps: Deps = emulator_deps(hsm, service, prefix)
+    return deps
 
 
 def make_packages(

@@ -109,3 +109,33 @@ def _wait_gone(pid: int, timeout: float = 10.0) -> None:
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+
+
+def emulator_deps(hsm: Any, service: BlobServiceClient, prefix: str, **overrides: Any) -> Any:
+    """Pipeline deps against a running emulator (``managed_hsm_emulator.testing`` handle) and a
+    blob service, with containers ``<prefix>-incoming`` etc. created, fast retries, a 15 s lease
+    and an in-memory audit sink: the wiring tests and benchmarks share.
+    """
+    from .audit import MemoryAuditSink
+    from .keyvault import HsmAdapter
+    from .processor import Deps
+
+    fast = {"retry_total": 3, "retry_backoff": 0.05, "retry_backoff_max": 2.0, "lease_seconds": 15}
+    settings = Settings(
+        hsm_url=hsm.url,
+        incoming_container=f"{prefix}-incoming",
+        status_container=f"{prefix}-status",
+        archive_container=f"{prefix}-archive",
+        quarantine_container=f"{prefix}-quarantine",
+        audit_container=f"{prefix}-audit",
+        **{**fast, **overrides},
+    )
+    client = hsm.key_client(
+        retry_total=settings.retry_total,
+        retry_backoff_factor=settings.retry_backoff,
+        retry_backoff_max=settings.retry_backoff_max,
+    )
+    store = BlobStore(service, settings)
+    store.ensure_containers()
+    adapter = HsmAdapter(client, settings, crypto_factory=hsm.crypto_client)
+    return Deps(settings=settings, store=store, hsm=adapter, audit=MemoryAuditSink())

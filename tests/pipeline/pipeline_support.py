@@ -13,8 +13,7 @@ from cryptography.hazmat.primitives import serialization
 
 from byok_pipeline.audit import MemoryAuditSink
 from byok_pipeline.azurite import Azurite
-from byok_pipeline.blobstore import BlobStore
-from byok_pipeline.keyvault import HsmAdapter
+from byok_pipeline.localdev import emulator_deps
 from byok_pipeline.metadata import ImportOptions, options_from_manifest
 from byok_pipeline.processor import Deps, Outcome, process_blob
 from byok_pipeline.settings import Settings
@@ -57,25 +56,11 @@ class Stack:
     @classmethod
     def create(cls, azurite: Azurite, hsm: EmulatorHandle, kek_name: str, prefix: str, tmp: Path,
                service: BlobServiceClient, **overrides: Any) -> Stack:  # fmt: skip
-        settings = Settings(
-            hsm_url=hsm.url,
-            incoming_container=f"{prefix}-incoming",
-            status_container=f"{prefix}-status",
-            archive_container=f"{prefix}-archive",
-            quarantine_container=f"{prefix}-quarantine",
-            audit_container=f"{prefix}-audit",
-            retry_total=3,
-            retry_backoff=0.05,
-            retry_backoff_max=2.0,
-            lease_seconds=15,
-            **overrides,
-        )
-        client = hsm.key_client(retry_total=3, retry_backoff_factor=0.05, retry_backoff_max=2.0)
-        adapter = HsmAdapter(client, settings, crypto_factory=hsm.crypto_client)
-        audit = MemoryAuditSink()
-        store = BlobStore(service, settings)
-        store.ensure_containers()
-        deps = Deps(settings=settings, store=store, hsm=adapter, audit=audit)
+        deps = emulator_deps(hsm, service, prefix, **overrides)
+        settings = deps.settings
+        audit = deps.audit
+        assert isinstance(audit, MemoryAuditSink)
+        client = deps.hsm.client
         stack = cls(azurite, hsm, kek_name, settings, service, deps, audit, tmp)
         kek = client.get_key(kek_name)
         stack.kek_kid = str(kek.id)
