@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import azure.functions as func
 
-from byok_pipeline import runtime
+from byok_pipeline.processing import runtime
 
 app = func.FunctionApp()
 

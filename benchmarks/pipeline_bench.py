@@ -3,12 +3,12 @@
 Not a test: it prints figures. In one run, on one emulator and one Azurite (both started here on
 free loopback ports and stopped at the end, also on Ctrl-C or an error):
 
-* packages per second through the pipeline (``byok_pipeline.processor.process_blob``, the function
+* packages per second through the pipeline (``byok_pipeline.processing.processor.process_blob``, the function
   the blob trigger calls) with 1, 2 and 4 worker threads, each run on its own containers;
 * the pipeline's time per package (1 worker) against a bare loop of ``KeyClient.import_key`` on
   the same kind of packages: the ratio is what validation, exactly-once bookkeeping, verification,
   status documents, audit events and disposal cost on top of the import itself;
-* the cold start of ``import function_app`` and of ``import byok_pipeline.runtime`` in a fresh
+* the cold start of ``import function_app`` and of ``import byok_pipeline.processing.runtime`` in a fresh
   interpreter (median of several runs).
 
 Packages (oct-256 and ec-p256 targets by default, so key generation stays cheap) are made with the
@@ -45,11 +45,11 @@ from azure.storage.blob import BlobServiceClient
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from byok_pipeline.azurite import Azurite
-from byok_pipeline.errors import InProgress, TransientError
-from byok_pipeline.localdev import emulator_deps
-from byok_pipeline.metadata import options_from_manifest
-from byok_pipeline.processor import Deps, process_blob
+from byok_pipeline.core.errors import InProgress, TransientError
+from byok_pipeline.core.metadata import options_from_manifest
+from byok_pipeline.localdev.azurite import Azurite
+from byok_pipeline.localdev.stack import emulator_deps
+from byok_pipeline.processing.processor import Deps, process_blob
 from managed_hsm_emulator.testing import EmulatorHandle, running_emulator
 from offline_packager.kek import Kek, load_kek_pem
 from offline_packager.keytypes import TYPE_NAMES, TargetType
@@ -140,7 +140,7 @@ def kek_of(client: KeyClient) -> tuple[Kek, KeyId]:
 
 
 def build_deps(hsm: EmulatorHandle, service: BlobServiceClient, prefix: str) -> Deps:
-    """The pipeline wired as the tests wire it (byok_pipeline.localdev.emulator_deps)."""
+    """The pipeline wired as the tests wire it (byok_pipeline.localdev.stack.emulator_deps)."""
     deps: Deps = emulator_deps(hsm, service, prefix)
     return deps
 
@@ -324,7 +324,7 @@ def bench(types: tuple[str, ...], count: int, cold_runs: int, *, quiet: bool) ->
     colds = [
         cold_start(None, cold_runs),
         cold_start("function_app", cold_runs),
-        cold_start("byok_pipeline.runtime", cold_runs),
+        cold_start("byok_pipeline.processing.runtime", cold_runs),
     ]
     loop, one_worker = runs[0], runs[1]
     return {

@@ -81,9 +81,11 @@ def _load_kek(args: argparse.Namespace) -> Kek:
     if args.kek_sha256:
         verify_fingerprint(kek, args.kek_sha256)
     else:
-        print(f"{TOOL_NAME}: warning: no --kek-sha256: the KEK file was not checked against the "
-              f"fingerprint shown on the connected side (this file: {kek.fingerprint})",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"{TOOL_NAME}: warning: no --kek-sha256: the KEK file was not checked against the "
+            f"fingerprint shown on the connected side (this file: {kek.fingerprint})",
+            file=sys.stderr,
+        )
     return kek
 
 

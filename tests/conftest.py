@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from byok_pipeline.azurite import Azurite
+from byok_pipeline.localdev.azurite import Azurite
 from managed_hsm_emulator.testing import EmulatorHandle, running_emulator
 
 

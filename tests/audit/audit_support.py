@@ -20,8 +20,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from pipeline_support import Stack
 
 import byok_pipeline
-from byok_pipeline.audit import AuditSink
-from byok_pipeline.audit_trail import AuditTrail, TrailReader, parse_line, split_lines
+from byok_pipeline.audit.events import AuditSink
+from byok_pipeline.audit.records import parse_line
+from byok_pipeline.audit.trail import AuditTrail
+from byok_pipeline.audit.verify import TrailReader, split_lines
 
 SCHEMA_PATH = Path(byok_pipeline.__file__).parent / "schemas" / "audit-event.schema.json"
 SCHEMA: dict[str, Any] = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))

@@ -18,10 +18,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pipeline_support import Stack
 
-from byok_pipeline import telemetry
-from byok_pipeline.audit import FanoutAuditSink
-from byok_pipeline.azurite import Azurite
-from byok_pipeline.wiring import audit_sink
+from byok_pipeline.adapters import telemetry
+from byok_pipeline.audit.events import FanoutAuditSink
+from byok_pipeline.localdev.azurite import Azurite
+from byok_pipeline.processing.wiring import audit_sink
 from managed_hsm_emulator.testing import EmulatorHandle
 
 _COUNTER = itertools.count()
@@ -61,7 +61,7 @@ def stack(azurite: Azurite, hsm: EmulatorHandle, kek_name: str, tmp_path: Path) 
 
 @pytest.fixture
 def otel() -> Iterator[Otel]:
-    """In-memory span and log exporters behind :mod:`byok_pipeline.telemetry`."""
+    """In-memory span and log exporters behind :mod:`byok_pipeline.adapters.telemetry`."""
     spans = InMemorySpanExporter()
     logs = InMemoryLogRecordExporter()  # type: ignore[no-untyped-call]  # the SDK leaves it unannotated
     tracer_provider = TracerProvider()

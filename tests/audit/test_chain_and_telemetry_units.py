@@ -12,17 +12,10 @@ from typing import Any
 import pytest
 from audit_support import neutral_distro_env, resolved, sample_event, sampler_built, schema_errors
 
-from byok_pipeline import telemetry
-from byok_pipeline.audit import cli_event
-from byok_pipeline.audit_trail import (
-    GENESIS,
-    SEAL_EVENT,
-    Line,
-    encode_line,
-    seal_record,
-    self_hash_ok,
-    verify_lines,
-)
+from byok_pipeline.adapters import telemetry
+from byok_pipeline.audit.events import cli_event
+from byok_pipeline.audit.records import GENESIS, SEAL_EVENT, encode_line, seal_record, self_hash_ok
+from byok_pipeline.audit.verify import Line, verify_lines
 
 BLOB_A = "trail/2026/01/01/0000.jsonl"
 BLOB_B = "trail/2026/01/02/0000.jsonl"
@@ -225,8 +218,8 @@ def test_telemetry_is_off_without_any_destination(fresh_telemetry: None) -> None
 
 def test_nothing_heavy_is_imported_or_configured_at_import_time() -> None:
     code = (
-        "import sys, byok_pipeline.wiring, byok_pipeline.telemetry, byok_pipeline.audit_trail, "
-        "byok_pipeline.audit_cli, byok_pipeline.runtime\n"
+        "import sys, byok_pipeline.processing.wiring, byok_pipeline.adapters.telemetry, byok_pipeline.audit.trail, "
+        "byok_pipeline.cli.audit, byok_pipeline.processing.runtime\n"
         "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry', 'azure.monitor'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -236,12 +229,12 @@ def test_nothing_heavy_is_imported_or_configured_at_import_time() -> None:
 def test_audit_sink_wires_the_trail_then_telemetry_and_the_local_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from byok_pipeline.audit import FanoutAuditSink, JsonLinesAuditSink
-    from byok_pipeline.audit_trail import TrailAuditSink
-    from byok_pipeline.errors import ConfigError
-    from byok_pipeline.settings import Settings
-    from byok_pipeline.telemetry import TelemetryAuditSink
-    from byok_pipeline.wiring import audit_sink
+    from byok_pipeline.adapters.telemetry import TelemetryAuditSink
+    from byok_pipeline.audit.events import FanoutAuditSink, JsonLinesAuditSink
+    from byok_pipeline.audit.trail import TrailAuditSink
+    from byok_pipeline.core.errors import ConfigError
+    from byok_pipeline.core.settings import Settings
+    from byok_pipeline.processing.wiring import audit_sink
 
     monkeypatch.delenv("BYOK_STORAGE__blobServiceUri", raising=False)
     monkeypatch.setenv("BYOK_STORAGE", "UseDevelopmentStorage=true")

@@ -16,15 +16,16 @@ from audit_support import Audited, Otel, attrs, chunks, leaks, log_text, schema_
 from azure.storage.blob import BlobServiceClient
 from pipeline_support import Stack
 
-from byok_pipeline.audit import FanoutAuditSink
-from byok_pipeline.audit_cli import main as audit_main
-from byok_pipeline.audit_trail import SEAL_EVENT, TRAIL_FIELDS, TrailReader
-from byok_pipeline.azurite import Azurite
-from byok_pipeline.blobstore import BlobStore
-from byok_pipeline.errors import InProgress, TransientError
-from byok_pipeline.keyvault import HsmAdapter
-from byok_pipeline.processor import Deps, Outcome, process_blob
-from byok_pipeline.wiring import audit_sink
+from byok_pipeline.adapters.blobstore import BlobStore
+from byok_pipeline.adapters.keyvault import HsmAdapter
+from byok_pipeline.audit.events import FanoutAuditSink
+from byok_pipeline.audit.records import SEAL_EVENT, TRAIL_FIELDS
+from byok_pipeline.audit.verify import TrailReader
+from byok_pipeline.cli.audit import main as audit_main
+from byok_pipeline.core.errors import InProgress, TransientError
+from byok_pipeline.localdev.azurite import Azurite
+from byok_pipeline.processing.processor import Deps, Outcome, process_blob
+from byok_pipeline.processing.wiring import audit_sink
 from offline_packager.package_format import b64url_encode, parse_package
 
 pytestmark = pytest.mark.azurite

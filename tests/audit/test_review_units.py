@@ -21,21 +21,20 @@ from audit_support import (
 from azure.storage.blob import BlobServiceClient
 from opentelemetry.sdk.trace import TracerProvider
 
-from byok_pipeline import audit_trail, telemetry
-from byok_pipeline.audit_cli import main as audit_main
-from byok_pipeline.audit_trail import (
+from byok_pipeline.adapters import telemetry
+from byok_pipeline.audit import trail as audit_trail
+from byok_pipeline.audit.records import (
     GENESIS,
-    AuditTrail,
-    Line,
     MalformedRecord,
     canonical,
-    check_expected_head,
     encode_line,
     parse_line,
     seal_record,
-    verify_lines,
 )
-from byok_pipeline.errors import TransientError
+from byok_pipeline.audit.trail import AuditTrail
+from byok_pipeline.audit.verify import Line, check_expected_head, verify_lines
+from byok_pipeline.cli.audit import main as audit_main
+from byok_pipeline.core.errors import TransientError
 
 BLOB = "trail/2026/01/01/0000.jsonl"
 
@@ -305,17 +304,17 @@ def test_otel_traces_sampler_overrides_sampling_and_is_warned_about(
 ) -> None:
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
     env = {**ENV, "OTEL_TRACES_SAMPLER": "always_off"}
-    with caplog.at_level(logging.WARNING, logger="byok_pipeline.telemetry"):
+    with caplog.at_level(logging.WARNING, logger="byok_pipeline.adapters.telemetry"):
         options = telemetry.azure_monitor_options(env)
     assert sampler_built(resolved(options)) == ("always_off", 0.0)  # the hazard is real
     assert "OTEL_TRACES_SAMPLER=always_off" in caplog.text
     caplog.clear()
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_always_on")
-    with caplog.at_level(logging.WARNING, logger="byok_pipeline.telemetry"):
+    with caplog.at_level(logging.WARNING, logger="byok_pipeline.adapters.telemetry"):
         options = telemetry.azure_monitor_options({**ENV, "OTEL_TRACES_SAMPLER": "parentbased_always_on"})  # fmt: skip
     assert sampler_built(resolved(options))[0] == "parentbased_always_on"
     assert caplog.text == ""
-    with caplog.at_level(logging.WARNING, logger="byok_pipeline.telemetry"):
+    with caplog.at_level(logging.WARNING, logger="byok_pipeline.adapters.telemetry"):
         telemetry.azure_monitor_options({**ENV, "OTEL_LOGS_EXPORTER": "none"})
     assert "OTEL_LOGS_EXPORTER=none" in caplog.text
 
@@ -351,7 +350,7 @@ def test_an_exporter_error_is_logged_with_the_event_name_only(
 ) -> None:
     telemetry.install(TracerProvider(), _LoggerProvider(_FailingExporterLogger()))
     event = sample_event(1)
-    with caplog.at_level(logging.WARNING, logger="byok_pipeline.telemetry"):
+    with caplog.at_level(logging.WARNING, logger="byok_pipeline.adapters.telemetry"):
         telemetry.TelemetryAuditSink().emit(event)
     assert "byok.received" in caplog.text
     assert "OSError" in caplog.text

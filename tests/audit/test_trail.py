@@ -25,19 +25,12 @@ from audit_support import (
 )
 from azure.storage.blob import BlobServiceClient
 
-from byok_pipeline.audit_cli import main as audit_main
-from byok_pipeline.audit_trail import (
-    GENESIS,
-    SEAL_EVENT,
-    AuditTrail,
-    TrailAuditSink,
-    TrailReader,
-    encode_line,
-    parse_line,
-    seal_record,
-)
-from byok_pipeline.azurite import Azurite
-from byok_pipeline.errors import TransientError
+from byok_pipeline.audit.records import GENESIS, SEAL_EVENT, encode_line, parse_line, seal_record
+from byok_pipeline.audit.trail import AuditTrail, TrailAuditSink
+from byok_pipeline.audit.verify import TrailReader
+from byok_pipeline.cli.audit import main as audit_main
+from byok_pipeline.core.errors import TransientError
+from byok_pipeline.localdev.azurite import Azurite
 
 pytestmark = pytest.mark.azurite
 HERE = Path(__file__).parent
@@ -160,7 +153,7 @@ def test_an_append_that_keeps_failing_raises_transient_never_skips(
     with pytest.raises(TransientError, match="audit trail"):
         missing.emit(sample_event(1))
 
-    from byok_pipeline import audit_trail
+    from byok_pipeline.audit import trail as audit_trail
 
     trail = AuditTrail(service, container, max_attempts=3, sleep=lambda _: None)
     attempts: list[int] = []
@@ -271,7 +264,7 @@ def test_a_full_blob_continues_in_the_next_part_of_the_same_day(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from byok_pipeline import audit_trail
+    from byok_pipeline.audit import trail as audit_trail
 
     monkeypatch.setattr(audit_trail, "MAX_BLOCKS", 3)  # instead of 49,000 (limit: 50,000)
     write_trail(service, container, 7)  # 3 records and a seal, 3 and a seal, 1

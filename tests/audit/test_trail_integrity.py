@@ -25,20 +25,19 @@ from audit_support import (
 from azure.core.exceptions import ServiceRequestError, ServiceResponseError
 from azure.storage.blob import BlobServiceClient
 
-from byok_pipeline.audit_cli import main as audit_main
-from byok_pipeline.audit_trail import (
+from byok_pipeline.audit.records import (
     SEAL_EVENT,
-    AuditTrail,
-    TrailAuditSink,
     TrailError,
-    TrailReader,
     encode_line,
     parse_blob_name,
     parse_line,
     seal_record,
 )
-from byok_pipeline.azurite import Azurite
-from byok_pipeline.errors import InProgress, TransientError
+from byok_pipeline.audit.trail import AuditTrail, TrailAuditSink
+from byok_pipeline.audit.verify import TrailReader
+from byok_pipeline.cli.audit import main as audit_main
+from byok_pipeline.core.errors import InProgress, TransientError
+from byok_pipeline.localdev.azurite import Azurite
 
 pytestmark = pytest.mark.azurite
 
@@ -302,7 +301,7 @@ def test_a_trail_blob_dated_in_the_future_is_ignored(
     future = "trail/2099/01/01/0000.jsonl"
     service.get_blob_client(container, future).create_append_blob()  # planted, empty
     fresh = AuditTrail(service, container, clock=day_clock("2026-01-02"))
-    with caplog.at_level(logging.WARNING, logger="byok_pipeline.audit_trail"):
+    with caplog.at_level(logging.WARNING, logger="byok_pipeline.audit.trail"):
         record = fresh.append(sample_event(3))
     assert fresh.stats.ignored == 1
     assert future in caplog.text
@@ -350,7 +349,7 @@ def test_a_later_sink_failing_does_not_fail_an_event_the_trail_holds(
     trail = AuditTrail(service, container)
     sink = TrailAuditSink(trail, then=_FullDisk())
     event = sample_event(1)
-    with caplog.at_level(logging.WARNING, logger="byok_pipeline.audit_trail"):
+    with caplog.at_level(logging.WARNING, logger="byok_pipeline.audit.trail"):
         sink.emit(event)
     assert len(trail_records(TrailReader(service, container))) == 1
     (message,) = [r.getMessage() for r in caplog.records]

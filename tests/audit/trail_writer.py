@@ -11,7 +11,7 @@ import sys
 from audit_support import sample_event
 from azure.storage.blob import BlobServiceClient
 
-from byok_pipeline.audit_trail import AuditTrail
+from byok_pipeline.audit.trail import AuditTrail
 
 
 def main() -> None:

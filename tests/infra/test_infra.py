@@ -1434,7 +1434,7 @@ def test_parameters_example_check_rejects_the_zero_guid() -> None:
 
 def test_app_settings_are_the_pipelines_own(deployment: Deployment) -> None:
     """The Bicep sets only settings the pipeline documents, with the pipeline's defaults."""
-    from byok_pipeline.settings import DEFAULTS, SETTINGS_DOC
+    from byok_pipeline.core.settings import DEFAULTS, SETTINGS_DOC
     from offline_packager.keytypes import TARGET_TYPES
 
     (site,) = _function_sites(deployment)

@@ -11,7 +11,7 @@ import pytest
 from azure.storage.blob import BlobServiceClient
 from pipeline_support import Stack
 
-from byok_pipeline.azurite import Azurite
+from byok_pipeline.localdev.azurite import Azurite
 from managed_hsm_emulator.testing import EmulatorHandle
 
 _COUNTER = itertools.count()

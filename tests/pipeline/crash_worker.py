@@ -12,11 +12,11 @@ from typing import Any
 
 from azure.storage.blob import BlobServiceClient
 
-from byok_pipeline.audit import JsonLinesAuditSink
-from byok_pipeline.blobstore import BlobStore
-from byok_pipeline.keyvault import HsmAdapter
-from byok_pipeline.processor import Deps, process_blob
-from byok_pipeline.settings import Settings
+from byok_pipeline.adapters.blobstore import BlobStore
+from byok_pipeline.adapters.keyvault import HsmAdapter
+from byok_pipeline.audit.events import JsonLinesAuditSink
+from byok_pipeline.core.settings import Settings
+from byok_pipeline.processing.processor import Deps, process_blob
 from managed_hsm_emulator import EmulatorCredential
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import azure.functions as func
 
-from byok_pipeline.events import BlobCreatedEvent
+from byok_pipeline.core.events import BlobCreatedEvent
 
 EVENTS = Path(__file__).resolve().parent.parent / "events"
 

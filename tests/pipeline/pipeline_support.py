@@ -11,12 +11,12 @@ from typing import Any
 from azure.storage.blob import BlobServiceClient
 from cryptography.hazmat.primitives import serialization
 
-from byok_pipeline.audit import MemoryAuditSink
-from byok_pipeline.azurite import Azurite
-from byok_pipeline.localdev import emulator_deps
-from byok_pipeline.metadata import ImportOptions, options_from_manifest
-from byok_pipeline.processor import Deps, Outcome, process_blob
-from byok_pipeline.settings import Settings
+from byok_pipeline.audit.events import MemoryAuditSink
+from byok_pipeline.core.metadata import ImportOptions, options_from_manifest
+from byok_pipeline.core.settings import Settings
+from byok_pipeline.localdev.azurite import Azurite
+from byok_pipeline.localdev.stack import emulator_deps
+from byok_pipeline.processing.processor import Deps, Outcome, process_blob
 from managed_hsm_emulator.testing import EmulatorHandle
 from offline_packager.kek import load_kek_pem
 from offline_packager.kid import parse_kid

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from pipeline_support import Stack
 
-from byok_pipeline.cli import main
+from byok_pipeline.cli.main import main
 from offline_packager.cli import main as package_main
 
 pytestmark = pytest.mark.azurite

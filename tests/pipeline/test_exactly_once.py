@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from pipeline_support import Stack
 
-from byok_pipeline.errors import InProgress, TransientError
-from byok_pipeline.processor import Outcome
+from byok_pipeline.core.errors import InProgress, TransientError
+from byok_pipeline.processing.processor import Outcome
 
 pytestmark = pytest.mark.azurite
 

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pipeline_support import Stack
 
-from byok_pipeline.errors import InProgress, TransientError
-from byok_pipeline.reasons import REASONS
+from byok_pipeline.core.errors import InProgress, TransientError
+from byok_pipeline.core.reasons import REASONS
 from offline_packager.package_format import b64url_encode, parse_package
 
 pytestmark = pytest.mark.azurite

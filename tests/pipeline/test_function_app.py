@@ -12,8 +12,8 @@ import pytest
 from eventgrid_sim import deliver_all, event_for, input_stream, recorded
 from pipeline_support import Stack
 
-from byok_pipeline import runtime
-from byok_pipeline.events import BlobCreatedEvent, EventError
+from byok_pipeline.core.events import BlobCreatedEvent, EventError
+from byok_pipeline.processing import runtime
 
 pytestmark = pytest.mark.azurite
 
@@ -172,7 +172,7 @@ def test_http_functions(wired: Stack, functions: dict[str, Callable[..., Any]]) 
 def test_settings_are_documented_everywhere() -> None:
     from testsupport import REPO
 
-    from byok_pipeline.settings import DEFAULTS, SETTINGS_DOC
+    from byok_pipeline.core.settings import DEFAULTS, SETTINGS_DOC
 
     readme = (REPO / "README.md").read_text()
     example = json.loads((REPO / "local.settings.example.json").read_text())["Values"]

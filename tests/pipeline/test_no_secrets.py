@@ -10,7 +10,7 @@ import logging
 import pytest
 from pipeline_support import Stack
 
-from byok_pipeline.errors import PipelineError
+from byok_pipeline.core.errors import PipelineError
 from offline_packager.keytypes import TYPE_NAMES
 from offline_packager.package_format import b64url_encode, parse_package
 
@@ -68,7 +68,7 @@ def test_full_run_leaks_nothing(stack: Stack, caplog: pytest.LogCaptureFixture) 
     assert outcome.doc is not None
     texts.append((outcome.doc.message or "").encode())
     try:
-        from byok_pipeline.processor import key_name_of
+        from byok_pipeline.processing.processor import key_name_of
 
         key_name_of("bad name.byok")
     except PipelineError as exc:

@@ -14,8 +14,8 @@ import pytest
 from pipeline_support import Stack
 from testsupport import REPO, VENDOR_SAMPLE
 
-from byok_pipeline.metadata import META_FINGERPRINT, META_PACKAGE_SHA256, META_TARGET_TYPE
-from byok_pipeline.reasons import REASONS
+from byok_pipeline.core.metadata import META_FINGERPRINT, META_PACKAGE_SHA256, META_TARGET_TYPE
+from byok_pipeline.core.reasons import REASONS
 from offline_packager.package_format import b64url_encode, encode_package, parse_package
 from offline_packager.secret import SecretBytes
 from offline_packager.wrap import wrap_target
@@ -198,7 +198,7 @@ def test_reason(reason: str, stack: Stack) -> None:
 
 
 def _deliver_until_done(stack: Stack, name: str) -> Any:
-    from byok_pipeline.errors import TransientError
+    from byok_pipeline.core.errors import TransientError
 
     for _ in range(10):
         try:
@@ -225,9 +225,9 @@ def test_vendor_sample_is_refused_only_for_its_kek(stack: Stack) -> None:
 def test_kek_wrong_size_unit() -> None:
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from byok_pipeline.errors import Rejected
-    from byok_pipeline.kek_facts import KekFacts
-    from byok_pipeline.validation import check_kek_facts
+    from byok_pipeline.core.errors import Rejected
+    from byok_pipeline.core.kek_facts import KekFacts
+    from byok_pipeline.core.validation import check_kek_facts
 
     weak = rsa.generate_private_key(65537, 1024).public_key()  # noqa: S505  # the weak size is the point
     facts = KekFacts("kid", "RSA-HSM", ("import",), True, None, None, weak)

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from pipeline_support import Stack
 
-from byok_pipeline.audit import MemoryAuditSink
-from byok_pipeline.errors import TransientError
-from byok_pipeline.reconcile import reconcile
+from byok_pipeline.audit.events import MemoryAuditSink
+from byok_pipeline.core.errors import TransientError
+from byok_pipeline.processing.reconcile import reconcile
 
 pytestmark = pytest.mark.azurite
 

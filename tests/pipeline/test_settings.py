@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from byok_pipeline.errors import ConfigError
-from byok_pipeline.settings import DEFAULTS, Settings
+from byok_pipeline.core.errors import ConfigError
+from byok_pipeline.core.settings import DEFAULTS, Settings
 
 HSM = {"BYOK_HSM_URL": "https://contoso.managedhsm.azure.net/"}
 

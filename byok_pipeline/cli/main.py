@@ -1,0 +1,652 @@
+"""``byok``: the connected side's command line (KEKs, upload, import, status, watch, dev stack).
+
+Settings come from the same environment variables as the Function (flags override).
+Exit codes: 0 success; 2 refused (the reason code on stderr); 1 failure (retry may help).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from byok_pipeline import __version__
+from byok_pipeline.cli.audit import add_audit_parser, cmd_audit
+from byok_pipeline.core.errors import ConfigError, PipelineError, Rejected, TransientError
+from byok_pipeline.core.reasons import REASONS
+from byok_pipeline.core.settings import Settings
+from offline_packager.atomic import write_files_atomically
+from offline_packager.errors import ByokError
+from offline_packager.kid import parse_kid
+
+EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
+
+
+def _settings(args: argparse.Namespace, *, require_hsm: bool = True) -> Settings:
+    """Settings from the environment; ``--hsm-url``/``--storage`` override it for this process
+    (every client built later, the audit trail's included, sees the same values)."""
+    for flag, name in (("hsm_url", "BYOK_HSM_URL"), ("storage", "BYOK_STORAGE")):
+        value = getattr(args, flag, None)
+        if value:
+            os.environ[name] = value
+    return Settings.from_env(require_hsm=require_hsm)
+
+
+def _store(settings: Settings) -> Any:
+    """Storage only (status, upload): no HSM settings needed."""
+    from byok_pipeline.adapters.blobstore import BlobStore
+    from byok_pipeline.processing.wiring import blob_service
+
+    return BlobStore(blob_service(settings), settings)
+
+
+def _credential() -> Any:
+    """The emulator's credential when BYOK_HSM_EMULATOR_DIR is set (local runner); else the
+    Azure default chain (managed identity, Azure CLI login, ...)."""
+    emulator_dir = os.environ.get("BYOK_HSM_EMULATOR_DIR")
+    if emulator_dir:
+        from byok_pipeline.localdev.stack import emulator_credential
+
+        return emulator_credential(emulator_dir)
+    from byok_pipeline.processing.wiring import default_credential
+
+    return default_credential()
+
+
+def _hsm(settings: Settings) -> Any:
+    from byok_pipeline.processing.wiring import hsm_adapter
+
+    return hsm_adapter(settings, _credential(), ca_bundle=os.environ.get("BYOK_HSM_CA_BUNDLE"))
+
+
+def _deps(settings: Settings) -> Any:
+    from byok_pipeline.processing.wiring import build_deps
+
+    env = dict(os.environ)
+    if settings is not None and getattr(settings, "hsm_url", None):
+        env["BYOK_HSM_URL"] = settings.hsm_url
+    return build_deps(
+        settings, env=env, credential=_credential(), ca_bundle=os.environ.get("BYOK_HSM_CA_BUNDLE")
+    )
+
+
+def _audit_sink(settings: Settings) -> Any:
+    """The audit sink, built before the HSM is touched: no KEK change without its record.
+
+    Raises:
+        ConfigError: neither the audit trail's storage nor BYOK_AUDIT_LOG is configured.
+    """
+    from byok_pipeline.processing.wiring import audit_sink
+
+    return audit_sink(settings)
+
+
+def _audit(sink: Any, event: dict[str, Any]) -> None:
+    from byok_pipeline.processing.processor import emit_or_retry
+
+    emit_or_retry(sink, event)
+
+
+def _out(args: argparse.Namespace, result: dict[str, Any], human: str) -> None:
+    print(json.dumps(result, indent=2, sort_keys=True) if args.json else human)
+
+
+# -- kek ------------------------------------------------------------------------------------------
+def cmd_kek_create(args: argparse.Namespace) -> int:
+    from byok_pipeline.audit.events import cli_event
+    from offline_packager.kid import KEY_NAME_RE
+
+    if not KEY_NAME_RE.match(args.name):
+        raise Rejected("bad_key_name", "a key name is 1-127 of 0-9 a-z A-Z -")
+    settings = _settings(args)
+    sink = _audit_sink(settings)
+    hsm = _hsm(settings)
+    if not args.new_version and _exists(hsm, args.name):
+        raise Rejected(
+            "kek_exists", f"a key named {args.name} exists; give --new-version to add a version"
+        )
+    expires = datetime.now(UTC) + timedelta(days=args.expires_days) if args.expires_days else None
+    cid = uuid.uuid4().hex
+    try:
+        key = hsm.client.create_rsa_key(
+            args.name,
+            size=args.size,
+            hardware_protected=True,
+            key_operations=["import"],
+            expires_on=expires,
+            request_id=cid,
+        )
+    except Exception as exc:  # noqa: BLE001  # translated below into exit codes
+        return _sdk_failure(exc, "creating the KEK")
+    _audit(
+        sink,
+        cli_event("byok.kek.created", correlation_id=cid, kek_kid=str(key.id), key_name=args.name),
+    )
+    result = {
+        "kid": str(key.id),
+        "key_size": args.size,
+        "key_ops": ["import"],
+        "expires_on": expires.isoformat() if expires else None,
+    }
+    _out(
+        args,
+        result,
+        f"created KEK {key.id}\n  RSA-{args.size}, operations: import only"
+        + (f", expires {expires:%Y-%m-%d}" if expires else ""),
+    )
+    return EXIT_OK
+
+
+def _exists(hsm: Any, name: str) -> bool:
+    from azure.core.exceptions import AzureError, ResourceNotFoundError
+
+    try:
+        hsm.client.get_key(name)
+    except ResourceNotFoundError:
+        return False
+    except AzureError as exc:
+        from byok_pipeline.adapters.keyvault import translate
+
+        raise translate(exc, "looking for the key") from None
+    return True
+
+
+def cmd_kek_download(args: argparse.Namespace) -> int:
+    from byok_pipeline.audit.events import cli_event
+    from byok_pipeline.processing.kek_info import kek_info
+
+    settings = _settings(args)
+    sink = _audit_sink(settings)
+    hsm = _hsm(settings)
+    kid_text = args.kid or settings.kek_kid
+    if not kid_text and args.name:
+        try:
+            kid_text = str(hsm.client.get_key(args.name).id)
+        except Exception as exc:  # noqa: BLE001  # translated into exit codes
+            return _sdk_failure(exc, "reading the KEK")
+    if not kid_text:
+        raise Rejected("bad_kid", "give --kid, --name or set BYOK_KEK_KID")
+    cid = uuid.uuid4().hex
+    info = kek_info(hsm, parse_kid(kid_text, expected_host=settings.hsm_host), request_id=cid)
+    out = Path(args.out)
+    write_files_atomically([(out, info["public_key_pem"].encode())], force=args.force)
+    _audit(
+        sink,
+        cli_event(
+            "byok.kek.downloaded",
+            correlation_id=cid,
+            kek_kid=info["kid"],
+            key_name=parse_kid(info["kid"]).name,
+            kek_spki_sha256=info["spki_sha256"],
+        ),
+    )
+    result = {k: v for k, v in info.items() if k != "public_key_pem"} | {"pem": str(out)}
+    _out(
+        args,
+        result,
+        f"wrote {out}\n  kid:         {info['kid']}\n"
+        f"  SPKI SHA-256: {info['spki_sha256']}\n  Carry both to the offline machine: "
+        f"byok-package wrap --kek {out} --kek-kid {info['kid']} --kek-sha256 {info['spki_sha256']} ...",
+    )
+    return EXIT_OK
+
+
+# -- upload / import ------------------------------------------------------------------------------
+def _read_package(path: str, limit: int) -> bytes:
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if size > limit:
+            raise Rejected("too_large", f"{path} is {size} bytes, over the {limit}-byte limit")
+        return p.read_bytes()
+    except OSError as exc:
+        raise Rejected("malformed_package", f"cannot read {path}: {exc.strerror}") from None
+
+
+def _manifest_path(args: argparse.Namespace) -> Path | None:
+    if args.manifest:
+        return Path(args.manifest)
+    beside = Path(args.package).with_suffix(".manifest.json")
+    return beside if beside.is_file() and not args.no_manifest else None
+
+
+def _with_tags(options: Any, tags: list[str]) -> Any:
+    """Add ``--tag KEY=VALUE`` options, checked like upload metadata.
+
+    Raises:
+        Rejected: ``bad_metadata``.
+    """
+    import dataclasses
+
+    from byok_pipeline.core.metadata import parse_tags
+
+    if not tags:
+        return options
+    pairs = dict(t.split("=", 1) for t in tags if "=" in t)
+    if len(pairs) != len(tags):
+        raise Rejected("bad_metadata", "--tag takes KEY=VALUE")
+    return dataclasses.replace(options, tags=parse_tags(json.dumps(pairs)))
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    from byok_pipeline.cli.upload import default_uploader, options_for, upload
+    from byok_pipeline.processing.processor import key_name_of
+
+    settings = _settings(args, require_hsm=False)
+    data = _read_package(args.package, settings.max_package_bytes)
+    blob_name = args.name or Path(args.package).name
+    key_name_of(blob_name)
+    options = _with_tags(
+        options_for(data, _manifest_path(args), args.uploader or default_uploader()), args.tag
+    )
+    from azure.core.exceptions import ResourceExistsError
+
+    try:
+        result = upload(_store(settings), blob_name, data, options)
+    except ResourceExistsError:
+        raise Rejected(
+            "duplicate_upload", f"{blob_name} is already waiting in {settings.incoming_container}"
+        ) from None
+    _out(
+        args,
+        result,
+        f"uploaded {blob_name} to {result['container']} (SHA-256 {result['package_sha256']})"
+        + ("" if options.fingerprint else "\n  no manifest: the import will be 'unverified'"),
+    )
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Validate, import and verify one package without storage; audited like the pipeline."""
+    from byok_pipeline.cli.upload import default_uploader, options_for
+    from byok_pipeline.core.status import StatusDoc
+    from byok_pipeline.processing.importer import fingerprint_result, import_validated, validate
+    from byok_pipeline.processing.processor import key_name_of
+
+    settings = _settings(args)
+    data = _read_package(args.package, settings.max_package_bytes)
+    key_name = args.name or key_name_of(Path(args.package).name)
+    options = _with_tags(options_for(data, _manifest_path(args), default_uploader()), args.tag)
+    sink = _audit_sink(settings)
+    hsm = _hsm(settings)
+    cid = uuid.uuid4().hex
+    sha = hashlib.sha256(data).hexdigest()
+    doc = StatusDoc(
+        blob_name=Path(args.package).name,
+        package_sha256=sha,
+        etag="byok-import",
+        correlation_id=cid,
+        key_name=key_name,
+        uploader=options.uploader,
+    )
+    record = _Recorder(doc, sink)
+    record("received")
+    try:
+        validated = validate(
+            data,
+            options,
+            settings=settings,
+            hsm=hsm,
+            clock=lambda: datetime.now(UTC),
+            request_id=cid,
+        )
+    except Rejected as exc:
+        record("rejected", reason=exc.reason, message=exc.message)
+        raise
+    doc.target_type, doc.kek_kid = validated.target_type.name, validated.kek_kid.kid
+    existing = hsm.find_imported(key_name, sha, request_id=cid)
+    if existing is None:
+        record("validated")
+        record("importing")
+    imported = existing or import_validated(
+        hsm,
+        key_name,
+        data=data,
+        package_sha256=sha,
+        validated=validated,
+        options=options,
+        request_id=cid,
+    )
+    doc.imported_kid = imported.kid
+    result = fingerprint_result(
+        hsm, imported, options.fingerprint, validated.target_type.name, request_id=cid
+    )
+    doc.fingerprint_result = result
+    summary = {
+        "key_name": key_name,
+        "imported_kid": imported.kid,
+        "package_sha256": sha,
+        "target_type": validated.target_type.name,
+        "fingerprint_result": result,
+        "already_imported": existing is not None,
+        "correlation_id": cid,
+    }
+    if result == "mismatch":
+        hsm.disable_version(imported.name, imported.version, request_id=cid)
+        record(
+            "verification_failed",
+            reason="fingerprint_mismatch",
+            message=REASONS["fingerprint_mismatch"],
+        )
+        summary["reason_code"] = "fingerprint_mismatch"
+        _out(args, summary, f"verification FAILED for {imported.kid}: the version was disabled")
+        print(
+            f"byok: refused [fingerprint_mismatch]: {REASONS['fingerprint_mismatch']}",
+            file=sys.stderr,
+        )
+        return EXIT_REFUSED
+    if existing is not None:
+        doc.duplicate_of = existing.kid
+    record("imported" if existing is None else "duplicate")
+    _out(
+        args,
+        summary,
+        f"{'already imported' if existing else 'imported'} {imported.kid}\n"
+        f"  {validated.target_type.name}, fingerprint: {result}",
+    )
+    return EXIT_OK
+
+
+class _Recorder:
+    """Advances an in-memory status document and audits each state (``byok import``)."""
+
+    def __init__(self, doc: Any, sink: Any) -> None:
+        self.doc = doc
+        self.sink = sink
+
+    def __call__(
+        self, state: str, *, reason: str | None = None, message: str | None = None
+    ) -> None:
+        from byok_pipeline.audit.events import event_for_state, verified_event
+
+        self.doc.reason_code, self.doc.message = reason, message
+        if self.doc.advance(state, datetime.now(UTC)):
+            entry = self.doc.history[-1]
+            _audit(self.sink, event_for_state(self.doc, state, entry.attempt, entry.time))
+            if state == "imported" and self.doc.fingerprint_result == "match":
+                _audit(self.sink, verified_event(self.doc, datetime.now(UTC)))
+
+
+# -- status / watch -------------------------------------------------------------------------------
+def cmd_status(args: argparse.Namespace) -> int:
+    """One package (by blob name or key name) or all; a package still waiting says so."""
+    settings = _settings(args, require_hsm=False)
+    store = _store(settings)
+    if args.name:
+        blob_name = args.name if args.name.endswith(".byok") else f"{args.name}.byok"
+        doc = store.status_by_name(blob_name)
+        if doc is None:
+            if blob_name in store.list_incoming():
+                _out(
+                    args,
+                    {"blob_name": blob_name, "state": "waiting"},
+                    f"{blob_name}: waiting in {settings.incoming_container} (not delivered yet)",
+                )
+                return EXIT_OK
+            raise Rejected("not_found", f"no package named {blob_name} (status or incoming)")
+        docs = [doc]
+    else:
+        docs = list(store.iter_statuses(args.state))
+    rows = [d.summary() for d in docs]
+    if args.json:
+        print(json.dumps(rows if not args.name else rows[0], indent=2, sort_keys=True))
+        return EXIT_OK
+    print(f"{'BLOB':28} {'STATE':20} {'TYPE':9} {'FINGERPRINT':11} {'REASON':26} IMPORTED KID")
+    for r in rows:
+        print(
+            f"{r['blob_name'][:28]:28} {r['state'] or '':20} {r['target_type'] or '-':9} "
+            f"{r['fingerprint_result'] or '-':11} {r['reason_code'] or '-':26} {r['imported_kid'] or '-'}"
+        )
+    return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from byok_pipeline.processing.processor import Outcome
+    from byok_pipeline.processing.watch import run_forever, watch
+
+    settings = _settings(args)
+    deps = _deps(settings)
+
+    def report(name: str, outcome: Outcome | None, exc: Exception | None) -> None:
+        if args.json:
+            row: dict[str, Any] = {"blob_name": name}
+            if outcome is not None:
+                row |= {"state": outcome.state, "reason_code": outcome.reason_code}
+            else:
+                row |= {"state": "retry", "reason_code": getattr(exc, "reason", None)}
+            print(json.dumps(row), flush=True)
+        elif outcome is not None:
+            reason = f" [{outcome.reason_code}]" if outcome.reason_code else ""
+            print(f"{name}: {outcome.state}{reason}", flush=True)
+        else:
+            print(f"{name}: will retry ({exc})", flush=True)
+
+    if args.once:
+        stats = watch(deps, once=True, interval=args.interval, workers=args.workers, report=report)
+    else:
+        print(f"watching {settings.incoming_container} (Ctrl-C to stop)", file=sys.stderr)
+        stats = run_forever(deps, interval=args.interval, workers=args.workers, report=report)
+    if not args.json:
+        print(
+            f"delivered {stats.delivered}, outcomes {stats.outcomes}, redeliveries {stats.redeliveries}",
+            file=sys.stderr,
+        )
+    return EXIT_OK if not deps.store.list_incoming() else EXIT_FAILED
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from byok_pipeline.localdev import stack as localdev
+
+    directory = Path(args.dir)
+    if args.dev_command == "up":
+        result = localdev.up(directory)
+        _out(
+            args,
+            result,
+            f"local stack up: HSM {result['env']['BYOK_HSM_URL']}, "
+            f"storage {result['env']['BYOK_STORAGE'].split('BlobEndpoint=')[1].rstrip(';')}\n"
+            f"  source {result['env_file']}",
+        )
+    else:
+        result = localdev.down(directory)
+        _out(args, result, f"stopped: {', '.join(result['stopped']) or 'nothing was running'}")
+    return EXIT_OK
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from byok_pipeline.processing.reconcile import reconcile
+
+    report = reconcile(_deps(_settings(args)))
+    _out(
+        args,
+        asdict(report),
+        f"audit records completed: {report.audits_completed}; "
+        f"redelivered: {report.redelivered or 'none'}; errors: {report.errors}",
+    )
+    return EXIT_OK if not report.errors else EXIT_FAILED
+
+
+def cmd_reasons(args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps(REASONS, indent=2))
+    else:
+        for code, text in REASONS.items():
+            print(f"{code:28} {text}")
+    return EXIT_OK
+
+
+def _sdk_failure(exc: Exception, what: str) -> int:
+    from azure.core.exceptions import AzureError
+
+    from byok_pipeline.adapters.keyvault import translate
+
+    if isinstance(exc, AzureError):
+        err = translate(exc, what)
+        raise err from None
+    raise exc
+
+
+# -- parser ---------------------------------------------------------------------------------------
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--hsm-url", help="Managed HSM URL (default: $BYOK_HSM_URL)")
+    common.add_argument("--storage", help="storage connection string (default: $BYOK_STORAGE)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+
+    parser = argparse.ArgumentParser(
+        prog="byok",
+        description="Connected side of BYOK into Azure Managed HSM. Settings come from the "
+        "environment (see README); `byok dev up` writes them for a local stack. "
+        "Exit codes: 0 ok, 2 refused (reason code on stderr), 1 failure.",
+    )
+    parser.add_argument("--version", action="version", version=f"byok {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    kek = sub.add_parser("kek", help="create or download a Key Exchange Key")
+    kek_sub = kek.add_subparsers(dest="kek_command", required=True)
+    kc = kek_sub.add_parser(
+        "create", parents=[common], help="create an import-only RSA-HSM KEK; prints its kid"
+    )
+    kc.add_argument("--name", required=True, help="key name (1-127 of 0-9 a-z A-Z -)")
+    kc.add_argument(
+        "--size", type=int, choices=[2048, 3072, 4096], default=4096, help="RSA size (default 4096)"
+    )
+    kc.add_argument(
+        "--expires-days",
+        type=_positive,
+        metavar="N",
+        help="KEK expires N (>= 1) days from now; recommended: short (default: no expiry)",
+    )
+    kc.add_argument(
+        "--new-version",
+        action="store_true",
+        help="add a version to an existing key of that name (default: refuse)",
+    )
+    kd = kek_sub.add_parser(
+        "download", parents=[common], help="write the KEK public PEM; print kid and SPKI SHA-256"
+    )
+    kd.add_argument("--kid", help="the KEK's kid with version (default: $BYOK_KEK_KID)")
+    kd.add_argument("--name", help="or the KEK's name (its latest version)")
+    kd.add_argument("--out", required=True, metavar="KEK.pem")
+    kd.add_argument("--force", action="store_true", help="replace an existing file")
+
+    up = sub.add_parser(
+        "upload", parents=[common], help="drop a package into the incoming container"
+    )
+    up.add_argument("package", metavar="NAME.byok")
+    up.add_argument("--manifest", help="its manifest (default: NAME.manifest.json beside it)")
+    up.add_argument(
+        "--no-manifest", action="store_true", help="do not pick up a manifest beside it"
+    )
+    up.add_argument("--name", help="blob name (default: the file name)")
+    up.add_argument("--uploader", help="who uploads, recorded in the audit (default: user@host)")
+    up.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="tag for the imported key version (repeatable, at most 10)",
+    )
+
+    im = sub.add_parser(
+        "import",
+        parents=[common],
+        help="validate, import and verify directly, without a blob drop (audited); safe to repeat",
+    )
+    im.add_argument("package", metavar="NAME.byok")
+    im.add_argument("--manifest", help="its manifest (default: NAME.manifest.json beside it)")
+    im.add_argument(
+        "--no-manifest", action="store_true", help="do not pick up a manifest beside it"
+    )
+    im.add_argument("--name", help="key name (default: NAME from the file name)")
+    im.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="tag for the imported version",
+    )
+
+    st = sub.add_parser("status", parents=[common], help="status of one package or all")
+    st.add_argument("name", nargs="?", help="blob name, e.g. payments.byok")
+    st.add_argument("--state", help="only this state (imported, rejected, ...)")
+
+    wa = sub.add_parser(
+        "watch", parents=[common], help="local runner: deliver dropped packages like Event Grid"
+    )
+    wa.add_argument("--once", action="store_true", help="process what is there, then exit")
+    wa.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default 2)")
+    wa.add_argument(
+        "--workers", type=_positive, default=1, help="concurrent deliveries (default 1)"
+    )
+
+    dev = sub.add_parser("dev", help="start/stop a local stack (Azurite + Managed HSM emulator)")
+    dev_sub = dev.add_subparsers(dest="dev_command", required=True)
+    for name, text in (("up", "start it and write DIR/env"), ("down", "stop it")):
+        p = dev_sub.add_parser(name, help=text)
+        p.add_argument("--dir", default=".byok-dev", help="state directory (default .byok-dev)")
+        p.add_argument("--json", action="store_true")
+
+    sub.add_parser(
+        "reconcile",
+        parents=[common],
+        help="complete missing audit records; redeliver packages whose events were lost",
+    )
+    rs = sub.add_parser("reasons", help="list the reason codes")
+    rs.add_argument("--json", action="store_true")
+    add_audit_parser(sub, common)
+    return parser
+
+
+_COMMANDS = {
+    "upload": cmd_upload,
+    "import": cmd_import,
+    "status": cmd_status,
+    "watch": cmd_watch,
+    "dev": cmd_dev,
+    "reasons": cmd_reasons,
+    "audit": cmd_audit,
+    "reconcile": cmd_reconcile,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "kek":
+            return cmd_kek_create(args) if args.kek_command == "create" else cmd_kek_download(args)
+        return _COMMANDS[args.command](args)
+    except Rejected as exc:
+        _fail(args, exc.reason, exc.message)
+        return EXIT_REFUSED
+    except ByokError as exc:
+        if isinstance(exc, TransientError | ConfigError | PipelineError):
+            _fail(args, exc.reason, exc.message, refused=False)
+            return EXIT_FAILED
+        _fail(args, exc.reason, exc.message)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+
+
+def _fail(args: argparse.Namespace, reason: str, message: str, *, refused: bool = True) -> None:
+    word = "refused" if refused else "failed"
+    print(f"byok: {word} [{reason}]: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"status": word, "reason": reason, "message": message}))

@@ -1,0 +1,508 @@
+"""Processing one dropped package, exactly once: claim → validate → import → verify → record.
+
+Exactly-once rests on three mechanisms (see README "How exactly-once works"):
+1. the status document ``packages/<sha256>.json`` is created with ``if_none_match='*'``:
+   the first delivery of these bytes claims them;
+2. a blob lease on that document serialises workers; a delivery that finds it leased raises
+   :class:`InProgress` so the platform redelivers later;
+3. before every import attempt the HSM is searched for a version tagged with the package's
+   SHA-256, so a crash between import and status write never imports twice; the lease is
+   renewed right before each import PUT, whose timeouts are bounded well inside the lease, and
+   a takeover waits until an earlier PUT can no longer land.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from azure.storage.blob import BlobLeaseClient
+
+from byok_pipeline.adapters.blobstore import BlobGone, BlobStore, IncomingBlob
+from byok_pipeline.adapters.keyvault import HsmAdapter, ImportedKey
+from byok_pipeline.adapters.telemetry import PackageSpan, package_span
+from byok_pipeline.audit.events import AuditSink, event_for_state, utc_now, verified_event
+from byok_pipeline.core.errors import InProgress, Rejected, TransientError
+from byok_pipeline.core.metadata import parse_metadata
+from byok_pipeline.core.settings import Settings
+from byok_pipeline.core.status import ARCHIVED, TERMINAL, StatusDoc, utc
+from byok_pipeline.core.validation import read_package
+from byok_pipeline.processing.importer import fingerprint_result, import_validated, validate
+from offline_packager.kid import KEY_NAME_RE
+
+log = logging.getLogger("byok_pipeline")
+
+_BLOB_NAME_RE = re.compile(r"^(?P<name>.+)\.byok$")
+Fault = Callable[[str], None]
+
+
+def _no_fault(stage: str) -> None:
+    """Production: no fault injection. Tests pass a hook that crashes at a named stage."""
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class Deps:
+    """Everything processing needs; clock, ids and fault points are seams for tests."""
+
+    settings: Settings
+    store: BlobStore
+    hsm: HsmAdapter
+    audit: AuditSink
+    clock: Callable[[], datetime] = utc_now
+    new_id: Callable[[], str] = _new_id
+    fault: Fault = _no_fault
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one delivery."""
+
+    state: str  # a status state, or "gone" (nothing left to do)
+    status_path: str | None = None
+    doc: StatusDoc | None = field(default=None, repr=False)
+
+    @property
+    def reason_code(self) -> str | None:
+        return self.doc.reason_code if self.doc else None
+
+
+def key_name_of(blob_name: str) -> str:
+    """``NAME.byok`` → ``NAME``.
+
+    Raises:
+        Rejected: reason ``bad_key_name``.
+    """
+    match = _BLOB_NAME_RE.match(blob_name)
+    if match is None or not KEY_NAME_RE.match(match["name"]):
+        raise Rejected(
+            "bad_key_name", "blob must be named NAME.byok, NAME matching ^[0-9a-zA-Z-]{1,127}$"
+        )
+    return match["name"]
+
+
+def _drop_hash(blob: IncomingBlob) -> str:
+    return hashlib.sha256(f"{blob.name}\n{blob.etag}".encode()).hexdigest()[:32]
+
+
+def _fresh_doc(blob: IncomingBlob, sha: str | None, deps: Deps) -> StatusDoc:
+    doc = StatusDoc(
+        blob_name=blob.name,
+        package_sha256=sha,
+        etag=blob.etag,
+        correlation_id=deps.new_id(),
+        drop_time=utc(blob.created.astimezone(UTC)) if blob.created else None,
+        uploader=(blob.metadata or {}).get("byok_uploader"),
+    )
+    with contextlib.suppress(Rejected):  # a bad name is refused later, with its reason
+        doc.key_name = key_name_of(blob.name)
+    doc.advance("received", deps.clock())
+    return doc
+
+
+def _ascii(text: str, limit: int = 512) -> str:
+    """Blob metadata values must be ASCII: a safe rendering of an attacker-chosen name."""
+    return text.encode("ascii", "backslashreplace").decode()[:limit]
+
+
+def _parse_utc(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+class _Run:
+    """One leased processing run of one status document."""
+
+    def __init__(
+        self, deps: Deps, blob: IncomingBlob, path: str, doc: StatusDoc, lease: BlobLeaseClient
+    ) -> None:
+        self.deps = deps
+        self.blob = blob
+        self.path = path
+        self.doc = doc
+        self.lease = lease
+        self._attempt_noted = float("-inf")  # monotonic time the last import attempt was saved
+
+    # -- recording --------------------------------------------------------------------------
+    def save(self, *, renew: bool = False) -> None:
+        self.deps.store.save_status(self.path, self.doc, self.lease, renew=renew)
+
+    def flush_audit(self) -> None:
+        """Emit every history entry not yet audited, in order, then mark them (next save)."""
+        for entry in self.doc.unaudited():
+            emit_or_retry(
+                self.deps.audit, event_for_state(self.doc, entry.state, entry.attempt, entry.time)
+            )
+            if entry.state == "imported" and self.doc.fingerprint_result == "match":
+                emit_or_retry(self.deps.audit, verified_event(self.doc, self.deps.clock()))
+            entry.audited = True
+
+    def record(self, *states: str, renew: bool = False) -> None:
+        """Advance through ``states``, write the status durably once, then audit each change."""
+        now = self.deps.clock()
+        if [state for state in states if self.doc.advance(state, now)]:
+            self.save(renew=renew)
+            self.flush_audit()
+
+    def finish(self, state: str, *, reason: str | None = None, message: str | None = None) -> None:
+        self.doc.reason_code = reason
+        self.doc.message = message
+        self.record(state)
+        self.doc.disposition = self._destination()[2]
+        self.save()  # persist the audited marks and where the package goes
+        self.dispose()
+
+    def _destination(self) -> tuple[str, str, str]:
+        s = self.deps.settings
+        container = s.archive_container if self.doc.state in ARCHIVED else s.quarantine_container
+        if self.blob.data is None:
+            dest = f"_oversize/{_drop_hash(self.blob)}.byok"
+        else:
+            folder = self.doc.key_name or "_invalid-name"
+            dest = f"{folder}/{self.doc.package_sha256}.byok"
+        return container, dest, f"{container}/{dest}"
+
+    def dispose(self) -> None:
+        """Move the package out of incoming (status already durable); note it if it stayed."""
+        container, dest, _ = self._destination()
+        meta = {
+            "original_name": _ascii(self.blob.name),
+            "state": self.doc.state or "",
+            "correlation_id": self.doc.correlation_id,
+        }
+        where = self.deps.store.dispose(self.blob, container, dest, meta) or (
+            "left in incoming: replaced by a newer drop under the same name"
+        )
+        if self.doc.disposition != where:
+            self.doc.disposition = where
+            self.save()
+
+    # -- the steps --------------------------------------------------------------------------
+    def run(self) -> None:
+        doc, deps = self.doc, self.deps
+        if self.blob.data is None:
+            raise Rejected(
+                "too_large",
+                f"package is {self.blob.size} bytes, over the "
+                f"{deps.settings.max_package_bytes}-byte limit",
+            )
+        data = self.blob.data
+        doc.key_name = key_name_of(self.blob.name)
+        options = parse_metadata(self.blob.metadata)
+        doc.manifest_sha256 = options.manifest_sha256
+        if options.package_sha256 and options.package_sha256 != doc.package_sha256:
+            raise Rejected(
+                "manifest_mismatch", "the package differs from the one its manifest describes"
+            )
+        if options.fingerprint is not None:
+            doc.fingerprint_expected = f"{options.fingerprint.kind}:{options.fingerprint.value}"
+
+        imported: ImportedKey | None = None
+        _, kid = read_package(data, deps.settings)
+        doc.kek_kid = kid.kid
+        assert doc.package_sha256 is not None  # noqa: S101  # data was read, so it was hashed
+        if doc.reached("importing"):  # resumed after a crash: the import may have happened
+            imported = deps.hsm.find_imported(
+                doc.key_name, doc.package_sha256, request_id=doc.correlation_id
+            )
+        validated = (
+            validate(
+                data,
+                options,
+                settings=deps.settings,
+                hsm=deps.hsm,
+                clock=deps.clock,
+                request_id=doc.correlation_id,
+            )
+            if imported is None
+            else None
+        )
+        if validated is not None:
+            doc.target_type = validated.target_type.name
+            doc.target_type_source = "inferred" if validated.target_type_inferred else "stated"
+            doc.key_ops = list(validated.key_ops)
+            # both states in one write, with the lease renewed and the import attempt noted:
+            # the first PUT follows at once (see _before_put)
+            doc.import_attempt_at = utc(deps.clock())
+            self.record("validated", "importing", renew=True)
+            self._attempt_noted = time.monotonic()
+            deps.fault("before_import")
+            imported = import_validated(
+                deps.hsm,
+                doc.key_name,
+                data=data,
+                package_sha256=doc.package_sha256,
+                validated=validated,
+                options=options,
+                request_id=doc.correlation_id,
+                before_put=self._before_put,
+            )
+            deps.fault("after_import")
+        assert imported is not None  # noqa: S101  # found, or imported just above
+        doc.imported_kid = imported.kid  # a crash from here on is recovered by the version's tag
+        result = fingerprint_result(
+            deps.hsm, imported, options.fingerprint, doc.target_type, request_id=doc.correlation_id
+        )
+        doc.fingerprint_result = result
+        if result == "mismatch":
+            deps.hsm.disable_version(imported.name, imported.version, request_id=doc.correlation_id)
+            self.finish(
+                "verification_failed",
+                reason="fingerprint_mismatch",
+                message="the imported key differs from the manifest's fingerprint; "
+                "the new version was disabled",
+            )
+        else:
+            self.finish("imported")
+
+    def _before_put(self) -> None:
+        """Right before each import PUT: the attempt is noted and the lease renewed, so the lease
+        outlives the PUT (whose timeouts are bounded by it, see HsmAdapter.import_once). The
+        write that recorded ``importing`` did both; it is repeated when more than a second has
+        passed since (a slow look for the tagged version, a retry)."""
+        if time.monotonic() - self._attempt_noted > 1.0:
+            self.doc.import_attempt_at = utc(self.deps.clock())
+            self.save(renew=True)
+            self._attempt_noted = time.monotonic()
+        self.deps.fault("before_put")
+
+    def import_in_flight(self) -> bool:
+        """An import PUT of an earlier delivery may still land: too recent to import again."""
+        if self.doc.state != "importing" or not self.doc.import_attempt_at:
+            return False
+        grace = self.deps.settings.lease_seconds + self.deps.hsm.put_timeout_seconds() + 5
+        age = (self.deps.clock() - _parse_utc(self.doc.import_attempt_at)).total_seconds()
+        return age < grace
+
+    def disable_after_import(self) -> str:
+        """Best effort: disable a version that was imported but will not end ``imported``."""
+        doc, hsm = self.doc, self.deps.hsm
+        if (
+            doc.imported_kid is None
+            and doc.key_name
+            and doc.package_sha256
+            and doc.reached("importing")
+        ):
+            try:
+                found = hsm.find_imported(
+                    doc.key_name, doc.package_sha256, request_id=doc.correlation_id
+                )
+            except (Rejected, TransientError):
+                return "; whether the import happened is unknown: look for versions tagged byok-package-sha256"
+            doc.imported_kid = found.kid if found else None
+        if doc.imported_kid is None:
+            return ""
+        name, version = doc.imported_kid.rstrip("/").split("/")[-2:]
+        try:
+            hsm.disable_version(name, version, request_id=doc.correlation_id)
+        except (Rejected, TransientError):
+            return f"; the imported version {doc.imported_kid} could NOT be disabled: disable it by hand"
+        return f"; the imported version {doc.imported_kid} was disabled"
+
+
+def emit_or_retry(audit: AuditSink, event: dict[str, object]) -> None:
+    """Emit one audit event; any sink failure becomes a TransientError (never skipped).
+
+    Raises:
+        TransientError: the sink did not accept the event; processing must not complete.
+    """
+    try:
+        audit.emit(event)
+    except TransientError as exc:  # keep the trail's own reason (e.g. audit_trail_broken)
+        raise TransientError(
+            f"audit append failed: {exc.message}",
+            retry_after=exc.retry_after,
+            reason=exc.reason if exc.reason.startswith("audit") else "audit_failed",
+        ) from None
+    except Exception as exc:  # noqa: BLE001  # any sink failure means the record is not durable
+        raise TransientError(
+            f"audit append failed: {type(exc).__name__}: {exc}", reason="audit_failed"
+        ) from None
+
+
+def process_blob(name: str, deps: Deps) -> Outcome:
+    """Process one delivery of ``incoming/name``. Safe to call any number of times, concurrently.
+
+    Returns the outcome for handled cases (terminal states, or "gone").
+
+    Raises:
+        InProgress: another worker holds the package; redeliver later.
+        TransientError: a dependency failed and attempts remain; redeliver later.
+    """
+    with package_span(None, name) as span:
+        outcome = _process_blob(name, deps, span)
+        span.set_outcome(outcome.state, outcome.reason_code)
+        return outcome
+
+
+def _process_blob(name: str, deps: Deps, span: PackageSpan) -> Outcome:
+    store = deps.store
+    try:
+        blob = store.read_incoming(name)
+    except BlobGone:
+        return Outcome("gone")
+    if blob.data is None:
+        sha = None
+        path = f"packages/oversize-{_drop_hash(blob)}.json"
+    else:
+        sha = hashlib.sha256(blob.data).hexdigest()
+        path = f"packages/{sha}.json"
+
+    store.create_status(path, _fresh_doc(blob, sha, deps))
+    lease = store.lease(path)
+    try:
+        doc = store.load_status(path)
+        assert doc is not None  # noqa: S101  # created above or before, never deleted
+        span.set_correlation_id(doc.correlation_id)
+        if doc.etag != blob.etag:
+            # whatever happens to this drop, the first record's audit must be complete first
+            first = _Run(deps, blob, path, doc, lease)
+            if doc.unaudited():
+                first.flush_audit()
+                first.save()
+            if doc.state in ("rejected", "failed", "verification_failed"):
+                # the same bytes dropped again after a refusal: keep the old record, start over
+                retired = f"history/{sha}/{_drop_hash(blob)}-{doc.etag.strip(chr(34))}.json"
+                store.put_status(retired, doc, index=False)
+                doc = _fresh_doc(blob, sha, deps)
+                store.save_status(path, doc, lease)
+                store.index_name(doc, path)
+            elif not doc.terminal:
+                # dropped again while the first drop is unfinished (e.g. its worker died and the
+                # custodian re-uploaded): this drop takes the record over and finishes it
+                doc.etag, doc.blob_name = blob.etag, blob.name
+                store.save_status(path, doc, lease)
+                store.index_name(doc, path)
+            else:
+                return _duplicate(blob, path, doc, deps)
+        return _run_leased(_Run(deps, blob, path, doc, lease))
+    finally:
+        store.release(lease)
+
+
+def complete_audit(path: str, deps: Deps) -> bool:
+    """Emit a status document's missing audit events (reconciler). True if any were missing.
+
+    Raises:
+        InProgress: another worker holds the document.
+        TransientError: the audit sink or storage failed.
+    """
+    store = deps.store
+    lease = store.lease(path)
+    try:
+        doc = store.load_status(path)
+        if doc is None or not doc.unaudited():
+            return False
+        blob = IncomingBlob(doc.blob_name, doc.etag, 0, None)
+        run = _Run(deps, blob, path, doc, lease)
+        run.flush_audit()
+        run.save()
+        return True
+    finally:
+        store.release(lease)
+
+
+def _run_leased(run: _Run) -> Outcome:
+    """The leased part of a delivery: finish a terminal record, or process one more attempt."""
+    doc, deps = run.doc, run.deps
+    if doc.terminal:
+        try:
+            run.flush_audit()
+            run.save()
+            run.dispose()
+        except TransientError as exc:
+            doc.last_error = exc.message
+            run.save()
+            raise
+        return Outcome(doc.state or "", run.path, doc)
+    if run.import_in_flight():
+        raise InProgress("an earlier import attempt may still be in flight; retry after it settles")
+    doc.attempts += 1
+    run.save()
+    try:
+        run.flush_audit()
+        run.run()
+    except Rejected as exc:
+        if doc.imported_kid is not None:  # imported, but verifying it was refused
+            doc.fingerprint_result = doc.fingerprint_result or "unverified"
+            note = run.disable_after_import()
+            run.finish(
+                "verification_failed",
+                reason="verification_error",
+                message=f"the key was imported but could not be verified: {exc.message}{note}",
+            )
+        else:
+            doc.service_code = exc.service_code
+            run.finish("rejected", reason=exc.reason, message=exc.message)
+    except InProgress:
+        raise
+    except Exception as exc:  # noqa: BLE001  # anything else is retried, counted, never lost
+        err = exc if isinstance(exc, TransientError) else _internal(exc)
+        doc.last_error = err.message
+        if not err.outcome_unknown:
+            doc.import_attempt_at = None  # the HSM answered: no import PUT is left in flight
+        if doc.state in TERMINAL:  # only its audit record is missing: redelivery emits it
+            run.save()
+            raise err from None
+        if doc.attempts < deps.settings.max_attempts:
+            run.save()
+            raise err from None
+        note = run.disable_after_import()
+        run.finish(
+            "failed",
+            reason="attempts_exhausted",
+            message=f"gave up after {doc.attempts} attempts: {err.message}{note}",
+        )
+    return Outcome(doc.state or "", run.path, doc)
+
+
+def _internal(exc: Exception) -> TransientError:
+    log.error("byok: unexpected error while processing a package", exc_info=exc)
+    return TransientError(f"internal error: {type(exc).__name__}", reason="internal_error")
+
+
+def _duplicate(blob: IncomingBlob, first_path: str, first: StatusDoc, deps: Deps) -> Outcome:
+    """A new drop of bytes already claimed: record ``duplicate`` pointing at the first result."""
+    path = f"duplicates/{first.package_sha256}/{_drop_hash(blob)}.json"
+    doc = deps.store.load_status(path)
+    if doc is None:
+        doc = _fresh_doc(blob, first.package_sha256, deps)
+        doc.key_name = first.key_name
+        doc.target_type = first.target_type
+        doc.kek_kid = first.kek_kid
+        doc.imported_kid = first.imported_kid
+        doc.duplicate_of = first_path
+        doc.message = f"same bytes as {first.blob_name[:200]!r} ({first.state}" + (
+            f", imported as {first.imported_kid})" if first.imported_kid else ")"
+        )
+        doc.attempts = 1
+        doc.advance("duplicate", deps.clock())
+        deps.store.put_status(path, doc)
+    for entry in doc.unaudited():
+        emit_or_retry(deps.audit, event_for_state(doc, entry.state, entry.attempt, entry.time))
+        entry.audited = True
+    deps.store.put_status(path, doc)
+    dest = (
+        f"{doc.key_name or '_invalid-name'}/{doc.package_sha256}.duplicate-{_drop_hash(blob)}.byok"
+    )
+    doc.disposition = deps.store.dispose(
+        blob,
+        deps.settings.archive_container,
+        dest,
+        {
+            "original_name": _ascii(blob.name),
+            "state": "duplicate",
+            "correlation_id": doc.correlation_id,
+        },
+    )
+    deps.store.put_status(path, doc)
+    return Outcome("duplicate", path, doc)

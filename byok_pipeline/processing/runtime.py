@@ -1,0 +1,138 @@
+"""What the Function app's triggers call: deps built lazily once per process, outcomes mapped.
+
+``function_app.py`` stays wiring only. Tests replace the deps factory with
+:func:`set_deps_factory` (the Functions host cannot run here).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from byok_pipeline.core.errors import ConfigError, InProgress, TransientError
+from byok_pipeline.core.reasons import REASONS
+from byok_pipeline.core.settings import Settings
+from byok_pipeline.core.status import STATES
+from byok_pipeline.processing.processor import Deps, Outcome, process_blob
+
+log = logging.getLogger("byok_pipeline")
+_lock = threading.Lock()
+_deps: Deps | None = None
+_factory: Callable[[], Deps] | None = None
+
+
+def _default_factory() -> Deps:
+    from byok_pipeline.processing.wiring import build_deps
+
+    return build_deps(Settings.from_env())
+
+
+def set_deps_factory(factory: Callable[[], Deps] | None) -> None:
+    """Replace how deps are built (tests, local runner); ``None`` restores the default."""
+    global _deps, _factory  # noqa: PLW0603  # one process-wide cache, by design
+    with _lock:
+        _factory = factory
+        _deps = None
+
+
+def get_deps() -> Deps:
+    """Build the deps on first use (keeps cold start small), then reuse them."""
+    global _deps  # noqa: PLW0603  # one process-wide cache, by design
+    with _lock:
+        if _deps is None:
+            _deps = (_factory or _default_factory)()
+        return _deps
+
+
+def blob_name_from_trigger(path: str, container: str) -> str:
+    """The trigger gives ``container/name``; the pipeline wants ``name``."""
+    prefix = f"{container}/"
+    return path.removeprefix(prefix)
+
+
+def handle_blob(path: str) -> Outcome:
+    """Process one blob-trigger invocation.
+
+    Raises:
+        InProgress, TransientError: let the platform redeliver (the invocation fails).
+    """
+    deps = get_deps()
+    name = blob_name_from_trigger(path, deps.settings.incoming_container)
+    try:
+        outcome = process_blob(name, deps)
+    except (InProgress, TransientError) as exc:
+        log.warning("byok: %s for %s; the platform will redeliver", exc.reason, name)
+        raise
+    doc = outcome.doc
+    log.info(
+        "byok: %s -> %s",
+        name,
+        outcome.state,
+        extra={
+            "correlation_id": doc.correlation_id if doc else None,
+            "reason_code": outcome.reason_code,
+        },
+    )
+    return outcome
+
+
+def http_json(status: int, body: Any) -> tuple[int, bytes]:
+    return status, json.dumps(body, indent=2, sort_keys=True).encode()
+
+
+def list_packages(state: str | None) -> tuple[int, bytes]:
+    """``GET /api/packages[?state=...]``: status summaries."""
+    if state is not None and state not in STATES:
+        return http_json(
+            400, {"error": "bad_state", "message": f"state must be one of {list(STATES)}"}
+        )
+    try:
+        docs = [d.summary() for d in get_deps().store.iter_statuses(state)]
+    except (TransientError, ConfigError) as exc:
+        return http_json(503, {"error": exc.reason, "message": exc.message})
+    return http_json(200, {"packages": docs, "count": len(docs)})
+
+
+def get_package(name: str) -> tuple[int, bytes]:
+    """``GET /api/packages/{name}``: the latest status of the package dropped as ``name``."""
+    try:
+        doc = get_deps().store.status_by_name(name)
+    except (TransientError, ConfigError) as exc:
+        return http_json(503, {"error": exc.reason, "message": exc.message})
+    if doc is None:
+        return http_json(404, {"error": "not_found", "message": f"no package named {name!r}"})
+    body = doc.summary()
+    if doc.reason_code:
+        body["reason"] = REASONS.get(doc.reason_code)
+    return http_json(200, body)
+
+
+def get_kek() -> tuple[int, bytes]:
+    """``GET /api/kek``: the configured KEK's kid, public PEM and SPKI SHA-256 (no secret)."""
+    from byok_pipeline.processing.kek_info import kek_info
+    from offline_packager.kid import parse_kid
+
+    deps = get_deps()
+    if not deps.settings.kek_kid:
+        return http_json(404, {"error": "no_kek", "message": "BYOK_KEK_KID is not configured"})
+    try:
+        info = kek_info(deps.hsm, parse_kid(deps.settings.kek_kid), request_id="api-kek")
+    except TransientError as exc:
+        return http_json(503, {"error": exc.reason, "message": exc.message})
+    except Exception as exc:  # noqa: BLE001  # any refusal maps to a 4xx with its reason
+        return http_json(404, {"error": getattr(exc, "reason", "error"), "message": str(exc)})
+    return http_json(200, info)
+
+
+def reconcile() -> dict[str, Any]:
+    """Timer trigger: complete missing audit records, redeliver stale waiting packages."""
+    from dataclasses import asdict
+
+    from byok_pipeline.processing.reconcile import reconcile as run
+
+    report = asdict(run(get_deps()))
+    log.info("byok reconcile: %s", json.dumps(report, sort_keys=True))
+    return report

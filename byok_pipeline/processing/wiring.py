@@ -1,0 +1,162 @@
+"""Build the pipeline's dependencies from settings: SDK clients with bounded retries.
+
+Production credentials: a user-assigned managed identity (``AZURE_CLIENT_ID``) or
+``DefaultAzureCredential``. The local runner passes the emulator's credential explicitly.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from azure.core.credentials import TokenCredential
+from azure.keyvault.keys import KeyClient
+from azure.keyvault.keys.crypto import CryptographyClient
+from azure.storage.blob import BlobServiceClient
+
+from byok_pipeline.adapters.blobstore import BlobStore
+from byok_pipeline.adapters.keyvault import HsmAdapter
+from byok_pipeline.audit.events import AuditSink, FanoutAuditSink, JsonLinesAuditSink
+from byok_pipeline.core.errors import ConfigError
+from byok_pipeline.core.settings import Settings
+from byok_pipeline.processing.processor import Deps
+
+CONNECTION_TIMEOUT = 10
+READ_TIMEOUT = 30  # well below the lease (>= 15 s ... 60 s) so a hung import cannot outlive it
+
+
+def default_credential(env: Mapping[str, str] | None = None) -> TokenCredential:
+    """Managed identity in Azure (user-assigned when AZURE_CLIENT_ID is set)."""
+    from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
+
+    env = os.environ if env is None else env
+    client_id = env.get("AZURE_CLIENT_ID")
+    if client_id and env.get("IDENTITY_ENDPOINT"):
+        return ManagedIdentityCredential(client_id=client_id)
+    return DefaultAzureCredential(managed_identity_client_id=client_id)
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _retry_kwargs(settings: Settings) -> dict[str, Any]:
+    return {
+        "retry_total": settings.retry_total,
+        "retry_backoff_factor": settings.retry_backoff,
+        "retry_backoff_max": settings.retry_backoff_max,
+        "connection_timeout": CONNECTION_TIMEOUT,
+        "read_timeout": READ_TIMEOUT,
+    }
+
+
+def key_client(
+    settings: Settings, credential: TokenCredential, *, ca_bundle: str | None = None
+) -> KeyClient:
+    """A KeyClient for the configured HSM. Challenge-resource verification stays on except for
+    a loopback HSM (the local emulator), where the SDK cannot verify it."""
+    kwargs = _retry_kwargs(settings)
+    if _is_loopback(settings.hsm_url):
+        kwargs["verify_challenge_resource"] = False
+    if ca_bundle:
+        kwargs["connection_verify"] = ca_bundle
+    return KeyClient(settings.hsm_url, credential, **kwargs)
+
+
+def hsm_adapter(
+    settings: Settings, credential: TokenCredential, *, ca_bundle: str | None = None
+) -> HsmAdapter:
+    client = key_client(settings, credential, ca_bundle=ca_bundle)
+    crypto_kwargs = _retry_kwargs(settings)
+    if _is_loopback(settings.hsm_url):
+        crypto_kwargs["verify_challenge_resource"] = False
+    if ca_bundle:
+        crypto_kwargs["connection_verify"] = ca_bundle
+
+    def crypto(kid: str) -> CryptographyClient:
+        return CryptographyClient(kid, credential, **crypto_kwargs)
+
+    return HsmAdapter(client, settings, crypto_factory=crypto)
+
+
+def blob_service(
+    settings: Settings,
+    env: Mapping[str, str] | None = None,
+    credential: TokenCredential | None = None,
+) -> BlobServiceClient:
+    """``BYOK_STORAGE`` as a connection string, or identity-based ``BYOK_STORAGE__blobServiceUri``.
+
+    Raises:
+        ConfigError: neither is set.
+    """
+    env = os.environ if env is None else env
+    kwargs: dict[str, Any] = {
+        "retry_total": settings.retry_total,
+        "connection_timeout": CONNECTION_TIMEOUT,
+        "read_timeout": READ_TIMEOUT,
+    }
+    conn = env.get("BYOK_STORAGE")
+    if conn:
+        return BlobServiceClient.from_connection_string(conn, **kwargs)
+    uri = env.get("BYOK_STORAGE__blobServiceUri")
+    if uri:
+        return BlobServiceClient(uri, credential=credential or default_credential(env), **kwargs)
+    raise ConfigError("set BYOK_STORAGE (connection string) or BYOK_STORAGE__blobServiceUri")
+
+
+def audit_sink(settings: Settings) -> AuditSink:
+    """Every audit event goes first to the tamper-evident trail (append blobs in the audit
+    container); once appended, the stored record goes on to OpenTelemetry (Application
+    Insights, or local JSON lines; set up lazily) and, when BYOK_AUDIT_LOG is set, to that
+    local JSON-lines file. ``emit`` raises unless the trail append succeeded.
+
+    Without storage settings (a ``byok kek`` command against the HSM only), BYOK_AUDIT_LOG
+    is the record: OpenTelemetry and the local file.
+
+    Raises:
+        ConfigError: neither storage nor BYOK_AUDIT_LOG is configured.
+    """
+    from byok_pipeline.adapters.telemetry import TelemetryAuditSink
+    from byok_pipeline.audit.trail import AuditTrail, TrailAuditSink
+
+    after: list[AuditSink] = [TelemetryAuditSink(settings)]
+    if settings.audit_log:
+        after.append(JsonLinesAuditSink(settings.audit_log))
+    try:
+        service = blob_service(settings)
+    except ConfigError:
+        if settings.audit_log:
+            return FanoutAuditSink(*after)
+        raise ConfigError(
+            "audit events need the audit trail (BYOK_STORAGE) or a local file (BYOK_AUDIT_LOG)"
+        ) from None
+    # one append never outlives half the lease of the package it records
+    trail = AuditTrail(service, settings.audit_container, deadline=settings.lease_seconds / 2)
+    return TrailAuditSink(trail, then=FanoutAuditSink(*after))
+
+
+def build_deps(
+    settings: Settings,
+    *,
+    env: Mapping[str, str] | None = None,
+    credential: TokenCredential | None = None,
+    ca_bundle: str | None = None,
+    audit: AuditSink | None = None,
+) -> Deps:
+    """All dependencies of :func:`byok_pipeline.processing.processor.process_blob`."""
+    env = os.environ if env is None else env
+    cred = credential or default_credential(env)
+    ca = ca_bundle or env.get("BYOK_HSM_CA_BUNDLE") or None
+    return Deps(
+        settings=settings,
+        store=BlobStore(blob_service(settings, env), settings),
+        hsm=hsm_adapter(settings, cred, ca_bundle=ca),
+        audit=audit or audit_sink(settings),
+    )
