@@ -9,12 +9,13 @@ PY := $(VENV)/bin/python
 INFRA_VENV := .venv-infra
 APT_PACKAGES := softhsm2 openssl
 
-.PHONY: help test demo lint typecheck unit deps system-deps node-deps infra-deps bench clean
+.PHONY: help test demo lint typecheck unit deps system-deps node-deps infra-deps bench clean package
 
 help:
 	@echo "make test   - install dependencies, run ruff, mypy and pytest"
 	@echo "make demo   - end-to-end BYOK walk-through on local services"
 	@echo "make bench  - print benchmark figures (not part of the tests)"
+	@echo "make package - build dist/function-app.zip, the Function's deployment package"
 
 # System packages: SoftHSM2 (the PKCS#11 HSM for tests) and the OpenSSL CLI (independent
 # implementation of the wrap). Installed only when missing; needs root (CI runs as root).
@@ -54,6 +55,7 @@ infra-deps: $(INFRA_VENV)/.stamp
 lint: $(VENV)/.stamp
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 # Each test folder has its own conftest.py, so mypy checks the folders one at a time.
 typecheck: $(VENV)/.stamp
@@ -68,6 +70,10 @@ test: deps infra-deps lint typecheck
 demo: deps
 	$(PY) scripts/demo.py
 
+# The deployment package: exactly what .funcignore admits (see infra/README.md, "Publish").
+package: $(VENV)/.stamp
+	$(PY) scripts/build_function_zip.py --out dist/function-app.zip
+
 bench: deps
 	$(PY) benchmarks/packager_bench.py
 	$(PY) benchmarks/pipeline_bench.py
@@ -75,4 +81,4 @@ bench: deps
 
 clean:
 	-[ -f .byok-dev/stack.json ] && $(VENV)/bin/byok dev down --dir .byok-dev
-	rm -rf $(VENV) $(INFRA_VENV) node_modules .mypy_cache .ruff_cache .pytest_cache .demo .byok-dev
+	rm -rf $(VENV) $(INFRA_VENV) node_modules dist .mypy_cache .ruff_cache .pytest_cache .demo .byok-dev

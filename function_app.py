@@ -1,11 +1,14 @@
 """Azure Functions (Python v2 model): triggers and wiring only. Logic lives in byok_pipeline."""
 
-from __future__ import annotations
+# No `from __future__ import annotations`: the worker reads the binding types from the
+# annotations (the blob trigger's SDK type), so they stay real objects.
 
 import azure.functions as func
+import azurefunctions.extensions.bindings.blob as blob_types
 
 from byok_pipeline.processing import runtime
 
+runtime.configure_logging()
 app = func.FunctionApp()
 
 
@@ -16,9 +19,11 @@ app = func.FunctionApp()
     connection="BYOK_STORAGE",
     source=func.BlobSource.EVENT_GRID,
 )
-def process_package(blob: func.InputStream) -> None:
-    """A package was dropped. Transient failures raise, so the platform redelivers."""
-    runtime.handle_blob(blob.name or "")
+def process_package(blob: blob_types.BlobClient) -> None:
+    """A package was dropped. The binding is a BlobClient (SDK type), so the host downloads
+    nothing: the pipeline reads the blob itself, size cap first. Transient failures raise, so
+    the platform redelivers."""
+    runtime.handle_blob(blob.blob_name)
 
 
 @app.function_name("reconcile")

@@ -31,7 +31,16 @@ def candidate_files(root: Path) -> list[str]:
     """The files of the working tree that git would commit (tracked, or new and not ignored)."""
     try:
         out = subprocess.run(
-            ["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],  # noqa: S607  # git from PATH
+            [
+                "git",
+                "-C",
+                str(root),
+                "ls-files",
+                "-z",
+                "--cached",
+                "--others",
+                "--exclude-standard",
+            ],
             capture_output=True,
             check=True,
         ).stdout

@@ -135,7 +135,7 @@ def _reader(args: argparse.Namespace) -> Any:
 
     env = dict(os.environ)
     if getattr(args, "storage", None):
-        env["BYOK_STORAGE"] = args.storage
+        args.storage.apply(env)
     container = (
         args.container or env.get("BYOK_AUDIT_CONTAINER") or DEFAULTS["BYOK_AUDIT_CONTAINER"]
     )
@@ -283,11 +283,12 @@ def _print_export(args: argparse.Namespace, report: Any, lines: Sequence[Any]) -
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m byok_pipeline.cli.audit verify|export ...`` (the same as ``byok audit``)."""
+    from byok_pipeline.cli.storage_arg import add_storage_option
     from byok_pipeline.core.errors import PipelineError
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--hsm-url", help=argparse.SUPPRESS)
-    common.add_argument("--storage", help="storage connection string (default: $BYOK_STORAGE)")
+    add_storage_option(common)
     common.add_argument("--json", action="store_true", help="machine-readable output")
     parser = argparse.ArgumentParser(prog="byok")
     sub = parser.add_subparsers(dest="command", required=True)

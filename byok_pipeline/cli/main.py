@@ -19,6 +19,7 @@ from typing import Any
 
 from byok_pipeline import __version__
 from byok_pipeline.cli.audit import add_audit_parser, cmd_audit
+from byok_pipeline.cli.storage_arg import add_storage_option
 from byok_pipeline.core.errors import ConfigError, PipelineError, Rejected, TransientError
 from byok_pipeline.core.reasons import REASONS
 from byok_pipeline.core.settings import Settings
@@ -32,10 +33,10 @@ EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
 def _settings(args: argparse.Namespace, *, require_hsm: bool = True) -> Settings:
     """Settings from the environment; ``--hsm-url``/``--storage`` override it for this process
     (every client built later, the audit trail's included, sees the same values)."""
-    for flag, name in (("hsm_url", "BYOK_HSM_URL"), ("storage", "BYOK_STORAGE")):
-        value = getattr(args, flag, None)
-        if value:
-            os.environ[name] = value
+    if getattr(args, "hsm_url", None):
+        os.environ["BYOK_HSM_URL"] = args.hsm_url
+    if getattr(args, "storage", None):
+        args.storage.apply()
     return Settings.from_env(require_hsm=require_hsm)
 
 
@@ -506,7 +507,7 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--hsm-url", help="Managed HSM URL (default: $BYOK_HSM_URL)")
-    common.add_argument("--storage", help="storage connection string (default: $BYOK_STORAGE)")
+    add_storage_option(common)
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
     parser = argparse.ArgumentParser(

@@ -30,7 +30,7 @@ from byok_pipeline.adapters.keyvault import HsmAdapter, ImportedKey
 from byok_pipeline.adapters.telemetry import PackageSpan, package_span
 from byok_pipeline.audit.events import AuditSink, event_for_state, utc_now, verified_event
 from byok_pipeline.core.errors import InProgress, Rejected, TransientError
-from byok_pipeline.core.metadata import parse_metadata
+from byok_pipeline.core.metadata import ImportOptions, parse_metadata
 from byok_pipeline.core.settings import Settings
 from byok_pipeline.core.status import ARCHIVED, TERMINAL, StatusDoc, utc
 from byok_pipeline.core.validation import read_package
@@ -188,6 +188,21 @@ class _Run:
 
     # -- the steps --------------------------------------------------------------------------
     def run(self) -> None:
+        """Check the drop, import it (or find the import of an earlier attempt), verify it.
+
+        Raises:
+            Rejected: the package is refused (nothing was imported), or verifying it was.
+            TransientError: a dependency failed; the attempt may be repeated.
+        """
+        data, options = self._check_drop()
+        _, kid = read_package(data, self.deps.settings)
+        self.doc.kek_kid = kid.kid
+        imported = self._earlier_import() or self._validate_and_import(data, options)
+        self.doc.imported_kid = imported.kid  # from here on a crash is recovered by its tag
+        self._verify(imported, options)
+
+    def _check_drop(self) -> tuple[bytes, ImportOptions]:
+        """The blob's size, name and upload metadata (the manifest it was uploaded with)."""
         doc, deps = self.doc, self.deps
         if self.blob.data is None:
             raise Rejected(
@@ -195,7 +210,6 @@ class _Run:
                 f"package is {self.blob.size} bytes, over the "
                 f"{deps.settings.max_package_bytes}-byte limit",
             )
-        data = self.blob.data
         doc.key_name = key_name_of(self.blob.name)
         options = parse_metadata(self.blob.metadata)
         doc.manifest_sha256 = options.manifest_sha256
@@ -205,50 +219,55 @@ class _Run:
             )
         if options.fingerprint is not None:
             doc.fingerprint_expected = f"{options.fingerprint.kind}:{options.fingerprint.value}"
+        return self.blob.data, options
 
-        imported: ImportedKey | None = None
-        _, kid = read_package(data, deps.settings)
-        doc.kek_kid = kid.kid
-        assert doc.package_sha256 is not None  # noqa: S101  # data was read, so it was hashed
-        if doc.reached("importing"):  # resumed after a crash: the import may have happened
-            imported = deps.hsm.find_imported(
-                doc.key_name, doc.package_sha256, request_id=doc.correlation_id
-            )
-        validated = (
-            validate(
-                data,
-                options,
-                settings=deps.settings,
-                hsm=deps.hsm,
-                clock=deps.clock,
-                request_id=doc.correlation_id,
-            )
-            if imported is None
-            else None
+    def _earlier_import(self) -> ImportedKey | None:
+        """After a crash past ``importing`` the import may have happened: the version tagged
+        with this package's SHA-256, if any (looked up only then: a fresh claim costs nothing)."""
+        doc = self.doc
+        if not doc.reached("importing") or not doc.key_name or not doc.package_sha256:
+            return None
+        return self.deps.hsm.find_imported(
+            doc.key_name, doc.package_sha256, request_id=doc.correlation_id
         )
-        if validated is not None:
-            doc.target_type = validated.target_type.name
-            doc.target_type_source = "inferred" if validated.target_type_inferred else "stated"
-            doc.key_ops = list(validated.key_ops)
-            # both states in one write, with the lease renewed and the import attempt noted:
-            # the first PUT follows at once (see _before_put)
-            doc.import_attempt_at = utc(deps.clock())
-            self.record("validated", "importing", renew=True)
-            self._attempt_noted = time.monotonic()
-            deps.fault("before_import")
-            imported = import_validated(
-                deps.hsm,
-                doc.key_name,
-                data=data,
-                package_sha256=doc.package_sha256,
-                validated=validated,
-                options=options,
-                request_id=doc.correlation_id,
-                before_put=self._before_put,
-            )
-            deps.fault("after_import")
-        assert imported is not None  # noqa: S101  # found, or imported just above
-        doc.imported_kid = imported.kid  # a crash from here on is recovered by the version's tag
+
+    def _validate_and_import(self, data: bytes, options: ImportOptions) -> ImportedKey:
+        doc, deps = self.doc, self.deps
+        assert doc.key_name is not None  # noqa: S101  # set by _check_drop
+        assert doc.package_sha256 is not None  # noqa: S101  # data was read, so it was hashed
+        validated = validate(
+            data,
+            options,
+            settings=deps.settings,
+            hsm=deps.hsm,
+            clock=deps.clock,
+            request_id=doc.correlation_id,
+        )
+        doc.target_type = validated.target_type.name
+        doc.target_type_source = "inferred" if validated.target_type_inferred else "stated"
+        doc.key_ops = list(validated.key_ops)
+        # both states in one write, with the lease renewed and the import attempt noted:
+        # the first PUT follows at once (see _before_put)
+        doc.import_attempt_at = utc(deps.clock())
+        self.record("validated", "importing", renew=True)
+        self._attempt_noted = time.monotonic()
+        deps.fault("before_import")
+        imported = import_validated(
+            deps.hsm,
+            doc.key_name,
+            data=data,
+            package_sha256=doc.package_sha256,
+            validated=validated,
+            options=options,
+            request_id=doc.correlation_id,
+            before_put=self._before_put,
+        )
+        deps.fault("after_import")
+        return imported
+
+    def _verify(self, imported: ImportedKey, options: ImportOptions) -> None:
+        """Compare the imported key with the manifest's fingerprint; a mismatch disables it."""
+        doc, deps = self.doc, self.deps
         result = fingerprint_result(
             deps.hsm, imported, options.fingerprint, doc.target_type, request_id=doc.correlation_id
         )
@@ -364,29 +383,36 @@ def _process_blob(name: str, deps: Deps, span: PackageSpan) -> Outcome:
         assert doc is not None  # noqa: S101  # created above or before, never deleted
         span.set_correlation_id(doc.correlation_id)
         if doc.etag != blob.etag:
-            # whatever happens to this drop, the first record's audit must be complete first
-            first = _Run(deps, blob, path, doc, lease)
-            if doc.unaudited():
-                first.flush_audit()
-                first.save()
-            if doc.state in ("rejected", "failed", "verification_failed"):
-                # the same bytes dropped again after a refusal: keep the old record, start over
-                retired = f"history/{sha}/{_drop_hash(blob)}-{doc.etag.strip(chr(34))}.json"
-                store.put_status(retired, doc, index=False)
-                doc = _fresh_doc(blob, sha, deps)
-                store.save_status(path, doc, lease)
-                store.index_name(doc, path)
-            elif not doc.terminal:
-                # dropped again while the first drop is unfinished (e.g. its worker died and the
-                # custodian re-uploaded): this drop takes the record over and finishes it
-                doc.etag, doc.blob_name = blob.etag, blob.name
-                store.save_status(path, doc, lease)
-                store.index_name(doc, path)
-            else:
-                return _duplicate(blob, path, doc, deps)
+            redropped = _redrop(_Run(deps, blob, path, doc, lease), sha)
+            if isinstance(redropped, Outcome):
+                return redropped
+            doc = redropped
         return _run_leased(_Run(deps, blob, path, doc, lease))
     finally:
         store.release(lease)
+
+
+def _redrop(first: _Run, sha: str | None) -> StatusDoc | Outcome:
+    """This drop is not the one the record was made for (same bytes, dropped again): the first
+    record's audit is completed, then a refused record is retired and started over, an
+    unfinished one is taken over by this drop, and a finished one makes this drop a duplicate.
+    Returns the record to process, or the duplicate's outcome."""
+    blob, deps, doc, path, store = first.blob, first.deps, first.doc, first.path, first.deps.store
+    if doc.unaudited():
+        first.flush_audit()
+        first.save()
+    if doc.state in ("rejected", "failed", "verification_failed"):
+        retired = f"history/{sha}/{_drop_hash(blob)}-{doc.etag.strip(chr(34))}.json"
+        store.put_status(retired, doc, index=False)
+        doc = _fresh_doc(blob, sha, deps)
+    elif not doc.terminal:
+        # e.g. its worker died and the custodian re-uploaded: this drop finishes the record
+        doc.etag, doc.blob_name = blob.etag, blob.name
+    else:
+        return _duplicate(blob, path, doc, deps)
+    store.save_status(path, doc, first.lease)
+    store.index_name(doc, path)
+    return doc
 
 
 def complete_audit(path: str, deps: Deps) -> bool:

@@ -47,20 +47,32 @@ def get_deps() -> Deps:
         return _deps
 
 
-def blob_name_from_trigger(path: str, container: str) -> str:
-    """The trigger gives ``container/name``; the pipeline wants ``name``."""
-    prefix = f"{container}/"
-    return path.removeprefix(prefix)
+#: Loggers whose INFO output is per-request noise (azure-core logs every HTTP request and
+#: response at INFO): held at WARNING in the Function, where the host forwards every record.
+QUIET_LOGGERS = (
+    "azure",
+    "azure.core.pipeline.policies.http_logging_policy",
+    "azure.identity",
+    "azure.monitor.opentelemetry",
+    "urllib3",
+)
 
 
-def handle_blob(path: str) -> Outcome:
-    """Process one blob-trigger invocation.
+def configure_logging() -> None:
+    """Set the worker's log levels in code (host.json cannot: under the host, worker output is
+    the ``Function.<name>.User`` category). The pipeline's own logger stays at INFO."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("byok_pipeline").setLevel(logging.INFO)
+
+
+def handle_blob(name: str) -> Outcome:
+    """Process one blob-trigger invocation for ``name`` in the incoming container.
 
     Raises:
         InProgress, TransientError: let the platform redeliver (the invocation fails).
     """
     deps = get_deps()
-    name = blob_name_from_trigger(path, deps.settings.incoming_container)
     try:
         outcome = process_blob(name, deps)
     except (InProgress, TransientError) as exc:

@@ -18,14 +18,31 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "scripts" / "build_function_zip.py"
-TOP_LEVEL = {"function_app.py", "host.json", "requirements.txt", "byok_pipeline", "offline_packager"}
-NEVER = ("tests/", "managed_hsm_emulator/", "node_modules/", "byok_pipeline/cli/",
-         "byok_pipeline/localdev/", ".venv", "benchmarks/", "scripts/", "infra/", "docs/")
+TOP_LEVEL = {
+    "function_app.py",
+    "host.json",
+    "requirements.txt",
+    "byok_pipeline",
+    "offline_packager",
+}
+NEVER = (
+    "tests/",
+    "managed_hsm_emulator/",
+    "node_modules/",
+    "byok_pipeline/cli/",
+    "byok_pipeline/localdev/",
+    ".venv",
+    "benchmarks/",
+    "scripts/",
+    "infra/",
+    "docs/",
+)
 
 
 def _build(out: Path) -> list[str]:
-    subprocess.run([sys.executable, str(BUILD), "--out", str(out)], check=True,
-                   capture_output=True, cwd=REPO)
+    subprocess.run(
+        [sys.executable, str(BUILD), "--out", str(out)], check=True, capture_output=True, cwd=REPO
+    )
     with zipfile.ZipFile(out) as zf:
         return zf.namelist()
 
@@ -36,8 +53,12 @@ def test_the_zip_holds_exactly_what_the_function_needs(tmp_path: Path) -> None:
     assert not [n for n in names if n.startswith(NEVER)]
     assert not [n for n in names if "local.settings" in n or "__pycache__" in n]
     assert not [n for n in names if n.endswith((".md", ".pem", ".key", ".byok"))]
-    for needed in ("byok_pipeline/processing/runtime.py", "byok_pipeline/core/status.py",
-                   "byok_pipeline/schemas/status.schema.json", "offline_packager/package_format.py"):
+    for needed in (
+        "byok_pipeline/processing/runtime.py",
+        "byok_pipeline/core/status.py",
+        "byok_pipeline/schemas/status.schema.json",
+        "offline_packager/package_format.py",
+    ):
         assert needed in names
     # every Python module the package holds is one the repository has (no stale copies)
     assert all((REPO / n).is_file() for n in names)
@@ -64,7 +85,9 @@ def test_the_build_refuses_a_funcignore_that_drops_the_app(tmp_path: Path) -> No
     )
     result = subprocess.run(
         [sys.executable, "-c", code, str(BUILD.parent), str(tmp_path), str(root)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode != 0
     assert "leaves out function_app.py" in result.stderr
@@ -83,9 +106,20 @@ def test_the_unpacked_zip_imports_in_a_fresh_venv_from_requirements_alone(tmp_pa
     python = env_dir / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         "-r", str(app / "requirements.txt")],
-        check=True, env=env, capture_output=True, timeout=900,
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "-r",
+            str(app / "requirements.txt"),
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=900,
     )
     probe = (
         "import json, sys\n"
@@ -96,8 +130,13 @@ def test_the_unpacked_zip_imports_in_a_fresh_venv_from_requirements_alone(tmp_pa
         "print(json.dumps({'functions': names, 'bad': bad, 'file': function_app.__file__}))\n"
     )
     out = subprocess.run(
-        [str(python), "-c", probe], cwd=app, env=env, capture_output=True, text=True,
-        check=True, timeout=120,
+        [str(python), "-c", probe],
+        cwd=app,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
     result = json.loads(out.stdout)
     assert result["functions"] == sorted(

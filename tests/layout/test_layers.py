@@ -14,8 +14,14 @@ LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
 
 def _lint(cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=cwd, capture_output=True,
-                          text=True, check=False, timeout=300)
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
 
 
 def test_the_import_contracts_hold() -> None:
@@ -38,9 +44,15 @@ def test_a_core_module_importing_azure_breaks_a_contract(tmp_path: Path) -> None
     root = _copy(tmp_path)
     status = root / "byok_pipeline" / "core" / "status.py"
     status.write_text(status.read_text() + "\n\ndef _late() -> None:\n    import azure.core\n")
-    result = subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=root, capture_output=True,
-                            text=True, check=False, timeout=300,
-                            env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode != 0
     assert "The pure core imports no Azure SDK BROKEN" in result.stdout
 
@@ -49,9 +61,15 @@ def test_an_upward_import_breaks_the_layers(tmp_path: Path) -> None:
     root = _copy(tmp_path)
     target = root / "byok_pipeline" / "adapters" / "blobstore.py"
     target.write_text(target.read_text() + "\nfrom byok_pipeline.processing import runtime\n")
-    result = subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=root, capture_output=True,
-                            text=True, check=False, timeout=300,
-                            env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode != 0
     assert "byok_pipeline layers" in result.stdout
     assert "BROKEN" in result.stdout
@@ -70,7 +88,8 @@ def test_function_app_wires_only_and_loads_no_local_tooling() -> None:
         for alias in node.names
     }
     assert {m for m in imported if m.startswith("byok_pipeline")} <= {
-        "byok_pipeline.processing", "byok_pipeline.processing.runtime"
+        "byok_pipeline.processing",
+        "byok_pipeline.processing.runtime",
     }
     probe = (
         "import json, sys\n"
@@ -79,6 +98,12 @@ def test_function_app_wires_only_and_loads_no_local_tooling() -> None:
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith(("
         "'managed_hsm_emulator', 'byok_pipeline.cli', 'byok_pipeline.localdev')))))\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
-                         text=True, check=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     assert json.loads(out.stdout) == []

@@ -9,10 +9,14 @@ import json
 import random
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import azure.functions as func
+from azure.storage.blob import BlobClient
+from azurefunctions.extensions.base import Datum
+from azurefunctions.extensions.bindings.blob import BlobClient as BlobClientBinding
+from azurefunctions.extensions.bindings.blob.blobClientConverter import BlobClientConverter
 
 from byok_pipeline.core.events import BlobCreatedEvent
 
@@ -38,15 +42,32 @@ def event_for(
     return event
 
 
-def input_stream(event: dict[str, Any], data: bytes | None) -> func.InputStream:
-    """What the host binds for a blob trigger with source=EventGrid: ``container/name``."""
+@dataclass(frozen=True)
+class ModelBindingData:
+    """The host's ``model_binding_data`` for an SDK-type blob binding (no blob content: the
+    host sends only where the blob is and which connection setting reaches it)."""
+
+    content: str
+    version: str = "1.0"
+    source: str = "AzureStorageBlobs"
+    content_type: str = "application/json"
+
+
+def blob_client(event: dict[str, Any], connection: str = "BYOK_STORAGE") -> BlobClient:
+    """What the worker passes to a ``BlobClient``-typed blob trigger (source=EventGrid): the
+    event's blob as model binding data, decoded by the extension's own converter (which builds
+    the client from the ``connection`` app setting, as in Azure)."""
     parsed = BlobCreatedEvent.parse(event)
-    return func.blob.InputStream(
-        data=data or b"",
-        name=f"{parsed.container}/{parsed.blob_name}",
-        uri=parsed.url,
-        length=parsed.content_length,
+    content = {
+        "Connection": connection,
+        "ContainerName": parsed.container,
+        "BlobName": parsed.blob_name,
+    }
+    datum = Datum(ModelBindingData(json.dumps(content)), "model_binding_data")
+    client: BlobClient = BlobClientConverter.decode(
+        datum, trigger_metadata={}, pytype=BlobClientBinding
     )
+    return client
 
 
 def deliver_all(

@@ -176,3 +176,60 @@ def test_dev_up_writes_a_sourceable_env_and_down_stops_everything(tmp_path: Path
     for pid in (state["azurite_pid"], state["emulator_pid"]):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+SECRET_KEY = "c2VjcmV0LWFjY291bnQta2V5LXRoYXQtbXVzdC1uZXZlci1iZS1lY2hvZWQ="
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"DefaultEndpointsProtocol=https;AccountName=acct;AccountKey={SECRET_KEY};",
+        f"BlobEndpoint=https://acct.blob.core.windows.net;SharedAccessSignature=sv=1&sig={SECRET_KEY}",
+        f"https://acct.blob.core.windows.net/?sv=2024-01-01&sig={SECRET_KEY}",
+        "http://acct.blob.core.windows.net",
+        "acct",
+    ],
+)
+def test_storage_option_never_takes_a_secret(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--storage` refuses keys, SAS tokens and anything but an https account URL or @FILE, in
+    one usage line that does not repeat the value."""
+    with pytest.raises(SystemExit) as exited:
+        main(["status", "--storage", value])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "--storage" in err
+    assert "@FILE" in err
+    assert SECRET_KEY not in err
+    assert "Traceback" not in err
+
+
+def test_storage_option_reads_a_connection_string_from_a_file(
+    cli_env: Stack,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stack = cli_env
+    conn = tmp_path / "storage.conn"
+    conn.write_text(stack.azurite.connection_string + "\n")
+    monkeypatch.delenv("BYOK_STORAGE")
+    # without any storage setting the command cannot run
+    assert main(["status", "--json"]) == 1
+    capsys.readouterr()
+    listed = run_json(capsys, "status", "--storage", f"@{conn}")
+    assert isinstance(listed, dict | list)
+    # an unreadable file is one usage line
+    with pytest.raises(SystemExit):
+        main(["status", "--storage", f"@{tmp_path / 'missing.conn'}"])
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_storage_account_url_selects_identity_auth(monkeypatch: pytest.MonkeyPatch) -> None:
+    from byok_pipeline.cli.storage_arg import storage_arg
+
+    env = {"BYOK_STORAGE": "UseDevelopmentStorage=true"}
+    storage_arg("https://acct.blob.core.windows.net/").apply(env)
+    assert env == {"BYOK_STORAGE__blobServiceUri": "https://acct.blob.core.windows.net"}

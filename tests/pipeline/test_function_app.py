@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import azure.functions as func
 import pytest
-from eventgrid_sim import deliver_all, event_for, input_stream, recorded
+from eventgrid_sim import blob_client, deliver_all, event_for, recorded
 from pipeline_support import Stack
 
 from byok_pipeline.core.events import BlobCreatedEvent, EventError
@@ -29,7 +31,9 @@ def functions() -> dict[str, Callable[..., Any]]:
 
 
 @pytest.fixture
-def wired(stack: Stack) -> Iterator[Stack]:
+def wired(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
+    # the app setting the trigger's `connection` names: the binding builds its client from it
+    monkeypatch.setenv("BYOK_STORAGE", stack.azurite.connection_string)
     runtime.set_deps_factory(lambda: stack.deps)
     yield stack
     runtime.set_deps_factory(None)
@@ -79,7 +83,7 @@ def test_duplicated_and_reordered_events_import_each_package_once(
         )
 
     def invoke(event: dict[str, Any]) -> None:
-        trigger(input_stream(event, None))
+        trigger(blob_client(event))
 
     stats = deliver_all(events, invoke, duplicates=3)
     assert stats["succeeded"] == 9
@@ -90,6 +94,71 @@ def test_duplicated_and_reordered_events_import_each_package_once(
         versions = list(stack.hsm.key_client().list_properties_of_key_versions(pkg.name[:-5]))
         assert len(versions) == 1
     assert stack.blobs(stack.settings.incoming_container) == []
+
+
+def test_the_trigger_binds_a_blob_client_and_the_host_downloads_nothing(
+    functions: dict[str, Callable[..., Any]],
+) -> None:
+    """The binding is the SDK type (the host passes model binding data, never the content)."""
+    import inspect
+
+    from azurefunctions.extensions.bindings.blob import BlobClient as BlobClientBinding
+
+    params = inspect.signature(functions["process_package"]).parameters
+    assert params["blob"].annotation is BlobClientBinding
+    assert "azurefunctions-extensions-bindings-blob" in Path("requirements.txt").read_text()
+
+
+def test_an_oversized_package_is_refused_before_any_download(
+    wired: Stack, functions: dict[str, Callable[..., Any]]
+) -> None:
+    """The size cap applies before the content is read: only a ranged read of the cap is made
+    (the pipeline's own read), never a download of the whole blob."""
+    stack = wired
+    limit = stack.settings.max_package_bytes
+    name = "evt-oversize.byok"
+    etag = stack.drop(name, b"{" + b" " * (limit + 1024) + b"}")
+    event = event_for("blob_created.json", stack.settings.incoming_container, name, etag, limit)
+    functions["process_package"](blob_client(event))
+    (doc,) = stack.status_docs()
+    assert doc["state"] == "rejected"
+    assert doc["reason_code"] == "too_large"
+
+
+def test_one_package_emits_no_azure_core_info_records(
+    wired: Stack, functions: dict[str, Callable[..., Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """configure_logging (run when function_app loads) holds azure-core's per-request INFO
+    lines back; the pipeline's own INFO record still flows. The control run without it shows
+    that the check sees such lines when they are there."""
+    from byok_pipeline.processing.runtime import QUIET_LOGGERS, configure_logging
+
+    stack = wired
+
+    def run(label: str) -> list[logging.LogRecord]:
+        pkg = stack.package("oct-256", f"evt-quiet-{label}")
+        etag = stack.drop_package(pkg)
+        event = event_for(
+            "blob_created.json", stack.settings.incoming_container, pkg.name, etag, len(pkg.data)
+        )
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG):
+            functions["process_package"](blob_client(event))
+        assert any(
+            r.name == "byok_pipeline" and "imported" in r.getMessage() for r in caplog.records
+        )
+        return [r for r in caplog.records if r.name.startswith("azure") and r.levelno < 30]
+
+    saved = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    try:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)
+        assert run("control"), "without configure_logging azure-core logs each request"
+        configure_logging()
+        assert run("quiet") == []
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def test_transient_failure_fails_the_invocation_for_redelivery(
@@ -104,13 +173,13 @@ def test_transient_failure_fails_the_invocation_for_redelivery(
     stack.hsm.inject_fault("503", method="GET", path="/keys/pipeline-kek/*", count=20)
     try:
         with pytest.raises(Exception, match="503"):
-            functions["process_package"](input_stream(event, None))
+            functions["process_package"](blob_client(event))
     finally:
         stack.hsm.clear_faults()
     (doc,) = stack.status_docs()
     assert doc["state"] == "received"
     assert "503" in doc["last_error"]
-    functions["process_package"](input_stream(event, None))  # the redelivery succeeds
+    functions["process_package"](blob_client(event))  # the redelivery succeeds
     assert [d["state"] for d in stack.status_docs()] == ["imported"]
 
 
@@ -184,6 +253,10 @@ def test_settings_are_documented_everywhere() -> None:
     host = json.loads((REPO / "host.json").read_text())
     assert host["extensionBundle"]["version"] == "[4.*, 5.0.0)"
     assert host["functionTimeout"]
+    # host.json log levels name host categories; Python logger names have no effect there
+    # (worker output is Function.<name>.User), so they are set in code instead
+    for category in host["logging"]["logLevel"]:
+        assert category == "default" or category.split(".")[0] in ("Host", "Function"), category
 
 
 def test_status_documents_match_their_schema(stack: Stack) -> None:
