@@ -26,6 +26,19 @@ def process_package(blob: blob_types.BlobClient) -> None:
     runtime.handle_blob(blob.blob_name)
 
 
+@app.function_name("process_approval")
+@app.blob_trigger(
+    arg_name="blob",
+    path="%BYOK_APPROVALS_CONTAINER%/{name}",
+    connection="BYOK_STORAGE",
+    source=func.BlobSource.EVENT_GRID,
+)
+def process_approval(blob: blob_types.BlobClient) -> None:
+    """An approval (or a manifest) arrived for a package: a package awaiting approval is
+    delivered again. Transient failures raise, so the platform redelivers."""
+    runtime.handle_approval(blob.blob_name)
+
+
 @app.function_name("reconcile")
 @app.timer_trigger(arg_name="timer", schedule="%BYOK_RECONCILE_SCHEDULE%", run_on_startup=False)
 def reconcile(timer: func.TimerRequest) -> None:  # noqa: ARG001  # the binding requires it

@@ -93,6 +93,9 @@ param custodianPrincipalIds array = []
 @description('Optional: Entra object ids (users or groups) of auditors. They get read access to the audit and status containers only.')
 param auditorPrincipalIds array = []
 
+@description('Optional: Entra object ids (users or groups) of import policy administrators. They, and nobody else, may write the import policy in the config container (byok policy set FILE).')
+param policyAdminPrincipalIds array = []
+
 @description('Optional: e-mail address that receives alerts for failed imports and failed verifications.')
 param alertEmailAddress string = ''
 
@@ -108,12 +111,19 @@ var containerNames = {
   archive: 'byok-archive'
   quarantine: 'byok-quarantine'
   audit: 'byok-audit'
+  config: 'byok-config'
+  approvals: 'byok-approvals'
   deadletter: 'byok-deadletter'
   deployment: 'app-package'
 }
 
-// The blob-trigger function that handles BlobCreated events (function_app.py).
+// The import policy's blob in the config container (BYOK_POLICY_BLOB; `byok policy set` writes it).
+var policyBlobName = 'import-policy.json'
+
+// The blob-trigger functions that handle BlobCreated events (function_app.py): packages dropped
+// into the incoming container, and manifests and approvals stored in the approvals container.
 var functionName = 'process_package'
+var approvalFunctionName = 'process_approval'
 
 var suffix = uniqueString(resourceGroup().id, appName)
 var storageAccountName = take(toLower('st${replace(appName, '-', '')}${suffix}'), 24)
@@ -142,6 +152,8 @@ module storage 'modules/storage.bicep' = {
     archiveContainerName: containerNames.archive
     quarantineContainerName: containerNames.quarantine
     auditContainerName: containerNames.audit
+    configContainerName: containerNames.config
+    approvalsContainerName: containerNames.approvals
     deadletterContainerName: containerNames.deadletter
     deploymentContainerName: containerNames.deployment
     auditRetentionDays: auditRetentionDays
@@ -171,6 +183,9 @@ module functionApp 'modules/functionapp.bicep' = {
     archiveContainerName: containerNames.archive
     quarantineContainerName: containerNames.quarantine
     auditContainerName: containerNames.audit
+    configContainerName: containerNames.config
+    approvalsContainerName: containerNames.approvals
+    policyBlobName: policyBlobName
     maxPackageBytes: maxPackageBytes
     maxAttempts: maxAttempts
     allowedKekNames: allowedKekNames
@@ -192,11 +207,14 @@ module roles 'modules/roles.bicep' = {
     archiveContainerName: containerNames.archive
     quarantineContainerName: containerNames.quarantine
     auditContainerName: containerNames.audit
+    configContainerName: containerNames.config
+    approvalsContainerName: containerNames.approvals
     deploymentContainerName: containerNames.deployment
     uploaderPrincipalIds: uploaderPrincipalIds
     statusReaderPrincipalIds: statusReaderPrincipalIds
     custodianPrincipalIds: custodianPrincipalIds
     auditorPrincipalIds: auditorPrincipalIds
+    policyAdminPrincipalIds: policyAdminPrincipalIds
   }
 }
 
@@ -223,7 +241,9 @@ module eventSubscription 'modules/eventsubscription.bicep' = if (deployEventSubs
     storageAccountName: storage.outputs.storageAccountName
     functionAppName: functionApp.outputs.functionAppName
     functionName: functionName
+    approvalFunctionName: approvalFunctionName
     incomingContainerName: containerNames.incoming
+    approvalsContainerName: containerNames.approvals
     deadletterContainerName: containerNames.deadletter
   }
 }
@@ -260,11 +280,17 @@ output functionPrincipalId string = functionApp.outputs.identityPrincipalId
 @description('Client id of the function\'s user-assigned identity.')
 output functionClientId string = functionApp.outputs.identityClientId
 
-@description('Storage account that holds the incoming, status, archive, quarantine, audit and dead-letter containers.')
+@description('Storage account that holds the incoming, status, archive, quarantine, audit, config, approvals and dead-letter containers.')
 output storageAccountName string = storage.outputs.storageAccountName
 
 @description('Container to upload .byok packages to.')
 output incomingContainerName string = containerNames.incoming
+
+@description('Container of the import policy (written by policyAdminPrincipalIds only, with byok policy set).')
+output configContainerName string = containerNames.config
+
+@description('Container that uploaders and custodians write signed approvals to.')
+output approvalsContainerName string = containerNames.approvals
 
 @description('Log Analytics workspace that receives the audit events, HSM AuditEvent logs and storage logs.')
 output workspaceId string = monitoring.outputs.workspaceId

@@ -7,21 +7,38 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import glob
+import hashlib
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from . import TOOL_NAME, __version__
+from .approval import (
+    APPROVER_ID_RE,
+    MAX_APPROVAL_BYTES,
+    ApprovalClaims,
+    ApprovalError,
+    ApprovalSigner,
+    Approver,
+    format_time,
+    load_approvers,
+    load_signer_key,
+    parse_approval,
+    parse_time,
+    sign_approval,
+    verify_approval,
+)
 from .atomic import check_writable, write_files_atomically
 from .checks import PackageReport, check_package
-from .errors import ByokError
+from .errors import ByokError, OutputError
 from .kek import Kek, load_kek_pem, verify_fingerprint
 from .keytypes import TARGET_TYPES, TYPE_NAMES
-from .kid import parse_kid
+from .kid import KEY_NAME_RE, parse_kid
 from .manifest import parse_manifest
 from .package_format import load_json_strict
 from .packager import build_package, key_name_from_output, resolve_key_ops
@@ -30,6 +47,9 @@ from .wrap import wrap_target
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
 Clock = Callable[[], datetime]
+DEFAULT_VALID_DAYS = 7
+MAX_VALID_DAYS = 366
+_MAX_APPROVALS_LISTED = 100
 
 _WRAP_EPILOG = """\
 examples:
@@ -43,6 +63,28 @@ examples:
 it is for tests and demos. In production the key comes from --key (a file held by the custodian)
 or from an HSM (--pkcs11-module), where the plaintext never leaves the token.
 Writes NAME.byok and NAME.manifest.json atomically; refuses to overwrite without --force.
+"""
+
+
+_APPROVE_EPILOG = """\
+what you sign:
+  The approval is a detached JWS signature over the manifest's exact bytes. Its protected
+  header binds your approver id, the key name, the package's and the manifest's SHA-256 and a
+  validity window. Before signing, this command prints the facts you approve: key name,
+  package SHA-256, target type and fingerprint, KEK kid and SPKI SHA-256, key operations and
+  not-after. Compare them with what the custodian and the requester told you (out of band).
+  If anything differs, delete the approval file: it is only effective once it is carried to the
+  connected side, beside the package.
+
+examples:
+  byok-package approve payments.manifest.json --approver-id alice \\
+      --signer-key alice.key.pem --passphrase-env ALICE_PASS --out payments.approval-alice.json
+  byok-package approve payments.manifest.json --approver-id bob --valid-days 2 \\
+      --pkcs11-module /usr/lib/softhsm/libsofthsm2.so --token-label bob-card \\
+      --pin-env BOB_PIN --key-label approval-key --out payments.approval-bob.json
+
+Writes the approval atomically and never replaces an existing file. Format, ceremony and an
+auditor's check with the OpenSSL CLI alone: docs/approvals.md.
 """
 
 
@@ -74,6 +116,19 @@ def _env_secret(var: str | None, prompt: str) -> Callable[[], bytes]:
         return getpass.getpass(f"{prompt}: ").encode()
 
     return provide
+
+
+def _load_manifest(data: bytes) -> dict[str, Any]:
+    """A manifest read back, strictly.
+
+    Raises:
+        ByokError: ``malformed_package`` (not strict JSON), ``bad_manifest``.
+    """
+    try:
+        doc = load_json_strict(data, what="manifest")
+    except ValueError:  # e.g. an integer over Python's 4300-digit limit
+        raise ByokError("the manifest is not acceptable JSON", reason="malformed_package") from None
+    return parse_manifest(doc)
 
 
 def _load_kek(args: argparse.Namespace) -> Kek:
@@ -178,6 +233,205 @@ def cmd_wrap(args: argparse.Namespace, clock: Clock) -> dict[str, Any]:
     }
 
 
+def _approval_not_after(args: argparse.Namespace, now: datetime) -> datetime:
+    if args.not_after is not None:
+        not_after = parse_time(args.not_after, "--not-after", reason="bad_arguments")
+        if not_after <= now:
+            raise ByokError(
+                f"--not-after {args.not_after} is not in the future", reason="bad_arguments"
+            )
+        return not_after
+    days = DEFAULT_VALID_DAYS if args.valid_days is None else args.valid_days
+    if not 1 <= days <= MAX_VALID_DAYS:
+        raise ByokError(f"--valid-days must be 1 to {MAX_VALID_DAYS}", reason="bad_arguments")
+    return now + timedelta(days=days)
+
+
+def _approval_facts(
+    manifest_path: Path, manifest: dict[str, Any], manifest_bytes: bytes, key_name: str
+) -> dict[str, Any]:
+    """What the approver approves, read from the manifest (and the package beside it)."""
+    package, target, kek = manifest["package"], manifest["target"], manifest["kek"]
+    file_name = package.get("file_name")
+    facts: dict[str, Any] = {
+        "key_name": key_name,
+        "manifest": str(manifest_path),
+        "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+        "package_file": file_name,
+        "package_sha256": package.get("sha256"),
+        "target_type": target.get("type"),
+        "fingerprint": target.get("fingerprint"),
+        "key_ops": target.get("key_ops"),
+        "kek_kid": kek.get("kid"),
+        "kek_spki_sha256": kek.get("spki_sha256"),
+        "created": manifest.get("created"),
+        "package_checked": False,
+    }
+    if isinstance(file_name, str) and Path(file_name).name == file_name:
+        beside = manifest_path.parent / file_name
+        if beside.is_file():
+            actual = hashlib.sha256(_read_file(str(beside), "package")).hexdigest()
+            if actual != package.get("sha256"):
+                raise ApprovalError(
+                    f"the package beside the manifest ({beside}) has SHA-256 {actual}, the "
+                    f"manifest says {package.get('sha256')}: do not approve",
+                    reason="approval_wrong_package",
+                )
+            facts["package_checked"] = True
+    return facts
+
+
+def _print_facts(facts: dict[str, Any], approver_id: str, not_after: datetime) -> None:
+    fp = facts["fingerprint"] or {}
+    checked = (
+        "matches the package file beside the manifest"
+        if facts["package_checked"]
+        else "package file not found beside the manifest: not checked"
+    )
+    ops = facts["key_ops"]
+    print(f"approval by {approver_id} of:")
+    print(f"  key name:          {facts['key_name']}")
+    print(f"  package:           {facts['package_file']}")
+    print(f"  package SHA-256:   {facts['package_sha256']} ({checked})")
+    print(f"  manifest SHA-256:  {facts['manifest_sha256']}")
+    print(f"  target:            {facts['target_type']}, {fp.get('kind')} {fp.get('value')}")
+    print(f"  KEK:               {facts['kek_kid']}")
+    print(f"  KEK SPKI SHA-256:  {facts['kek_spki_sha256']}")
+    print(f"  key ops:           {','.join(ops) if isinstance(ops, list) else ops}")
+    print(f"  wrapped at:        {facts['created']}")
+    print(f"  not after:         {format_time(not_after)}")
+    sys.stdout.flush()
+
+
+def _check_approve_args(args: argparse.Namespace) -> bool:
+    """Refuse contradictory signer options; True for a token signer.
+
+    Raises:
+        ByokError: ``bad_arguments``.
+    """
+    if not APPROVER_ID_RE.fullmatch(args.approver_id):
+        raise ByokError(
+            "--approver-id must match ^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$",
+            reason="bad_arguments",
+        )
+    hsm = bool(args.pkcs11_module)
+    if hsm and args.signer_key:
+        raise ByokError("give --signer-key or --pkcs11-module, not both", reason="bad_arguments")
+    if hsm and (not args.token_label or not args.key_label):
+        raise ByokError(
+            "a token signer needs --token-label and --key-label", reason="bad_arguments"
+        )
+    if not hsm and not args.signer_key:
+        raise ByokError(
+            "give --signer-key FILE or a token (--pkcs11-module ...)", reason="bad_arguments"
+        )
+    if not hsm and (args.token_label or args.key_label or args.pin_env):
+        raise ByokError(
+            "--token-label/--key-label/--pin-env need --pkcs11-module", reason="bad_arguments"
+        )
+    if hsm and args.passphrase_env:
+        raise ByokError("--passphrase-env goes with --signer-key", reason="bad_arguments")
+    return hsm
+
+
+def _approval_key_name(args: argparse.Namespace, manifest: dict[str, Any]) -> str:
+    """``--key-name``, else the manifest's package file name without ``.byok``.
+
+    Raises:
+        ByokError: ``bad_key_name``.
+    """
+    if args.key_name is not None:
+        if not KEY_NAME_RE.fullmatch(args.key_name):
+            raise ByokError("--key-name must be 1-127 of 0-9 a-z A-Z -", reason="bad_key_name")
+        return str(args.key_name)
+    file_name = manifest["package"].get("file_name")
+    try:
+        return key_name_from_output(Path(str(file_name)))
+    except ByokError:
+        raise ByokError(
+            f"the manifest's package file name {file_name!r} is not NAME.byok: give --key-name",
+            reason="bad_key_name",
+        ) from None
+
+
+def cmd_approve(args: argparse.Namespace, clock: Clock, *, as_json: bool) -> dict[str, Any]:
+    """Sign an approval of a manifest (software key or PKCS#11 token) into ``--out``."""
+    out = Path(args.out)
+    if out.exists():
+        raise OutputError(
+            f"{out} exists; an approval is never replaced: remove it or choose another --out"
+        )
+    check_writable([out], force=False)
+    hsm = _check_approve_args(args)
+    manifest_path = Path(args.manifest)
+    manifest_bytes = _read_file(args.manifest, "manifest")
+    manifest = _load_manifest(manifest_bytes)
+    key_name = _approval_key_name(args, manifest)
+    now = clock()
+    not_after = _approval_not_after(args, now)
+    facts = _approval_facts(manifest_path, manifest, manifest_bytes, key_name)
+    expected = f"{_package_stem(Path(str(facts['package_file'])))}.approval-{args.approver_id}.json"
+    if out.name != expected:
+        print(
+            f"{TOOL_NAME}: warning: approvals are looked for as {expected} beside the package; "
+            f"{out.name} will not be found there under that name",
+            file=sys.stderr,
+        )
+    if not as_json:
+        _print_facts(facts, args.approver_id, not_after)
+
+    def sign(signer: ApprovalSigner) -> bytes:
+        return sign_approval(
+            manifest=manifest_bytes,
+            approver_id=args.approver_id,
+            key_name=key_name,
+            not_after=not_after,
+            signer=signer,
+            now=now,
+        )
+
+    signer_kind: dict[str, str]
+    if hsm:
+        from .pkcs11_signer import TokenSignerRequest, token_signer
+
+        request = TokenSignerRequest(
+            module=args.pkcs11_module,
+            token_label=args.token_label,
+            pin=_env_secret(args.pin_env, "token user PIN"),
+            key_label=args.key_label,
+        )
+        with token_signer(request) as token_key:
+            data = sign(token_key)
+            signer_alg, signer_spki = token_key.alg, token_key.spki_sha256
+            signer_kind = {
+                "kind": "pkcs11",
+                "token_label": args.token_label,
+                "key_label": args.key_label,
+                "mechanism": token_key.mechanism,
+            }
+    else:
+        signer = load_signer_key(
+            _read_file(args.signer_key, "signer key", limit=64 * 1024),
+            passphrase=_env_secret(args.passphrase_env, "signer key passphrase"),
+        )
+        data = sign(signer)
+        signer_alg, signer_spki = signer.alg, signer.spki_sha256
+        signer_kind = {"kind": "software-file"}
+    write_files_atomically([(out, data)], force=False)
+    claims = parse_approval(data)
+    return {
+        "status": "ok",
+        "approval": str(out),
+        "approver_id": args.approver_id,
+        **facts,
+        "signed_at": format_time(claims.signed_at),
+        "not_after": format_time(claims.not_after),
+        "alg": signer_alg,
+        "signer_spki_sha256": signer_spki,
+        "signer": signer_kind,
+    }
+
+
 def _report_dict(path: str, report: PackageReport) -> dict[str, Any]:
     pkg = report.package
     return {
@@ -196,18 +450,28 @@ def _report_dict(path: str, report: PackageReport) -> dict[str, Any]:
     }
 
 
-def cmd_inspect(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
-    """Check a package offline; with a manifest, cross-check it too."""
+def cmd_inspect(args: argparse.Namespace, clock: Clock) -> tuple[dict[str, Any], bool]:
+    """Check a package offline; with a manifest, cross-check it too. List the approvals found
+    beside it (``NAME.approval-*.json``); with ``--approvers``, verify each."""
     data = _read_file(args.package, "package", limit=1024 * 1024)
     kek = load_kek_pem(_read_file(args.kek, "KEK file", limit=64 * 1024)) if args.kek else None
     manifest_path = (
         Path(args.manifest) if args.manifest else Path(args.package).with_suffix(".manifest.json")
     )
     manifest: dict[str, Any] | None = None
+    manifest_bytes: bytes | None = None
     if args.manifest or manifest_path.is_file():
-        manifest = parse_manifest(
-            load_json_strict(_read_file(str(manifest_path), "manifest"), what="manifest")
-        )
+        manifest_bytes = _read_file(str(manifest_path), "manifest")
+        manifest = _load_manifest(manifest_bytes)
+    approvers: dict[str, Approver] | None = None
+    if args.approvers:
+        approvers = load_approvers(_read_file(args.approvers, "approvers file"))
+        if manifest_bytes is None:
+            raise ByokError(
+                f"--approvers needs the package's manifest: {manifest_path} does not exist "
+                "(approvals sign the manifest; give --manifest PATH)",
+                reason="bad_arguments",
+            )
     kek_kid = args.kek_kid or (manifest["kek"]["kid"] if manifest else None)
     stated = args.type or (manifest["target"]["type"] if manifest else None)
     report = check_package(data, kek=kek, kek_kid=kek_kid, stated_type=stated)
@@ -220,9 +484,63 @@ def cmd_inspect(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
             report.add(
                 "kek_mismatch", "the KEK file's SPKI SHA-256 differs from the manifest's KEK"
             )
+    approvals = _inspect_approvals(Path(args.package), report, manifest_bytes, approvers, clock())
     result = _report_dict(args.package, report)
     result["manifest"] = str(manifest_path) if manifest is not None else None
+    result["approvers_file"] = args.approvers
+    result["approvals"] = approvals
+    result["approved_by"] = sorted(
+        {a["claims"]["kid"] for a in approvals if a["status"] == "valid"}
+    )
     return result, report.valid
+
+
+def _package_stem(package: Path) -> str:
+    name = package.name
+    return name[: -len(".byok")] if name.endswith(".byok") else package.stem
+
+
+def approval_files(package: Path) -> list[Path]:
+    """The approvals beside a package: ``NAME.approval-*.json`` in the package's folder."""
+    pattern = f"{glob.escape(_package_stem(package))}.approval-*.json"
+    return sorted(p for p in package.parent.glob(pattern) if p.is_file())[:_MAX_APPROVALS_LISTED]
+
+
+def _inspect_approvals(
+    package: Path,
+    report: PackageReport,
+    manifest_bytes: bytes | None,
+    approvers: dict[str, Approver] | None,
+    now: datetime,
+) -> list[dict[str, Any]]:
+    """Each approval's claims; verified when ``approvers`` is given. A refused approval is also
+    a finding of the report (so inspect exits 2)."""
+    key_name = _package_stem(package)
+    package_sha = hashlib.sha256(package.read_bytes()).hexdigest() if package.is_file() else None
+    manifest_sha = hashlib.sha256(manifest_bytes).hexdigest() if manifest_bytes else None
+    entries: list[dict[str, Any]] = []
+    for path in approval_files(package):
+        entry: dict[str, Any] = {
+            "file": str(path),
+            "status": "unverified",
+            "reason": None,
+            "message": None,
+            "claims": None,
+        }
+        try:
+            data = _read_file(str(path), "approval", limit=MAX_APPROVAL_BYTES + 1)
+            claims = parse_approval(data)
+            entry["claims"] = claims.as_dict()
+            if approvers is not None and manifest_bytes is not None:
+                _check_approval_target(claims, key_name, package_sha, manifest_sha)
+                approver = _approver_of(claims, approvers)
+                verify_approval(data, manifest=manifest_bytes, approver=approver, now=now)
+                entry["status"] = "valid"
+        except ByokError as exc:
+            entry.update(status="refused", reason=exc.reason, message=exc.message)
+            report.add(exc.reason, f"{path.name}: {exc.message}")
+        entries.append(entry)
+    return entries
 
 
 def _print_inspect(result: dict[str, Any]) -> None:
@@ -240,12 +558,85 @@ def _print_inspect(result: dict[str, Any]) -> None:
         print(f"manifest:     {result['manifest']}")
     for note in result["notes"]:
         print(f"note:         {note}")
+    _print_approvals(result)
     if result["valid"]:
         print("result:       VALID")
     else:
         print("result:       INVALID")
         for f in result["findings"]:
             print(f"  - [{f['reason']}] {f['message']}")
+
+
+def _approver_of(claims: ApprovalClaims, approvers: dict[str, Approver]) -> Approver:
+    """The approver the approval names.
+
+    Raises:
+        ByokError: ``approval_unknown_approver``.
+    """
+    approver = approvers.get(claims.approver_id)
+    if approver is None:
+        raise ByokError(
+            f"approver {claims.approver_id!r} is not in the approvers file",
+            reason="approval_unknown_approver",
+        )
+    return approver
+
+
+def _check_approval_target(
+    claims: ApprovalClaims, key_name: str, package_sha: str | None, manifest_sha: str | None
+) -> None:
+    """What the (not yet verified) header says it approves, against this package: a mismatch
+    is a clearer answer than the signature failure it would otherwise become. The connected
+    side checks in the same order.
+
+    Raises:
+        ApprovalError: ``approval_wrong_package``.
+    """
+    if claims.key_name != key_name:
+        raise ApprovalError(
+            f"the approval is for key {claims.key_name!r}; this package imports {key_name!r}",
+            reason="approval_wrong_package",
+        )
+    if claims.package_sha256 != package_sha:
+        raise ApprovalError(
+            "the approval is for another package (byok_package_sha256 differs)",
+            reason="approval_wrong_package",
+        )
+    if claims.manifest_sha256 != manifest_sha:
+        raise ApprovalError(
+            "the approval signs another manifest (byok_manifest_sha256 differs)",
+            reason="approval_wrong_package",
+        )
+
+
+def _print_approvals(result: dict[str, Any]) -> None:
+    approvals = result["approvals"]
+    if not approvals:
+        print("approvals:    none beside the package")
+        return
+    if result["approvers_file"]:
+        valid = result["approved_by"]
+        print(
+            f"approvals:    {len(approvals)} found, verified against {result['approvers_file']}: "
+            f"{len(valid)} valid ({', '.join(valid) or 'none'})"
+        )
+    else:
+        print(f"approvals:    {len(approvals)} found, not verified (give --approvers FILE)")
+    for entry in approvals:
+        claims = entry["claims"]
+        status = entry["status"]
+        if status == "refused":
+            status = f"refused [{entry['reason']}]: {entry['message']}"
+        print(f"  - {Path(entry['file']).name}: {status}")
+        if claims:
+            print(
+                f"      {claims['kid']} approves key {claims['byok_key_name']}, package SHA-256 "
+                f"{claims['byok_package_sha256']}"
+            )
+            print(
+                f"      {claims['alg']}, signed {claims['byok_signed_at']}, not after "
+                f"{claims['byok_not_after']}"
+            )
 
 
 def cmd_types() -> dict[str, Any]:
@@ -263,11 +654,26 @@ def cmd_types() -> dict[str, Any]:
     }
 
 
+def _add_pkcs11_options(group: Any, *, key_label_help: str) -> None:
+    """The token options, shared by ``wrap`` (HSM mode) and ``approve`` (token signer)."""
+    group.add_argument(
+        "--pkcs11-module",
+        metavar="LIB",
+        help="PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so",
+    )
+    group.add_argument("--token-label", metavar="LABEL", help="token label")
+    group.add_argument(
+        "--pin-env", metavar="VAR", help="environment variable holding the user PIN (else prompt)"
+    )
+    group.add_argument("--key-label", metavar="LABEL", help=key_label_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=TOOL_NAME,
         description="Air-gapped packager: wrap a target key under a Managed HSM KEK into a .byok "
-        "file (CKM_RSA_AES_KEY_WRAP), and inspect packages offline. Exit codes: 0 ok, "
+        "file (CKM_RSA_AES_KEY_WRAP), sign import approvals (dual control) and inspect "
+        "packages and their approvals offline. Exit codes: 0 ok, "
         "2 refused (reason on stderr), 1 failure.",
     )
     parser.add_argument("--version", action="version", version=f"{TOOL_NAME} {__version__}")
@@ -328,20 +734,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--force", action="store_true", help="replace existing output files")
     w.add_argument("--json", action="store_true", help="print a JSON result on stdout")
-    hsm = w.add_argument_group("HSM mode (PKCS#11)")
-    hsm.add_argument(
-        "--pkcs11-module",
-        metavar="LIB",
-        help="PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so",
-    )
-    hsm.add_argument("--token-label", metavar="LABEL", help="token label")
-    hsm.add_argument(
-        "--pin-env", metavar="VAR", help="environment variable holding the user PIN (else prompt)"
-    )
-    hsm.add_argument(
-        "--key-label",
-        metavar="LABEL",
-        help="label of the target key in the token (found, or created with --generate)",
+    _add_pkcs11_options(
+        w.add_argument_group("HSM mode (PKCS#11)"),
+        key_label_help="label of the target key in the token (found, or created with --generate)",
     )
 
     i = sub.add_parser("inspect", help="check a .byok package offline, without any secret")
@@ -360,7 +755,77 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="manifest (default NAME.manifest.json beside the package, if present)",
     )
+    i.add_argument(
+        "--approvers",
+        metavar="FILE",
+        help="verify the approvals beside the package (NAME.approval-*.json) against this "
+        'approvers file ({"approvers": [{"id", "public_key_pem", "expires"?}]}); needs the '
+        "manifest; without it the approvals are listed unverified",
+    )
     i.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    a = sub.add_parser(
+        "approve",
+        help="sign an approval of a package (dual control: NAME.approval-ID.json)",
+        description="Sign a detached approval of NAME.manifest.json (and so of NAME.byok) as\n"
+        "one approver. The connected side imports a package only with the approvals its\n"
+        "policy requires (dual control: M of N approvers).",
+        epilog=_APPROVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a.add_argument(
+        "manifest",
+        metavar="NAME.manifest.json",
+        help="the manifest written by `byok-package wrap`; the approval signs its exact bytes",
+    )
+    a.add_argument(
+        "--approver-id",
+        required=True,
+        metavar="ID",
+        help="your approver id, as listed in the approvers file of the connected side",
+    )
+    a.add_argument(
+        "--key-name",
+        metavar="NAME",
+        help="the Managed HSM key name you approve (default: the package file name without .byok)",
+    )
+    validity = a.add_mutually_exclusive_group()
+    validity.add_argument(
+        "--valid-days",
+        type=int,
+        metavar="N",
+        help=f"the approval expires N days from now (1-{MAX_VALID_DAYS}; default "
+        f"{DEFAULT_VALID_DAYS})",
+    )
+    validity.add_argument(
+        "--not-after",
+        metavar="RFC3339",
+        help="the approval expires at this UTC time, YYYY-MM-DDTHH:MM:SSZ",
+    )
+    a.add_argument(
+        "--out",
+        required=True,
+        metavar="NAME.approval-ID.json",
+        help="the approval file; never replaced if it exists",
+    )
+    a.add_argument("--json", action="store_true", help="print a JSON result on stdout")
+    soft = a.add_argument_group("software signer")
+    soft.add_argument(
+        "--signer-key",
+        metavar="FILE",
+        help="your private signing key, PEM or DER: EC P-256 (ES256), P-384 (ES384), Ed25519 "
+        "(EdDSA) or RSA >= 3072 (PS256)",
+    )
+    soft.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="environment variable holding the key's passphrase (else prompt)",
+    )
+    _add_pkcs11_options(
+        a.add_argument_group("token signer (PKCS#11: smartcard, HSM)"),
+        key_label_help="label of your private signing key in the token (its public key object "
+        "has the same label and CKA_ID)",
+    )
 
     t = sub.add_parser("types", help="list the supported target types")
     t.add_argument("--json", action="store_true")
@@ -401,8 +866,19 @@ def _run(args: argparse.Namespace, now: Clock, *, as_json: bool) -> int:
             print(f"  package SHA-256 {result['package_sha256']}")
             print(f"  KEK {result['kek_kid']} (SPKI SHA-256 {result['kek_spki_sha256']})")
         return EXIT_OK
+    if args.command == "approve":
+        result = cmd_approve(args, now, as_json=as_json)
+        if as_json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(
+                f"  signer:            {result['alg']}, SPKI SHA-256 {result['signer_spki_sha256']}"
+            )
+            print(f"  signed at:         {result['signed_at']}")
+            print(f"wrote {result['approval']}")
+        return EXIT_OK
     if args.command == "inspect":
-        report, valid = cmd_inspect(args)
+        report, valid = cmd_inspect(args, now)
         if as_json:
             print(json.dumps(report, indent=2))
         else:

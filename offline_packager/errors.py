@@ -64,3 +64,21 @@ class Pkcs11Error(ByokError):
     """A PKCS#11 token operation failed or the token lacks a needed mechanism."""
 
     reason = "pkcs11_error"
+
+
+class ApprovalError(ByokError):
+    """A signed import approval, or the list of approvers, is refused.
+
+    ``reason`` is one of ``approval_invalid`` (malformed, wrong signer, bad signature),
+    ``approval_wrong_package`` (signed over another manifest or package),
+    ``approval_expired`` (the approval or its approver is out of its validity window) and
+    ``approvers_invalid`` (the approvers document is malformed; the message names the field).
+    """
+
+    reason = "approval_invalid"
+
+
+class SignerKeyError(ByokError):
+    """The key an approver signs with cannot be used (wrong type or size, unreadable)."""
+
+    reason = "bad_signer_key"

@@ -82,6 +82,8 @@ class BlobStore:
             s.archive_container,
             s.quarantine_container,
             s.audit_container,
+            s.config_container,
+            s.approvals_container,
         ):
             with contextlib.suppress(ResourceExistsError):
                 self.service.create_container(name)

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from byok_pipeline.adapters.transient import as_transient
 from byok_pipeline.core.errors import Rejected, TransientError
 from byok_pipeline.core.kek_facts import KekFacts
+from byok_pipeline.core.policy import ExistingKey
 from byok_pipeline.core.settings import Settings
 from offline_packager.kid import KeyId
 
@@ -152,6 +153,27 @@ class HsmAdapter:
             not_before=props.not_before,
             expires_on=props.expires_on,
             public_key=public,
+        )
+
+    def existing_key(self, name: str, *, request_id: str) -> ExistingKey | None:
+        """The current version of ``name`` (its operations and the pipeline's tag), None when
+        no key of that name exists. Needs keys/read.
+
+        Raises:
+            TransientError: 429/5xx/connection after the SDK's own retries.
+            Rejected: the HSM refused the read.
+        """
+        try:
+            key = self.client.get_key(name, request_id=request_id)
+        except ResourceNotFoundError:
+            return None
+        except AzureError as exc:
+            raise translate(exc, "reading the existing key") from None
+        jwk = _jwk(key)
+        return ExistingKey(
+            kid=str(key.id),
+            key_ops=tuple(_s(o) for o in (jwk.key_ops or ())),
+            package_sha256_tag=(key.properties.tags or {}).get(TAG_PACKAGE_SHA256),
         )
 
     def find_imported(

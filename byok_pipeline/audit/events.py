@@ -28,6 +28,7 @@ STATE_EVENTS = {
     "failed": "byok.failed",
     "verification_failed": "byok.verification_failed",
     "duplicate": "byok.duplicate",
+    "awaiting_approval": "byok.awaiting_approval",
 }
 _FROM_STATUS = (
     "blob_name",
@@ -109,6 +110,15 @@ def event_for_state(doc: StatusDoc, state: str, attempt: int, at: str) -> dict[s
         value = getattr(doc, name)
         if value is not None:
             event[name] = value
+    event["policy_sha256"] = doc.policy_sha256  # null: no policy, the safe defaults applied
+    if doc.approvals is not None:
+        if state == "awaiting_approval":
+            event["approvals_missing"] = int(doc.approvals.get("missing", 0))
+        given = doc.approvals.get("given") or []
+        if given and state in ("validated", "importing", "imported"):
+            event["approvers"] = [
+                {"id": g["approver_id"], "spki_sha256": g["spki_sha256"]} for g in given
+            ]
     if state in ("rejected", "failed", "verification_failed", "imported", "duplicate"):
         for name in _TERMINAL_FIELDS:
             value = getattr(doc, name)

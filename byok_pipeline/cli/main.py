@@ -19,6 +19,7 @@ from typing import Any
 
 from byok_pipeline import __version__
 from byok_pipeline.cli.audit import add_audit_parser, cmd_audit
+from byok_pipeline.cli.authorization import add_parsers as add_authorization_parsers
 from byok_pipeline.cli.storage_arg import add_storage_option
 from byok_pipeline.core.errors import ConfigError, PipelineError, Rejected, TransientError
 from byok_pipeline.core.reasons import REASONS
@@ -249,19 +250,61 @@ def cmd_upload(args: argparse.Namespace) -> int:
     )
     from azure.core.exceptions import ResourceExistsError
 
+    store = _store(settings)
+    manifest = _manifest_path(args)
+    from byok_pipeline.adapters.authorization_store import AuthorizationStore
+    from byok_pipeline.cli.authorization import upload_attachments
+
+    attached = upload_attachments(
+        AuthorizationStore(store.service, settings),
+        Path(args.package),
+        hashlib.sha256(data).hexdigest(),
+        manifest,
+    )
     try:
-        result = upload(_store(settings), blob_name, data, options)
+        result = upload(store, blob_name, data, options)
     except ResourceExistsError:
         raise Rejected(
             "duplicate_upload", f"{blob_name} is already waiting in {settings.incoming_container}"
         ) from None
+    result["attachments"] = attached
+    approvals = len(attached["approvals"])
     _out(
         args,
         result,
         f"uploaded {blob_name} to {result['container']} (SHA-256 {result['package_sha256']})"
-        + ("" if options.fingerprint else "\n  no manifest: the import will be 'unverified'"),
+        + ("" if options.fingerprint else "\n  no manifest: the import will be 'unverified'")
+        + (f"\n  with {approvals} approval(s)" if approvals else ""),
     )
     return EXIT_OK
+
+
+def _authorize_direct(settings: Settings, hsm: Any, doc: Any, target_type: str) -> None:
+    """``byok import`` honours the same rules: the policy when storage is configured (a name
+    that needs approvals goes through ``byok upload``), and the existing-key protection always.
+
+    Raises:
+        Rejected: ``key_name_not_allowed``, ``target_type_not_allowed_for_name``,
+            ``approval_invalid``, ``existing_key_protected``, ``policy_invalid``.
+    """
+    from byok_pipeline.core.policy import check_existing_key, check_name, check_target_type
+
+    storage = os.environ.get("BYOK_STORAGE") or os.environ.get(
+        "BYOK_STORAGE__blobServiceUri"  # noqa: SIM112  # the Functions identity-connection name
+    )
+    policy = _authz(settings).policy() if storage else None
+    doc.policy_sha256 = policy.sha256 if policy else None
+    rule = check_name(policy, doc.key_name, kek_name=settings.kek_name)
+    if rule is not None and rule.approvals is not None:
+        raise Rejected(
+            "approval_invalid",
+            f"the import policy requires {rule.approvals.required} approval(s) for "
+            f"{doc.key_name!r}: upload the package with its manifest and approvals "
+            "(`byok upload`) instead of importing it directly",
+        )
+    check_target_type(rule, doc.key_name, target_type)
+    existing = hsm.existing_key(doc.key_name, request_id=doc.correlation_id)
+    check_existing_key(existing, rule, doc.key_name, policy=policy is not None)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -304,6 +347,11 @@ def cmd_import(args: argparse.Namespace) -> int:
     doc.target_type, doc.kek_kid = validated.target_type.name, validated.kek_kid.kid
     existing = hsm.find_imported(key_name, sha, request_id=cid)
     if existing is None:
+        try:
+            _authorize_direct(settings, hsm, doc, validated.target_type.name)
+        except Rejected as exc:
+            record("rejected", reason=exc.reason, message=exc.message)
+            raise
         record("validated")
         record("importing")
     imported = existing or import_validated(
@@ -405,7 +453,32 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{r['blob_name'][:28]:28} {r['state'] or '':20} {r['target_type'] or '-':9} "
             f"{r['fingerprint_result'] or '-':11} {r['reason_code'] or '-':26} {r['imported_kid'] or '-'}"
         )
+    if args.name and rows[0].get("approvals"):
+        print(_approvals_text(rows[0]))
     return EXIT_OK
+
+
+def _approvals_text(row: dict[str, Any]) -> str:
+    """``byok status NAME``: the approvals given, refused and missing."""
+    a = row["approvals"]
+    lines = [
+        f"approvals: {len(a['given'])} of {a['required']} required from group {a['group']!r}"
+        + (f", {a['missing']} missing" if a["missing"] else ", complete")
+    ]
+    lines += [
+        f"  given:   {g['approver_id']} (key {g['spki_sha256'][:16]}..., signed {g['signed_at']})"
+        for g in a["given"]
+    ]
+    lines += [f"  refused: {r['file']}: [{r['reason']}] {r['message']}" for r in a["refused"]]
+    if a["missing"]:
+        lines.append(f"  waiting for: {', '.join(a['waiting_for'])}")
+        if row.get("approval_deadline"):
+            lines.append(
+                f"  deadline: {row['approval_deadline']} (then rejected: approval_expired)"
+            )
+    if row.get("policy_sha256"):
+        lines.append(f"policy sha256: {row['policy_sha256']}")
+    return "\n".join(lines)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -612,10 +685,41 @@ def build_parser() -> argparse.ArgumentParser:
     rs = sub.add_parser("reasons", help="list the reason codes")
     rs.add_argument("--json", action="store_true")
     add_audit_parser(sub, common)
+    add_authorization_parsers(sub, common)
     return parser
 
 
+def _authz(settings: Settings) -> Any:
+    from byok_pipeline.adapters.authorization_store import AuthorizationStore
+
+    return AuthorizationStore(_store(settings).service, settings)
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from byok_pipeline.cli.authorization import cmd_policy as run
+
+    if args.policy_command == "validate":
+        return run(args, store=lambda: None, audit=lambda _: None, out=_out)
+    settings = _settings(args, require_hsm=False)
+    sink = _audit_sink(settings) if args.policy_command == "set" else None
+    return run(
+        args,
+        store=lambda: _authz(settings),
+        audit=lambda event: _audit(sink, event),
+        out=_out,
+    )
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    from byok_pipeline.cli.authorization import cmd_approve as run
+
+    settings = _settings(args, require_hsm=False)
+    return run(args, store=lambda: _authz(settings), out=_out)
+
+
 _COMMANDS = {
+    "policy": cmd_policy,
+    "approve": cmd_approve,
     "upload": cmd_upload,
     "import": cmd_import,
     "status": cmd_status,

@@ -35,6 +35,15 @@ REASONS: dict[str, str] = {
     "target_type_unknown": "No target type was stated and none can be inferred from the length.",
     "target_type_mismatch": "The stated target type cannot fit the wrapped length.",
     "target_type_not_allowed": "The target type is not in BYOK_ALLOWED_TARGET_TYPES.",
+    # authorization (import policy, approvals, existing keys)
+    "key_name_not_allowed": "The key name is the KEK's, or no rule of the import policy matches it: choose another name, or ask a policy administrator to add a rule (`byok policy show`).",
+    "existing_key_protected": "A key of that name exists and may not get a new version (a KEK; a key the pipeline did not import; or the policy does not allow_new_version): choose a new name, or have the policy allow rotation.",
+    "target_type_not_allowed_for_name": "The import policy does not allow this target type for this key name: wrap a key of an allowed type (`byok policy show`).",
+    "approval_invalid": "An approval is malformed, its signature does not verify, or the policy requires approvals and the package came without its manifest: sign again with `byok-package approve`, upload with `byok approve upload`.",
+    "approval_unknown_approver": "An approval is signed by an id that is not in the rule's approver group: the approver must be added to the policy, or another approver signs.",
+    "approval_expired": "The approvals were not complete before the policy's approval deadline, or an approval (or its approver) is past its validity: collect fresh approvals and upload the package again.",
+    "approval_wrong_package": "An approval signs another package, manifest or key name: the approver signs the manifest of exactly this package, for this key name.",
+    "policy_invalid": "The configured import policy is invalid (the message names the field): nothing is imported until an administrator fixes it (`byok policy validate`, `byok policy set`); then upload again.",
     # the HSM
     "hsm_refused": "Managed HSM refused the import; the service's error code is kept.",
     "fingerprint_mismatch": "The imported key does not match the manifest fingerprint (version disabled).",

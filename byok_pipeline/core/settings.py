@@ -20,6 +20,9 @@ DEFAULTS = {
     "BYOK_ARCHIVE_CONTAINER": "byok-archive",
     "BYOK_QUARANTINE_CONTAINER": "byok-quarantine",
     "BYOK_AUDIT_CONTAINER": "byok-audit",
+    "BYOK_CONFIG_CONTAINER": "byok-config",
+    "BYOK_POLICY_BLOB": "import-policy.json",
+    "BYOK_APPROVALS_CONTAINER": "byok-approvals",
     "BYOK_MAX_PACKAGE_BYTES": "65536",
     "BYOK_MAX_ATTEMPTS": "5",
     "BYOK_RETRY_TOTAL": "4",
@@ -40,6 +43,9 @@ SETTINGS_DOC: dict[str, str] = {
     "BYOK_ARCHIVE_CONTAINER": "Where imported (and duplicate) packages are moved",
     "BYOK_QUARANTINE_CONTAINER": "Where rejected and failed packages are moved",
     "BYOK_AUDIT_CONTAINER": "Container of the audit trail",
+    "BYOK_CONFIG_CONTAINER": "Container of the import policy (written by policy administrators only)",
+    "BYOK_POLICY_BLOB": "Blob name of the import policy in BYOK_CONFIG_CONTAINER; absent: safe defaults",
+    "BYOK_APPROVALS_CONTAINER": "Container of packages' manifests and signed approvals (<package sha256>/...)",
     "BYOK_AUDIT_LOG": "Local JSON-lines audit file (local runs); optional",
     "BYOK_TELEMETRY_LOG": "Local JSON-lines telemetry file when Application Insights is not set "
     "(default: telemetry.jsonl beside BYOK_AUDIT_LOG)",
@@ -97,6 +103,9 @@ class Settings:
     archive_container: str = DEFAULTS["BYOK_ARCHIVE_CONTAINER"]
     quarantine_container: str = DEFAULTS["BYOK_QUARANTINE_CONTAINER"]
     audit_container: str = DEFAULTS["BYOK_AUDIT_CONTAINER"]
+    config_container: str = DEFAULTS["BYOK_CONFIG_CONTAINER"]
+    policy_blob: str = DEFAULTS["BYOK_POLICY_BLOB"]
+    approvals_container: str = DEFAULTS["BYOK_APPROVALS_CONTAINER"]
     max_package_bytes: int = 65536
     max_attempts: int = 5
     retry_total: int = 4
@@ -107,6 +116,14 @@ class Settings:
     allowed_target_types: frozenset[str] = field(default_factory=frozenset)
     kek_kid: str | None = None
     audit_log: str | None = None
+
+    @property
+    def kek_name(self) -> str | None:
+        """The configured KEK's key name (from BYOK_KEK_KID), if any."""
+        if not self.kek_kid:
+            return None
+        parts = urlsplit(self.kek_kid).path.strip("/").split("/")
+        return parts[1] if len(parts) >= 2 and parts[0] == "keys" else None
 
     @property
     def hsm_host(self) -> str:
@@ -150,6 +167,11 @@ class Settings:
             quarantine_container=merged.get("BYOK_QUARANTINE_CONTAINER")
             or DEFAULTS["BYOK_QUARANTINE_CONTAINER"],
             audit_container=merged.get("BYOK_AUDIT_CONTAINER") or DEFAULTS["BYOK_AUDIT_CONTAINER"],
+            config_container=merged.get("BYOK_CONFIG_CONTAINER")
+            or DEFAULTS["BYOK_CONFIG_CONTAINER"],
+            policy_blob=merged.get("BYOK_POLICY_BLOB") or DEFAULTS["BYOK_POLICY_BLOB"],
+            approvals_container=merged.get("BYOK_APPROVALS_CONTAINER")
+            or DEFAULTS["BYOK_APPROVALS_CONTAINER"],
             max_package_bytes=_number(merged, "BYOK_MAX_PACKAGE_BYTES", 1024, 1024 * 1024),
             max_attempts=_number(merged, "BYOK_MAX_ATTEMPTS", 1, 100),
             retry_total=_number(merged, "BYOK_RETRY_TOTAL", 0, 20),

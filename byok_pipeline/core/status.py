@@ -1,7 +1,12 @@
 """The status document of one package, and its state machine.
 
-    received → validated → importing → imported | rejected | failed | verification_failed
+    received → [awaiting_approval →] validated → importing → imported | rejected | failed
+                                                          | verification_failed
     received → duplicate
+
+``awaiting_approval``: the import policy requires approvals that are not all there yet; the
+package waits in the incoming container (an approval upload, or the reconciler, delivers it
+again) until they are, or until its approval deadline (then ``rejected``/``approval_expired``).
 Schema: ``byok_pipeline/schemas/status.schema.json``.
 """
 
@@ -16,10 +21,11 @@ from byok_pipeline import __version__
 
 STATUS_SCHEMA_VERSION = "1.0"
 TERMINAL = frozenset({"imported", "rejected", "failed", "verification_failed", "duplicate"})
-STATES = ("received", "validated", "importing", *sorted(TERMINAL))
+STATES = ("received", "awaiting_approval", "validated", "importing", *sorted(TERMINAL))
 _NEXT: dict[str | None, frozenset[str]] = {
     None: frozenset({"received"}),
-    "received": frozenset({"validated", "rejected", "failed", "duplicate"}),
+    "received": frozenset({"awaiting_approval", "validated", "rejected", "failed", "duplicate"}),
+    "awaiting_approval": frozenset({"validated", "rejected", "failed"}),
     "validated": frozenset({"importing", "rejected", "failed"}),
     "importing": frozenset({"imported", "rejected", "failed", "verification_failed"}),
 }
@@ -66,6 +72,9 @@ class StatusDoc:
     duplicate_of: str | None = None
     uploader: str | None = None
     manifest_sha256: str | None = None
+    policy_sha256: str | None = None  # the import policy the package was checked against
+    approvals: dict[str, Any] | None = None  # given, refused, missing (see core.approvals)
+    approval_deadline: str | None = None
     attempts: int = 0
     import_attempt_at: str | None = None  # when the last import PUT was about to be sent
     last_error: str | None = None

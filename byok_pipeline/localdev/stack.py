@@ -128,6 +128,8 @@ def emulator_deps(hsm: Any, service: BlobServiceClient, prefix: str, **overrides
         archive_container=f"{prefix}-archive",
         quarantine_container=f"{prefix}-quarantine",
         audit_container=f"{prefix}-audit",
+        config_container=f"{prefix}-config",
+        approvals_container=f"{prefix}-approvals",
         **{**fast, **overrides},
     )
     client = hsm.key_client(

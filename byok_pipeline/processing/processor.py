@@ -25,15 +25,23 @@ from datetime import UTC, datetime
 
 from azure.storage.blob import BlobLeaseClient
 
+from byok_pipeline.adapters.authorization_store import AuthorizationStore
 from byok_pipeline.adapters.blobstore import BlobGone, BlobStore, IncomingBlob
 from byok_pipeline.adapters.keyvault import HsmAdapter, ImportedKey
 from byok_pipeline.adapters.telemetry import PackageSpan, package_span
 from byok_pipeline.audit.events import AuditSink, event_for_state, utc_now, verified_event
 from byok_pipeline.core.errors import InProgress, Rejected, TransientError
 from byok_pipeline.core.metadata import ImportOptions, parse_metadata
+from byok_pipeline.core.policy import ImportPolicy, PolicyInvalid
 from byok_pipeline.core.settings import Settings
 from byok_pipeline.core.status import ARCHIVED, TERMINAL, StatusDoc, utc
 from byok_pipeline.core.validation import read_package
+from byok_pipeline.processing.authorize import (
+    Authorization,
+    AwaitingApproval,
+    authorize,
+    check_existing,
+)
 from byok_pipeline.processing.importer import fingerprint_result, import_validated, validate
 from offline_packager.kid import KEY_NAME_RE
 
@@ -62,6 +70,16 @@ class Deps:
     clock: Callable[[], datetime] = utc_now
     new_id: Callable[[], str] = _new_id
     fault: Fault = _no_fault
+    authz: AuthorizationStore | None = None  # None: built from the blob store's account
+
+    def __post_init__(self) -> None:
+        if self.authz is None:
+            self.authz = AuthorizationStore(self.store.service, self.settings)
+
+    @property
+    def authorization(self) -> AuthorizationStore:
+        assert self.authz is not None  # noqa: S101  # set in __post_init__
+        return self.authz
 
 
 @dataclass(frozen=True)
@@ -131,6 +149,21 @@ class _Run:
         self.doc = doc
         self.lease = lease
         self._attempt_noted = float("-inf")  # monotonic time the last import attempt was saved
+        self._policy: ImportPolicy | None = None
+        self._policy_error: PolicyInvalid | None = None
+
+    def load_policy(self) -> None:
+        """Read the import policy (one conditional request when cached) before this attempt's
+        first audit event, so that every event names the policy in force.
+
+        Raises:
+            TransientError: storage failed.
+        """
+        try:
+            self._policy, self._policy_error = self.deps.authorization.policy(), None
+        except PolicyInvalid as exc:
+            self._policy, self._policy_error = None, exc
+        self.doc.policy_sha256 = self.deps.authorization.policy_sha256
 
     # -- recording --------------------------------------------------------------------------
     def save(self, *, renew: bool = False) -> None:
@@ -197,7 +230,11 @@ class _Run:
         data, options = self._check_drop()
         _, kid = read_package(data, self.deps.settings)
         self.doc.kek_kid = kid.kid
-        imported = self._earlier_import() or self._validate_and_import(data, options)
+        imported = self._earlier_import()
+        if imported is None:
+            auth = self._authorize(options)
+            imported = self._validate_and_import(data, auth)
+            options = auth.options
         self.doc.imported_kid = imported.kid  # from here on a crash is recovered by its tag
         self._verify(imported, options)
 
@@ -231,8 +268,42 @@ class _Run:
             doc.key_name, doc.package_sha256, request_id=doc.correlation_id
         )
 
-    def _validate_and_import(self, data: bytes, options: ImportOptions) -> ImportedKey:
+    def _authorize(self, options: ImportOptions) -> Authorization:
+        """Policy and approvals, before any HSM call (see processing.authorize).
+
+        Raises:
+            Rejected, AwaitingApproval, TransientError: as :func:`authorize`.
+        """
         doc, deps = self.doc, self.deps
+        assert doc.key_name is not None  # noqa: S101  # set by _check_drop
+        assert doc.package_sha256 is not None  # noqa: S101  # data was read, so it was hashed
+        if self._policy_error is not None:
+            raise self._policy_error
+        now = deps.clock()
+        dropped = _parse_utc(doc.drop_time or doc.history[0].time)
+        try:
+            auth = authorize(
+                policy=self._policy,
+                authz=deps.authorization,
+                settings=deps.settings,
+                key_name=doc.key_name,
+                package_sha256=doc.package_sha256,
+                options=options,
+                dropped=dropped,
+                now=now,
+            )
+        except AwaitingApproval as waiting:
+            doc.approvals = waiting.approvals.to_status()
+            doc.approval_deadline = utc(waiting.deadline)
+            raise
+        doc.approvals = auth.approvals.to_status() if auth.approvals else None
+        if auth.options.fingerprint is not None:
+            fp = auth.options.fingerprint
+            doc.fingerprint_expected = f"{fp.kind}:{fp.value}"
+        return auth
+
+    def _validate_and_import(self, data: bytes, auth: Authorization) -> ImportedKey:
+        doc, deps, options = self.doc, self.deps, auth.options
         assert doc.key_name is not None  # noqa: S101  # set by _check_drop
         assert doc.package_sha256 is not None  # noqa: S101  # data was read, so it was hashed
         validated = validate(
@@ -246,6 +317,9 @@ class _Run:
         doc.target_type = validated.target_type.name
         doc.target_type_source = "inferred" if validated.target_type_inferred else "stated"
         doc.key_ops = list(validated.key_ops)
+        check_existing(
+            deps.hsm, auth, doc.key_name, validated.target_type.name, request_id=doc.correlation_id
+        )
         # both states in one write, with the lease renewed and the import attempt noted:
         # the first PUT follows at once (see _before_put)
         doc.import_attempt_at = utc(deps.clock())
@@ -452,11 +526,18 @@ def _run_leased(run: _Run) -> Outcome:
         return Outcome(doc.state or "", run.path, doc)
     if run.import_in_flight():
         raise InProgress("an earlier import attempt may still be in flight; retry after it settles")
+    run.load_policy()
     doc.attempts += 1
     run.save()
     try:
         run.flush_audit()
         run.run()
+    except AwaitingApproval:
+        doc.attempts -= 1  # waiting for people is not an attempt
+        doc.last_error = None
+        if doc.state != "awaiting_approval":
+            run.record("awaiting_approval")  # written, then audited once
+        run.save()  # the tally (and the audited mark) persist; the package stays in incoming
     except Rejected as exc:
         if doc.imported_kid is not None:  # imported, but verifying it was refused
             doc.fingerprint_result = doc.fingerprint_result or "unverified"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,7 @@ from byok_pipeline.processing.processor import Deps, Outcome, process_blob
 
 log = logging.getLogger("byok_pipeline")
 _lock = threading.Lock()
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 _deps: Deps | None = None
 _factory: Callable[[], Deps] | None = None
 
@@ -89,6 +91,24 @@ def handle_blob(name: str) -> Outcome:
         },
     )
     return outcome
+
+
+def handle_approval(name: str) -> Outcome | None:
+    """An approval or manifest was stored at ``<package sha256>/<file>`` in the approvals
+    container: deliver the package again if it is awaiting approval (None: nothing to do; a
+    package not dropped yet counts its approvals when it is).
+
+    Raises:
+        InProgress, TransientError: let the platform redeliver (the invocation fails).
+    """
+    sha = name.split("/", 1)[0]
+    if not _HEX64.fullmatch(sha):
+        log.warning("byok: ignoring %r in the approvals container (not <sha256>/<file>)", name)
+        return None
+    doc = get_deps().store.load_status(f"packages/{sha}.json")
+    if doc is None or doc.state != "awaiting_approval":
+        return None
+    return handle_blob(doc.blob_name)
 
 
 def http_json(status: int, body: Any) -> tuple[int, bytes]:

@@ -1,7 +1,7 @@
 // Event Grid: the system topic on the storage account and its identity's right to write dead
-// letters. The BlobCreated subscription itself is in eventsubscription.bicep, a module that
+// letters. The BlobCreated subscriptions themselves are in eventsubscription.bicep, a module that
 // main.bicep deploys only if (deployEventSubscription): ARM may evaluate list* functions of a
-// conditional resource even when its condition is false, so the subscription's listKeys() of
+// conditional resource even when its condition is false, so the subscriptions' listKeys() of
 // the blobs_extension key must not be in a template that the first pass deploys.
 
 param location string

@@ -1,4 +1,6 @@
-// Event Grid: BlobCreated in the incoming container -> the blob trigger's extension endpoint.
+// Event Grid: BlobCreated in the incoming container -> the blob trigger process_package, and
+// BlobCreated in the approvals container (a manifest or a signed approval) -> the blob trigger
+// process_approval, each through the blob extension's endpoint.
 // Delivery is at least once and unordered; the pipeline is idempotent on the package hash.
 // Events that cannot be delivered are dead-lettered to a container, written with the system
 // topic's own managed identity (the storage account accepts no shared keys).
@@ -12,7 +14,9 @@ param systemTopicName string
 param storageAccountName string
 param functionAppName string
 param functionName string
+param approvalFunctionName string
 param incomingContainerName string
+param approvalsContainerName string
 param deadletterContainerName string
 
 resource storageAccount 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
@@ -46,6 +50,47 @@ resource blobCreatedSubscription 'Microsoft.EventGrid/systemTopics/eventSubscrip
         'Microsoft.Storage.BlobCreated'
       ]
       subjectBeginsWith: '/blobServices/default/containers/${incomingContainerName}/blobs/'
+      isSubjectCaseSensitive: true
+    }
+    retryPolicy: {
+      maxDeliveryAttempts: 30
+      eventTimeToLiveInMinutes: 1440
+    }
+    deadLetterWithResourceIdentity: {
+      identity: {
+        type: 'SystemAssigned'
+      }
+      deadLetterDestination: {
+        endpointType: 'StorageBlob'
+        properties: {
+          resourceId: storageAccount.id
+          blobContainerName: deadletterContainerName
+        }
+      }
+    }
+  }
+}
+
+// A manifest or an approval arrived: a package awaiting approval is delivered again. Same
+// delivery, retries and dead letters as the packages' subscription.
+resource approvalCreatedSubscription 'Microsoft.EventGrid/systemTopics/eventSubscriptions@2022-06-15' = {
+  parent: systemTopic
+  name: 'byok-approvals-blob-created'
+  properties: {
+    eventDeliverySchema: 'EventGridSchema'
+    destination: {
+      endpointType: 'WebHook'
+      properties: {
+        endpointUrl: 'https://${functionApp.properties.defaultHostName}/runtime/webhooks/blobs?functionName=Host.Functions.${approvalFunctionName}&code=${listKeys('${functionApp.id}/host/default', '2023-01-01').systemKeys.blobs_extension}'
+        maxEventsPerBatch: 1
+        preferredBatchSizeInKilobytes: 64
+      }
+    }
+    filter: {
+      includedEventTypes: [
+        'Microsoft.Storage.BlobCreated'
+      ]
+      subjectBeginsWith: '/blobServices/default/containers/${approvalsContainerName}/blobs/'
       isSubjectCaseSensitive: true
     }
     retryPolicy: {

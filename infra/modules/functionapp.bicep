@@ -18,6 +18,9 @@ param statusContainerName string
 param archiveContainerName string
 param quarantineContainerName string
 param auditContainerName string
+param configContainerName string
+param approvalsContainerName string
+param policyBlobName string
 param maxPackageBytes int
 param maxAttempts int
 param allowedKekNames string
@@ -153,6 +156,20 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'BYOK_AUDIT_CONTAINER'
           value: auditContainerName
+        }
+        // Import authorization: the policy (written by policy administrators only) and the
+        // signed approvals; the function reads both and writes neither.
+        {
+          name: 'BYOK_CONFIG_CONTAINER'
+          value: configContainerName
+        }
+        {
+          name: 'BYOK_POLICY_BLOB'
+          value: policyBlobName
+        }
+        {
+          name: 'BYOK_APPROVALS_CONTAINER'
+          value: approvalsContainerName
         }
         {
           name: 'BYOK_MAX_PACKAGE_BYTES'

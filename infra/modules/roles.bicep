@@ -1,7 +1,8 @@
 // Azure RBAC for the data plane of storage and Application Insights.
-// Narrowest built-in roles at the narrowest scope (a container wherever a blob role is granted),
-// each assignment named guid(scope, principal, role) so that a redeployment finds it again
-// instead of failing or duplicating it.
+// Narrowest roles at the narrowest scope (a container wherever a blob role is granted), each
+// assignment named guid(scope, principal, role) so that a redeployment finds it again instead of
+// failing or duplicating it. People who write blobs (uploaders, custodians, policy administrators)
+// get a custom data-only role (blobWriterRole below), not Storage Blob Data Contributor.
 // The Managed HSM's data-plane roles are not ARM resources: see infra/assign-hsm-roles.sh.
 
 param storageAccountName string
@@ -13,11 +14,14 @@ param statusContainerName string
 param archiveContainerName string
 param quarantineContainerName string
 param auditContainerName string
+param configContainerName string
+param approvalsContainerName string
 param deploymentContainerName string
 param uploaderPrincipalIds array
 param statusReaderPrincipalIds array
 param custodianPrincipalIds array
 param auditorPrincipalIds array
+param policyAdminPrincipalIds array
 
 // Built-in role definition ids (the same in every tenant).
 var roleIds = {
@@ -45,12 +49,55 @@ var functionContainerNames = [
   'azure-webjobs-secrets'
 ]
 
-// Azure ABAC condition on the upload grants (Storage Blob Data Contributor on byok-incoming):
-// no delete and no move/rename of blobs, so an uploader cannot remove a package that waits for the
-// pipeline. Conditions cannot tell a new blob from an overwrite of an existing one (both are
-// blobs/write), so overwriting stays possible; blob versioning keeps the overwritten version
-// (infra/README.md, "Known limits").
+// Azure ABAC condition on every grant of the writer role (blobWriterRole): no delete and no
+// move/rename of blobs, so nobody who uploads packages or approvals can remove one that waits for
+// the pipeline. The role itself has neither data action; the condition is a second fence that
+// still holds if the role is ever widened. Conditions cannot tell a new blob from an overwrite of
+// an existing one (both are blobs/write), so overwriting stays possible; blob versioning keeps the
+// overwritten version (infra/README.md, "Known limits").
 var noDeleteCondition = '((!(ActionMatches{\'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/delete\'}) AND !(ActionMatches{\'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/move/action\'})))'
+
+// The data-only role of the people who write blobs: uploaders (byok-incoming, byok-approvals),
+// KEK custodians (byok-incoming, byok-approvals, byok-audit) and policy administrators
+// (byok-config), always assigned on one container. Storage Blob Data Contributor would also give
+// them the control-plane Actions containers/write and containers/delete (change or delete the
+// whole container through ARM) and the data actions blobs/delete and blobs/move/action; this role
+// has no Actions at all and only these data actions:
+//   blobs/read        read and list blobs (the uploaded package, the current policy, the audit
+//                     log's head before appending to it)
+//   blobs/write       create a blob with its metadata (Put Blob, Put Block List), or overwrite one
+//   blobs/add/action  create a blob and append to an append blob (the custodians' audit records)
+// Not delete, move, deleteBlobVersion, permanentDelete, tags, immutability (runAsSuperUser),
+// ownership or ACLs. One definition per resource group (name and id derived from it), assignable
+// only in this resource group. Creating it needs Microsoft.Authorization/roleDefinitions/write on
+// the group (Owner or User Access Administrator; infra/README.md, "Deploy").
+resource blobWriterRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
+  name: guid(resourceGroup().id, 'byok-managed-hsm', 'blob-writer')
+  properties: {
+    // Role names are unique in the tenant: one per resource group.
+    roleName: 'BYOK Blob Writer (${resourceGroup().name}, ${uniqueString(resourceGroup().id)})'
+    description: 'byok-managed-hsm: read, create and write blobs in the containers it is assigned on; no delete, no move, no control-plane action.'
+    type: 'CustomRole'
+    permissions: [
+      {
+        actions: []
+        notActions: []
+        dataActions: [
+          'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/read'
+          'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/write'
+          'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/add/action'
+        ]
+        notDataActions: []
+      }
+    ]
+    assignableScopes: [
+      resourceGroup().id
+    ]
+  }
+}
+
+// A custom role definition is addressed like a built-in one, at the subscription.
+var blobWriterRoleId = subscriptionResourceId('Microsoft.Authorization/roleDefinitions', blobWriterRole.name)
 
 resource storageAccount 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
@@ -81,6 +128,16 @@ resource auditContainer 'Microsoft.Storage/storageAccounts/blobServices/containe
   name: auditContainerName
 }
 
+resource configContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' existing = {
+  parent: blobService
+  name: configContainerName
+}
+
+resource approvalsContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' existing = {
+  parent: blobService
+  name: approvalsContainerName
+}
+
 resource deploymentContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' existing = {
   parent: blobService
   name: deploymentContainerName
@@ -102,6 +159,30 @@ resource functionBlobAccess 'Microsoft.Authorization/roleAssignments@2022-04-01'
     description: 'byok-managed-hsm function: pipeline and Functions host blobs in ${containerName}'
   }
 }]
+
+// The function reads the import policy (byok-config) and the signed approvals (byok-approvals) and
+// never writes either: read only, so a compromised function cannot approve its own imports.
+resource functionConfigRead 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(configContainer.id, functionPrincipalId, roleIds.storageBlobDataReader)
+  scope: configContainer
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataReader)
+    principalId: functionPrincipalId
+    principalType: 'ServicePrincipal'
+    description: 'byok-managed-hsm function: read the import policy'
+  }
+}
+
+resource functionApprovalsRead 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(approvalsContainer.id, functionPrincipalId, roleIds.storageBlobDataReader)
+  scope: approvalsContainer
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataReader)
+    principalId: functionPrincipalId
+    principalType: 'ServicePrincipal'
+    description: 'byok-managed-hsm function: read the signed approvals'
+  }
+}
 
 // Account scope on purpose: the host creates its queues itself (the blob trigger's
 // webjobs-blobtrigger-poison and its internal queues), with names it chooses. Queues only.
@@ -140,14 +221,27 @@ resource functionTelemetry 'Microsoft.Authorization/roleAssignments@2022-04-01' 
   }
 }
 
-// Uploaders may add packages to the incoming container and nothing else (no delete, no move).
+// Uploaders may add packages to the incoming container and approvals to the approvals container,
+// and nothing else (the writer role: no delete, no move, no control-plane action).
 resource uploaderAccess 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for principalId in uploaderPrincipalIds: {
-  name: guid(incomingContainer.id, principalId, roleIds.storageBlobDataContributor)
+  name: guid(incomingContainer.id, principalId, blobWriterRole.id)
   scope: incomingContainer
   properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataContributor)
+    roleDefinitionId: blobWriterRoleId
     principalId: principalId
     description: 'byok-managed-hsm uploader: drop .byok packages into the incoming container'
+    condition: noDeleteCondition
+    conditionVersion: '2.0'
+  }
+}]
+
+resource uploaderApprovals 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for principalId in uploaderPrincipalIds: {
+  name: guid(approvalsContainer.id, principalId, blobWriterRole.id)
+  scope: approvalsContainer
+  properties: {
+    roleDefinitionId: blobWriterRoleId
+    principalId: principalId
+    description: 'byok-managed-hsm uploader: write signed approvals'
     condition: noDeleteCondition
     conditionVersion: '2.0'
   }
@@ -164,14 +258,14 @@ resource statusReaderAccess 'Microsoft.Authorization/roleAssignments@2022-04-01'
   }
 }]
 
-// KEK custodians (the `byok` CLI): upload packages, append the KEK events (byok.kek.created,
-// byok.kek.downloaded) to the audit log, read status documents, and send those events as
-// telemetry. The audit container's retention policy stops any overwrite or delete there.
+// KEK custodians (the `byok` CLI): upload packages, write signed approvals, append the KEK events
+// (byok.kek.created, byok.kek.downloaded) to the audit log, read status documents, and send those
+// events as telemetry. The audit container's retention policy stops any overwrite or delete there.
 resource custodianUpload 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for principalId in custodianPrincipalIds: {
-  name: guid(incomingContainer.id, principalId, roleIds.storageBlobDataContributor)
+  name: guid(incomingContainer.id, principalId, blobWriterRole.id)
   scope: incomingContainer
   properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataContributor)
+    roleDefinitionId: blobWriterRoleId
     principalId: principalId
     description: 'byok-managed-hsm custodian: upload .byok packages'
     condition: noDeleteCondition
@@ -179,13 +273,27 @@ resource custodianUpload 'Microsoft.Authorization/roleAssignments@2022-04-01' = 
   }
 }]
 
+resource custodianApprovals 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for principalId in custodianPrincipalIds: {
+  name: guid(approvalsContainer.id, principalId, blobWriterRole.id)
+  scope: approvalsContainer
+  properties: {
+    roleDefinitionId: blobWriterRoleId
+    principalId: principalId
+    description: 'byok-managed-hsm custodian: write signed approvals'
+    condition: noDeleteCondition
+    conditionVersion: '2.0'
+  }
+}]
+
 resource custodianAudit 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for principalId in custodianPrincipalIds: {
-  name: guid(auditContainer.id, principalId, roleIds.storageBlobDataContributor)
+  name: guid(auditContainer.id, principalId, blobWriterRole.id)
   scope: auditContainer
   properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataContributor)
+    roleDefinitionId: blobWriterRoleId
     principalId: principalId
     description: 'byok-managed-hsm custodian: append KEK events to the immutable audit log'
+    condition: noDeleteCondition
+    conditionVersion: '2.0'
   }
 }]
 
@@ -227,5 +335,20 @@ resource auditorStatus 'Microsoft.Authorization/roleAssignments@2022-04-01' = [f
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataReader)
     principalId: principalId
     description: 'byok-managed-hsm auditor: read status documents'
+  }
+}]
+
+// Policy administrators, and only they, write the import policy (byok policy set FILE writes
+// byok-config/<BYOK_POLICY_BLOB>). The writer role: no delete, no control-plane action; blob
+// versioning keeps every earlier policy.
+resource policyAdminConfig 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for principalId in policyAdminPrincipalIds: {
+  name: guid(configContainer.id, principalId, blobWriterRole.id)
+  scope: configContainer
+  properties: {
+    roleDefinitionId: blobWriterRoleId
+    principalId: principalId
+    description: 'byok-managed-hsm policy administrator: write the import policy'
+    condition: noDeleteCondition
+    conditionVersion: '2.0'
   }
 }]

@@ -11,6 +11,8 @@ param statusContainerName string
 param archiveContainerName string
 param quarantineContainerName string
 param auditContainerName string
+param configContainerName string
+param approvalsContainerName string
 param deadletterContainerName string
 param deploymentContainerName string
 param auditRetentionDays int
@@ -20,14 +22,18 @@ param auditPolicyLocked bool
 param softDeleteRetentionDays int
 param workspaceId string
 
-// Containers without special policies: uploads, results, the Event Grid dead letters, the
-// Flex Consumption deployment package, and the two containers the Functions host uses (created
-// here so that the Function's identity needs no account-wide blob role to create them).
+// Containers without special policies: uploads, results, the import policy (byok-config, written
+// by policy administrators only) and the signed approvals (byok-approvals), the Event Grid dead
+// letters, the Flex Consumption deployment package, and the two containers the Functions host
+// uses (created here so that the Function's identity needs no account-wide blob role to create
+// them). Who may do what in each is in roles.bicep.
 var plainContainerNames = [
   incomingContainerName
   statusContainerName
   archiveContainerName
   quarantineContainerName
+  configContainerName
+  approvalsContainerName
   deadletterContainerName
   deploymentContainerName
   'azure-webjobs-hosts'
@@ -140,7 +146,9 @@ resource auditImmutability 'Microsoft.Storage/storageAccounts/blobServices/conta
 }
 
 // Old versions of processed packages and status documents do not pile up for ever.
-// The audit container is left out: its blobs are protected by the retention policy.
+// The audit container is left out: its blobs are protected by the retention policy. So are the
+// config and approvals containers: every earlier import policy and every overwritten approval
+// stays as a version (they are small, and they are evidence of who authorized what).
 resource lifecycle 'Microsoft.Storage/storageAccounts/managementPolicies@2023-05-01' = {
   parent: storageAccount
   name: 'default'

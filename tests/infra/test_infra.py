@@ -39,6 +39,8 @@ EXPECTED_CONTAINERS = {
     "archive": "byok-archive",
     "quarantine": "byok-quarantine",
     "audit": "byok-audit",
+    "config": "byok-config",
+    "approvals": "byok-approvals",
     "deadletter": "byok-deadletter",
 }
 EXPECTED_CONTAINER_SETTINGS = {
@@ -47,7 +49,11 @@ EXPECTED_CONTAINER_SETTINGS = {
     "BYOK_ARCHIVE_CONTAINER": "byok-archive",
     "BYOK_QUARANTINE_CONTAINER": "byok-quarantine",
     "BYOK_AUDIT_CONTAINER": "byok-audit",
+    "BYOK_CONFIG_CONTAINER": "byok-config",
+    "BYOK_APPROVALS_CONTAINER": "byok-approvals",
 }
+# Import authorization: the policy blob in the config container, and its default name.
+EXPECTED_AUTHORIZATION_SETTINGS = {"BYOK_POLICY_BLOB": "import-policy.json"}
 REQUIRED_APP_SETTINGS = {
     "BYOK_HSM_URL",
     "BYOK_KEK_KID",
@@ -68,6 +74,7 @@ REQUIRED_APP_SETTINGS = {
     "APPLICATIONINSIGHTS_CONNECTION_STRING",
     "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
     *EXPECTED_CONTAINER_SETTINGS,
+    *EXPECTED_AUTHORIZATION_SETTINGS,
 }
 # A bare connection name means a connection string; these carry account keys or SAS tokens.
 FORBIDDEN_SETTING_NAMES = {
@@ -94,18 +101,23 @@ ROLE_BLOB_DATA_CONTRIBUTOR = "ba92f5b4-2d11-453d-a403-e96b0029c9fe"
 ROLE_BLOB_DATA_READER = "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1"
 ROLE_QUEUE_DATA_CONTRIBUTOR = "974c5e8b-45b9-4653-ba55-5f855dd0fb88"
 ROLE_MONITORING_METRICS_PUBLISHER = "3913510d-42f4-4e42-8a64-420c390055eb"
+ROLE_BLOB_DATA_OWNER = "b7e6dc6d-f1e8-4753-8033-0f276bb0955b"
+# The template's own data-only role for people who write blobs (roles.bicep `blobWriterRole`).
+# A custom role has no fixed id: the checks name it `custom:<Bicep symbol>`.
+ROLE_BLOB_WRITER = "custom:blobWriterRole"
 ALLOWED_ROLES = {
     ROLE_BLOB_DATA_CONTRIBUTOR,
     ROLE_BLOB_DATA_READER,
     ROLE_QUEUE_DATA_CONTRIBUTOR,
     ROLE_MONITORING_METRICS_PUBLISHER,
+    ROLE_BLOB_WRITER,
 }
 FORBIDDEN_ROLES = {
     "8e3af657-a8ff-443c-a75c-2fe8c4bcb635": "Owner",
     "b24988ac-6180-42a0-ab88-20f7382dd24c": "Contributor",
     "18d7d88d-d35e-4fb5-a5c3-7773c20a72c9": "User Access Administrator",
     "f58310d9-a9f6-439a-9e8d-f62e7b41a168": "Role Based Access Control Administrator",
-    "b7e6dc6d-f1e8-4753-8033-0f276bb0955b": "Storage Blob Data Owner",
+    ROLE_BLOB_DATA_OWNER: "Storage Blob Data Owner",
     "17d1049b-9a84-46fb-8f53-869881c3d3ab": "Storage Account Contributor (can list keys)",
     "81a9662b-bebf-436f-a333-f67b29880f12": "Storage Account Key Operator Service Role",
 }
@@ -556,9 +568,9 @@ def check_app_settings(dep: Deployment) -> Findings:
         client_id = settings.get(f"{prefix}__clientId")
         if client_id is None or client_id != settings.get("AZURE_CLIENT_ID"):
             findings.append(f"settings: {prefix}__clientId must be the identity's client id")
-    for name, container in EXPECTED_CONTAINER_SETTINGS.items():
-        if settings.get(name) != container:
-            findings.append(f"settings: {name} must be {container!r}, got {settings.get(name)!r}")
+    for name, expected in (EXPECTED_CONTAINER_SETTINGS | EXPECTED_AUTHORIZATION_SETTINGS).items():
+        if settings.get(name) != expected:
+            findings.append(f"settings: {name} must be {expected!r}, got {settings.get(name)!r}")
     if settings.get("BYOK_MAX_PACKAGE_BYTES") != "65536":
         findings.append("settings: BYOK_MAX_PACKAGE_BYTES must default to 65536")
     if settings.get("BYOK_MAX_ATTEMPTS") != "5":
@@ -569,6 +581,15 @@ def check_app_settings(dep: Deployment) -> Findings:
     return findings
 
 
+# Each container whose BlobCreated events wake an Event Grid blob trigger of function_app.py,
+# and that trigger's function name.
+EXPECTED_SUBSCRIPTIONS = {
+    EXPECTED_CONTAINERS["incoming"]: "process_package",
+    EXPECTED_CONTAINERS["approvals"]: "process_approval",
+}
+SUBJECT_RE = re.compile(r"/blobServices/default/containers/([^/]+)/blobs/")
+
+
 def check_event_grid(dep: Deployment) -> Findings:
     findings: Findings = []
     topics = dep.resources("Microsoft.EventGrid/systemTopics")
@@ -577,33 +598,59 @@ def check_event_grid(dep: Deployment) -> Findings:
     ):
         findings.append("eventgrid: expected one system topic on the storage account")
     subscriptions = dep.resources("Microsoft.EventGrid/systemTopics/eventSubscriptions")
-    if len(subscriptions) != 1:
-        return [*findings, f"eventgrid: expected one subscription, found {len(subscriptions)}"]
-    sub = subscriptions[0]
-    props = sub.body.get("properties", {})
-    event_filter = props.get("filter", {})
-    if event_filter.get("includedEventTypes") != ["Microsoft.Storage.BlobCreated"]:
-        findings.append(
-            "eventgrid: includedEventTypes must be exactly Microsoft.Storage.BlobCreated"
+    covered: dict[str, str] = {}
+    for sub in subscriptions:
+        where = f"eventgrid: {sub.symbol}"
+        props = sub.body.get("properties", {})
+        event_filter = props.get("filter", {})
+        if event_filter.get("includedEventTypes") != ["Microsoft.Storage.BlobCreated"]:
+            findings.append(
+                f"{where} includedEventTypes must be exactly Microsoft.Storage.BlobCreated"
+            )
+        subject = str(dep.resolve(sub.file, event_filter.get("subjectBeginsWith")))
+        match = SUBJECT_RE.fullmatch(subject)
+        container = match.group(1) if match else None
+        function = EXPECTED_SUBSCRIPTIONS.get(str(container))
+        if function is None:
+            findings.append(
+                f"{where} subjectBeginsWith must be one of the triggers' containers "
+                f"{sorted(EXPECTED_SUBSCRIPTIONS)}, got {subject!r}"
+            )
+        elif container in covered:
+            findings.append(f"{where} subjectBeginsWith repeats {container!r}")
+        else:
+            covered[str(container)] = sub.symbol
+        destination = props.get("destination", {})
+        url = str(dep.resolve(sub.file, _dig(destination, "properties", "endpointUrl")))
+        if destination.get("endpointType") != "WebHook" or (
+            f"/runtime/webhooks/blobs?functionName=Host.Functions.{function}&code=" not in url
+            or "systemKeys.blobs_extension" not in url
+        ):
+            findings.append(
+                f"{where} endpoint must be the blob extension webhook of {function}: {url!r}"
+            )
+        retry = props.get("retryPolicy", {})
+        if not isinstance(retry.get("maxDeliveryAttempts"), int) or not isinstance(
+            retry.get("eventTimeToLiveInMinutes"), int
+        ):
+            findings.append(f"{where} retryPolicy must set attempts and time to live")
+        if sub.condition is not None:
+            findings.append(f"{where} must not carry a condition: the subscriptions' module does")
+        dead_letter = props.get("deadLetterWithResourceIdentity", {})
+        dead_container = dep.resolve(
+            sub.file, _dig(dead_letter, "deadLetterDestination", "properties", "blobContainerName")
         )
-    subject = dep.resolve(sub.file, event_filter.get("subjectBeginsWith"))
-    expected_subject = f"/blobServices/default/containers/{EXPECTED_CONTAINERS['incoming']}/blobs/"
-    if subject != expected_subject:
+        if dead_container != EXPECTED_CONTAINERS["deadletter"] or not _dig(
+            dead_letter, "identity", "type"
+        ):
+            findings.append(
+                f"{where} dead letters must go to byok-deadletter with a managed identity"
+            )
+    for container in sorted(set(EXPECTED_SUBSCRIPTIONS) - set(covered)):
         findings.append(
-            f"eventgrid: subjectBeginsWith must be {expected_subject!r}, got {subject!r}"
+            f"eventgrid: no BlobCreated subscription (subjectBeginsWith) for {container}, so "
+            f"{EXPECTED_SUBSCRIPTIONS[container]} never runs"
         )
-    destination = props.get("destination", {})
-    url = str(dep.resolve(sub.file, _dig(destination, "properties", "endpointUrl")))
-    if destination.get("endpointType") != "WebHook" or (
-        "/runtime/webhooks/blobs?functionName=Host.Functions.process_package&code=" not in url
-        or "systemKeys.blobs_extension" not in url
-    ):
-        findings.append(f"eventgrid: endpoint must be the blob extension webhook: {url!r}")
-    retry = props.get("retryPolicy", {})
-    if not isinstance(retry.get("maxDeliveryAttempts"), int) or not isinstance(
-        retry.get("eventTimeToLiveInMinutes"), int
-    ):
-        findings.append("eventgrid: retryPolicy must set attempts and time to live")
     for file in dep.files:
         text = BICEP_COMMENT_LINE_RE.sub("", (dep.root / file).read_text(encoding="utf-8"))
         if "listkeys(" not in text.lower():
@@ -613,26 +660,43 @@ def check_event_grid(dep: Deployment) -> Findings:
                 f"eventgrid: {file} calls listKeys(), so it must be a module deployed only "
                 "if (deployEventSubscription): ARM may evaluate list* in conditional resources"
             )
-    if sub.condition is not None:
-        findings.append("eventgrid: the subscription's module carries the condition, not itself")
     default = _dig(dep.files["main.bicep"], "parameters", "deployEventSubscription", "default")
     if default is not False:
         findings.append("eventgrid: deployEventSubscription must default to false (first pass)")
-    dead_letter = props.get("deadLetterWithResourceIdentity", {})
-    container = dep.resolve(
-        sub.file, _dig(dead_letter, "deadLetterDestination", "properties", "blobContainerName")
-    )
-    if container != EXPECTED_CONTAINERS["deadletter"] or not _dig(dead_letter, "identity", "type"):
-        findings.append(
-            "eventgrid: dead letters must go to byok-deadletter with a managed identity"
-        )
     return findings
 
 
 CONTAINER_TYPE = "Microsoft.Storage/storageAccounts/blobServices/containers"
 ACCOUNT_TYPE = "Microsoft.Storage/storageAccounts"
 COMPONENT_TYPE = "Microsoft.Insights/components"
-DATA_ROLES = {ROLE_BLOB_DATA_CONTRIBUTOR, ROLE_BLOB_DATA_READER, ROLE_QUEUE_DATA_CONTRIBUTOR}
+ROLE_DEFINITION_TYPE = "Microsoft.Authorization/roleDefinitions"
+DATA_ROLES = {
+    ROLE_BLOB_DATA_CONTRIBUTOR,
+    ROLE_BLOB_DATA_READER,
+    ROLE_QUEUE_DATA_CONTRIBUTOR,
+    ROLE_BLOB_WRITER,
+}
+# Roles that cannot change a blob, and roles that do not reach blobs at all.
+READ_ONLY_ROLES = {ROLE_BLOB_DATA_READER}
+NON_BLOB_ROLES = {ROLE_QUEUE_DATA_CONTRIBUTOR, ROLE_MONITORING_METRICS_PUBLISHER}
+# Blob roles whose control-plane Actions include containers/write and containers/delete.
+CONTAINER_CONTROL_ROLES = {ROLE_BLOB_DATA_CONTRIBUTOR, ROLE_BLOB_DATA_OWNER}
+ROLE_NAMES = {
+    ROLE_BLOB_DATA_CONTRIBUTOR: "Storage Blob Data Contributor",
+    ROLE_BLOB_DATA_OWNER: "Storage Blob Data Owner",
+    ROLE_BLOB_DATA_READER: "Storage Blob Data Reader",
+    ROLE_QUEUE_DATA_CONTRIBUTOR: "Storage Queue Data Contributor",
+    ROLE_MONITORING_METRICS_PUBLISHER: "Monitoring Metrics Publisher",
+    ROLE_BLOB_WRITER: "the custom blob writer role",
+}
+BLOB_DATA = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs"
+# The writer role's data actions, exactly: read and list, create and write (Put Blob with
+# metadata, Put Block List), create and append (the custodians' audit append blob). No delete,
+# move, version delete, permanent delete, tags, immutability, ownership or ACLs.
+BLOB_WRITER_DATA_ACTIONS = {f"{BLOB_DATA}/read", f"{BLOB_DATA}/write", f"{BLOB_DATA}/add/action"}
+# Control-plane Actions a custom role may hold, each with its reason. None is needed: requests to
+# blob data are authorized by DataActions alone, and the CLI never lists containers through ARM.
+ALLOWED_CUSTOM_ROLE_ACTIONS: dict[str, str] = {}
 # Data-role grants broader than one container, each with its reason: (file, symbol) -> reason.
 ALLOWED_BROAD_GRANTS = {
     ("modules/roles.bicep", "functionQueueAccess"): (
@@ -644,22 +708,32 @@ HOST_CONTAINERS = {"azure-webjobs-hosts", "azure-webjobs-secrets"}
 PIPELINE_CONTAINERS = {
     EXPECTED_CONTAINERS[k] for k in ("incoming", "status", "archive", "quarantine", "audit")
 }
+CONFIG_CONTAINER = EXPECTED_CONTAINERS["config"]
+APPROVALS_CONTAINER = EXPECTED_CONTAINERS["approvals"]
 DEPLOYMENT_CONTAINER = "app-package"
 APP_INSIGHTS = "<application insights>"
 STORAGE_ACCOUNT = "<storage account>"
+RESOURCE_GROUP = "<resource group>"
+FUNCTION_PRINCIPAL = "functionPrincipalId"
 # Who holds which role where: principal (parameter or identity) -> {(role, target)}.
 EXPECTED_GRANTS: dict[str, set[tuple[str, str]]] = {
-    "functionPrincipalId": {
+    FUNCTION_PRINCIPAL: {
         *((ROLE_BLOB_DATA_CONTRIBUTOR, c) for c in PIPELINE_CONTAINERS | HOST_CONTAINERS),
+        (ROLE_BLOB_DATA_READER, CONFIG_CONTAINER),
+        (ROLE_BLOB_DATA_READER, APPROVALS_CONTAINER),
         (ROLE_QUEUE_DATA_CONTRIBUTOR, STORAGE_ACCOUNT),
         (ROLE_MONITORING_METRICS_PUBLISHER, APP_INSIGHTS),
     },
     "deploymentPrincipalId": {(ROLE_BLOB_DATA_CONTRIBUTOR, DEPLOYMENT_CONTAINER)},
-    "uploaderPrincipalIds": {(ROLE_BLOB_DATA_CONTRIBUTOR, "byok-incoming")},
+    "uploaderPrincipalIds": {
+        (ROLE_BLOB_WRITER, "byok-incoming"),
+        (ROLE_BLOB_WRITER, APPROVALS_CONTAINER),
+    },
     "statusReaderPrincipalIds": {(ROLE_BLOB_DATA_READER, "byok-status")},
     "custodianPrincipalIds": {
-        (ROLE_BLOB_DATA_CONTRIBUTOR, "byok-incoming"),
-        (ROLE_BLOB_DATA_CONTRIBUTOR, "byok-audit"),
+        (ROLE_BLOB_WRITER, "byok-incoming"),
+        (ROLE_BLOB_WRITER, APPROVALS_CONTAINER),
+        (ROLE_BLOB_WRITER, "byok-audit"),
         (ROLE_BLOB_DATA_READER, "byok-status"),
         (ROLE_MONITORING_METRICS_PUBLISHER, APP_INSIGHTS),
     },
@@ -667,18 +741,36 @@ EXPECTED_GRANTS: dict[str, set[tuple[str, str]]] = {
         (ROLE_BLOB_DATA_READER, "byok-audit"),
         (ROLE_BLOB_DATA_READER, "byok-status"),
     },
+    "policyAdminPrincipalIds": {(ROLE_BLOB_WRITER, CONFIG_CONTAINER)},
     "systemTopic.identity.principalId": {(ROLE_BLOB_DATA_CONTRIBUTOR, "byok-deadletter")},
 }
-# Human principals who write to byok-incoming: no delete, no move (an ABAC condition).
-CONDITIONED_PRINCIPALS = {"uploaderPrincipalIds", "custodianPrincipalIds"}
-BLOB_DELETE_ACTION = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/delete"
+# People (principal lists, not identities of the deployment): they write blobs with the custom
+# data-only role, never with a built-in role that carries container Actions or blob delete.
+PEOPLE_WHO_WRITE = {"uploaderPrincipalIds", "custodianPrincipalIds", "policyAdminPrincipalIds"}
+POLICY_WRITERS = {"policyAdminPrincipalIds"}
+APPROVAL_WRITERS = {"uploaderPrincipalIds", "custodianPrincipalIds"}
+# Containers where people who write may not delete or move (an ABAC condition on their grant),
+# besides every grant of the writer role.
+NO_DELETE_CONTAINERS = {"byok-incoming", APPROVALS_CONTAINER}
+BLOB_DELETE_ACTION = f"{BLOB_DATA}/delete"
+
+
+@dataclass(frozen=True)
+class Grant:
+    """One (principal, role, target) of a role assignment, with where it is declared."""
+
+    principal: str
+    role: str
+    target: str
+    where: str
+    conditioned: bool
 
 
 def _scope_targets(dep: Deployment, assignment: Resource) -> tuple[str, list[str]]:
     """(resource type, resolved names) of what an assignment is scoped to."""
     scope = assignment.body.get("scope")
     if scope is None:
-        return "resourceGroup", ["<resource group>"]
+        return "resourceGroup", [RESOURCE_GROUP]
     if _dig(scope, "operator", "type") == "index_accessor":
         scope = scope["operator"]["operands"]["operand_1"]
     if not isinstance(scope, str):
@@ -708,13 +800,44 @@ def _principal_key(assignment: Resource) -> str:
     return str(principal)
 
 
-def check_role_assignments(dep: Deployment) -> Findings:
+def _custom_role_symbol(dep: Deployment, file: str, value: Any) -> str | None:
+    """The symbol of a role definition declared in `file`, if `value` names it: as
+    subscriptionResourceId('Microsoft.Authorization/roleDefinitions', role.name) or role.id."""
+    attribute = "id"
+    function = _dig(value, "function")
+    if isinstance(function, dict) and function.get("type") == "subscription_resource_id":
+        if _dig(function, "parameters", "resource_type") != ROLE_DEFINITION_TYPE:
+            return None
+        value = _dig(function, "parameters", "resource_name_1")
+        attribute = "name"
+    path = _accessor_path(value) if isinstance(value, dict) else []
+    if len(path) != 2 or path[1] != attribute or not isinstance(path[0], str):
+        return None
+    role = dep.resource(file, path[0])
+    if role is None or role.type != ROLE_DEFINITION_TYPE or role.existing:
+        return None
+    return path[0]
+
+
+def _role_keys(dep: Deployment, assignment: Resource) -> set[str]:
+    """Built-in role ids by GUID; a custom role of the template as `custom:<symbol>`."""
+    value = dep.resolve(assignment.file, _dig(assignment.body, "properties", "roleDefinitionId"))
+    symbol = _custom_role_symbol(dep, assignment.file, value)
+    if symbol is not None:
+        return {f"custom:{symbol}"}
+    return set(GUID_RE.findall(json.dumps(value)))
+
+
+def _role_name(role: str) -> str:
+    return ROLE_NAMES.get(role, FORBIDDEN_ROLES.get(role, role))
+
+
+def role_grants(dep: Deployment) -> tuple[list[Grant], Findings]:
+    """Every grant of every role assignment, and what is wrong with the assignments themselves
+    (naming, role, scope, ABAC condition)."""
     findings: Findings = []
-    granted: dict[str, set[tuple[str, str]]] = {}
-    assignments = dep.resources("Microsoft.Authorization/roleAssignments")
-    if not assignments:
-        return ["roles: no role assignments found"]
-    for assignment in assignments:
+    grants: list[Grant] = []
+    for assignment in dep.resources("Microsoft.Authorization/roleAssignments"):
         where = f"roles: {assignment.file}:{assignment.symbol}"
         name = assignment.body.get("name")
         function = _dig(name, "function")
@@ -723,14 +846,21 @@ def check_role_assignments(dep: Deployment) -> Findings:
         elif len([p for p in function["parameters"].values() if p is not None]) < 3:
             findings.append(f"{where} guid() must take scope, principal and role")
         props = assignment.body.get("properties", {})
-        role_text = json.dumps(dep.resolve(assignment.file, props.get("roleDefinitionId")))
-        roles = set(GUID_RE.findall(role_text))
+        roles = _role_keys(dep, assignment)
         if len(roles) != 1:
+            role_text = json.dumps(dep.resolve(assignment.file, props.get("roleDefinitionId")))
             findings.append(
-                f"{where} roleDefinitionId does not name one built-in role: {role_text}"
+                f"{where} roleDefinitionId does not name one built-in role or one custom role "
+                f"of the template: {role_text}"
             )
         scope_type, targets = _scope_targets(dep, assignment)
         principal = _principal_key(assignment)
+        # pycep keeps Bicep's escaped quotes (\\'); ARM sees plain ones.
+        condition = str(dep.resolve(assignment.file, props.get("condition"))).replace("\\'", "'")
+        conditioned = (
+            f"!(ActionMatches{{'{BLOB_DELETE_ACTION}'}})" in condition
+            and props.get("conditionVersion") == "2.0"
+        )
         for role in roles:
             if role in FORBIDDEN_ROLES:
                 findings.append(f"{where} grants {FORBIDDEN_ROLES[role]}")
@@ -747,19 +877,25 @@ def check_role_assignments(dep: Deployment) -> Findings:
                 )
             if role == ROLE_MONITORING_METRICS_PUBLISHER and scope_type != COMPONENT_TYPE:
                 findings.append(f"{where} Monitoring Metrics Publisher must be on the component")
-            granted.setdefault(principal, set()).update((role, target) for target in targets)
-        if principal in CONDITIONED_PRINCIPALS and "byok-incoming" in targets:
-            # pycep keeps Bicep's escaped quotes (\\'); ARM sees plain ones.
-            condition = str(dep.resolve(assignment.file, props.get("condition")))
-            condition = condition.replace("\\'", "'")
-            if (
-                f"!(ActionMatches{{'{BLOB_DELETE_ACTION}'}})" not in condition
-                or props.get("conditionVersion") != "2.0"
-            ):
+            needs_condition = role == ROLE_BLOB_WRITER or (
+                principal in PEOPLE_WHO_WRITE and NO_DELETE_CONTAINERS & set(targets)
+            )
+            if needs_condition and not conditioned:
                 findings.append(
                     f"{where} needs an ABAC condition (version 2.0) denying blob delete to "
-                    "people who upload packages"
+                    "people who upload packages, approvals or the policy"
                 )
+            grants.extend(Grant(principal, role, t, where, conditioned) for t in targets)
+    return grants, findings
+
+
+def check_role_assignments(dep: Deployment) -> Findings:
+    grants, findings = role_grants(dep)
+    if not grants:
+        return ["roles: no role assignments found"]
+    granted: dict[str, set[tuple[str, str]]] = {}
+    for grant in grants:
+        granted.setdefault(grant.principal, set()).add((grant.role, grant.target))
     for principal, expected in EXPECTED_GRANTS.items():
         actual = granted.get(principal, set())
         for role, target in sorted(actual - expected):
@@ -773,6 +909,155 @@ def check_role_assignments(dep: Deployment) -> Findings:
         findings.append(
             f"roles: unexpected principal {principal} holds {sorted(granted[principal])}"
         )
+    return findings
+
+
+def _resource_group_id(value: Any) -> bool:
+    """`resourceGroup().id` of the deployment's own group."""
+    function = _dig(value, "function")
+    return (
+        isinstance(function, dict)
+        and function.get("type") == "resource_group"
+        and function.get("property_name") == "id"
+        and not any((function.get("parameters") or {}).values())
+    )
+
+
+def _storage_account_id(dep: Deployment, file: str, value: Any) -> bool:
+    path = _accessor_path(value) if isinstance(value, dict) else []
+    if len(path) != 2 or path[1] != "id" or not isinstance(path[0], str):
+        return False
+    target = dep.resource(file, path[0])
+    return target is not None and target.type == ACCOUNT_TYPE
+
+
+def check_custom_roles(dep: Deployment) -> Findings:
+    """Custom role definitions are data-only, blob read/write/add only, assignable in this
+    resource group (or on the storage account) only, one per resource group."""
+    findings: Findings = []
+    definitions = dep.resources(ROLE_DEFINITION_TYPE)
+    if ROLE_BLOB_WRITER not in {f"custom:{d.symbol}" for d in definitions}:
+        findings.append("custom roles: the data-only blob writer role (blobWriterRole) is missing")
+    for role in definitions:
+        where = f"custom roles: {role.file}:{role.symbol}"
+        props = role.body.get("properties", {})
+        name = _dig(role.body, "name", "function")
+        if (
+            not isinstance(name, dict)
+            or name.get("type") != "guid"
+            or not any(_resource_group_id(p) for p in (name.get("parameters") or {}).values())
+        ):
+            findings.append(
+                f"{where} must be named guid(resourceGroup().id, ...), so that a redeployment "
+                "finds it again"
+            )
+        if "resourceGroup()" not in str(props.get("roleName")):
+            findings.append(
+                f"{where} roleName must name the resource group: role names are unique in the "
+                "tenant, so a second deployment elsewhere would fail"
+            )
+        if str(props.get("type")).lower() != "customrole":
+            findings.append(f"{where} type must be CustomRole")
+        permissions = props.get("permissions")
+        if not isinstance(permissions, list) or len(permissions) != 1:
+            findings.append(f"{where} must have exactly one permissions block")
+            permissions = permissions if isinstance(permissions, list) else []
+        for block in permissions:
+            for action in block.get("actions") or []:
+                if action not in ALLOWED_CUSTOM_ROLE_ACTIONS:
+                    findings.append(
+                        f"{where} has the control-plane action {action!r}: a data-only role has "
+                        "no Actions (containers/write and containers/delete change or delete a "
+                        "whole container through ARM)"
+                    )
+            data_actions = block.get("dataActions") or []
+            for action in data_actions:
+                if action in BLOB_WRITER_DATA_ACTIONS:
+                    continue
+                if "delete" in str(action).lower():
+                    findings.append(f"{where} grants a delete data action: {action!r}")
+                else:
+                    findings.append(
+                        f"{where} grants a data action beyond read/write/add: {action!r}"
+                    )
+            if f"custom:{role.symbol}" == ROLE_BLOB_WRITER and set(data_actions) != (
+                BLOB_WRITER_DATA_ACTIONS
+            ):
+                missing = sorted(BLOB_WRITER_DATA_ACTIONS - set(data_actions))
+                if missing:
+                    findings.append(f"{where} lacks {missing}: uploads or audit appends fail")
+        scopes = props.get("assignableScopes")
+        if not isinstance(scopes, list) or not scopes:
+            findings.append(f"{where} needs assignableScopes")
+            scopes = []
+        for scope in scopes:
+            if not _resource_group_id(scope) and not _storage_account_id(dep, role.file, scope):
+                findings.append(
+                    f"{where} must be assignable only in this resource group or on the storage "
+                    f"account, not {json.dumps(scope)}"
+                )
+    return findings
+
+
+def _reaches(grant: Grant, container: str) -> bool:
+    return grant.target in {container, STORAGE_ACCOUNT, RESOURCE_GROUP}
+
+
+def check_import_authorization(dep: Deployment) -> Findings:
+    """Only policy administrators write the policy; uploaders and custodians write approvals; the
+    function reads both and writes neither; people write only with the data-only role."""
+    grants, _ = role_grants(dep)  # what is wrong with the assignments: check_role_assignments
+    findings: Findings = []
+
+    def writers(container: str) -> set[str]:
+        return {
+            g.principal
+            for g in grants
+            if _reaches(g, container) and g.role not in READ_ONLY_ROLES | NON_BLOB_ROLES
+        }
+
+    config_writers = writers(CONFIG_CONTAINER)
+    for principal in sorted(config_writers - POLICY_WRITERS):
+        findings.append(
+            f"authorization: {principal} can write {CONFIG_CONTAINER}: only "
+            "policyAdminPrincipalIds may write the import policy"
+        )
+    for principal in sorted(POLICY_WRITERS - config_writers):
+        findings.append(
+            f"authorization: {principal} cannot write {CONFIG_CONTAINER} (byok policy set)"
+        )
+    approval_writers = writers(APPROVALS_CONTAINER)
+    for principal in sorted(approval_writers - APPROVAL_WRITERS):
+        findings.append(
+            f"authorization: {principal} can write {APPROVALS_CONTAINER}: only uploaders and "
+            "custodians write approvals"
+        )
+    for principal in sorted(APPROVAL_WRITERS - approval_writers):
+        findings.append(f"authorization: {principal} cannot write {APPROVALS_CONTAINER}")
+    for container in (CONFIG_CONTAINER, APPROVALS_CONTAINER):
+        roles = {
+            g.role for g in grants if g.principal == FUNCTION_PRINCIPAL and _reaches(g, container)
+        } - NON_BLOB_ROLES
+        if roles != READ_ONLY_ROLES:
+            findings.append(
+                f"authorization: the function must hold exactly Storage Blob Data Reader on "
+                f"{container} (read only), holds {sorted(_role_name(r) for r in roles)}"
+            )
+    for grant in grants:
+        if grant.role not in CONTAINER_CONTROL_ROLES:
+            continue
+        for container in (CONFIG_CONTAINER, APPROVALS_CONTAINER):
+            if _reaches(grant, container):
+                findings.append(
+                    f"authorization: {grant.principal} holds {_role_name(grant.role)} on "
+                    f"{container} ({grant.where})"
+                )
+        if grant.principal in PEOPLE_WHO_WRITE:
+            findings.append(
+                f"authorization: {grant.principal} holds {_role_name(grant.role)} on "
+                f"{grant.target}: its control-plane Actions can delete the container; people "
+                "write with the data-only writer role"
+            )
     return findings
 
 
@@ -910,6 +1195,8 @@ BICEP_CHECKS = {
     "app-settings": check_app_settings,
     "event-grid": check_event_grid,
     "role-assignments": check_role_assignments,
+    "custom-roles": check_custom_roles,
+    "import-authorization": check_import_authorization,
     "monitoring": check_monitoring,
     "dashboards": check_dashboards,
 }
@@ -1164,8 +1451,14 @@ MUTATIONS = [
     (
         "event-type",
         "modules/eventsubscription.bicep",
-        "'Microsoft.Storage.BlobCreated'",
-        "'Microsoft.Storage.BlobDeleted'",
+        (
+            "        'Microsoft.Storage.BlobCreated'\n      ]\n"
+            "      subjectBeginsWith: '/blobServices/default/containers/${incomingContainerName}"
+        ),
+        (
+            "        'Microsoft.Storage.BlobDeleted'\n      ]\n"
+            "      subjectBeginsWith: '/blobServices/default/containers/${incomingContainerName}"
+        ),
         "includedEventTypes",
     ),
     (
@@ -1322,6 +1615,196 @@ MUTATIONS = [
         "category: 'AzurePolicyEvaluationDetails'",
         "AuditEvent",
     ),
+    # Import authorization: the policy, the approvals and the people's data-only role.
+    (
+        "config-container-missing",
+        "modules/storage.bicep",
+        "  configContainerName\n  approvalsContainerName\n",
+        "  approvalsContainerName\n",
+        "not created",
+    ),
+    (
+        "uploader-writes-policy",
+        "modules/roles.bicep",
+        (
+            "name: guid(approvalsContainer.id, principalId, blobWriterRole.id)\n"
+            "  scope: approvalsContainer\n"
+            "  properties: {\n"
+            "    roleDefinitionId: blobWriterRoleId\n"
+            "    principalId: principalId\n"
+            "    description: 'byok-managed-hsm uploader: write signed approvals'"
+        ),
+        (
+            "name: guid(configContainer.id, principalId, blobWriterRole.id)\n"
+            "  scope: configContainer\n"
+            "  properties: {\n"
+            "    roleDefinitionId: blobWriterRoleId\n"
+            "    principalId: principalId\n"
+            "    description: 'byok-managed-hsm uploader: write signed approvals'"
+        ),
+        "uploaderPrincipalIds can write byok-config",
+    ),
+    (
+        "admin-cannot-write-policy",
+        "modules/roles.bicep",
+        "name: guid(configContainer.id, principalId, blobWriterRole.id)\n  scope: configContainer\n",
+        (
+            "name: guid(approvalsContainer.id, principalId, blobWriterRole.id)\n"
+            "  scope: approvalsContainer\n"
+        ),
+        "policyAdminPrincipalIds cannot write byok-config",
+    ),
+    (
+        "function-writes-policy",
+        "modules/roles.bicep",
+        (
+            "name: guid(configContainer.id, functionPrincipalId, roleIds.storageBlobDataReader)\n"
+            "  scope: configContainer\n"
+            "  properties: {\n"
+            "    roleDefinitionId: subscriptionResourceId("
+            "'Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataReader)"
+        ),
+        (
+            "name: guid(configContainer.id, functionPrincipalId, roleIds.storageBlobDataReader)\n"
+            "  scope: configContainer\n"
+            "  properties: {\n"
+            "    roleDefinitionId: subscriptionResourceId("
+            "'Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataContributor)"
+        ),
+        "read only",
+    ),
+    (
+        "function-writes-approvals",
+        "modules/roles.bicep",
+        (
+            "name: guid(approvalsContainer.id, functionPrincipalId, "
+            "roleIds.storageBlobDataReader)\n"
+            "  scope: approvalsContainer\n"
+            "  properties: {\n"
+            "    roleDefinitionId: subscriptionResourceId("
+            "'Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataReader)"
+        ),
+        (
+            "name: guid(approvalsContainer.id, functionPrincipalId, "
+            "roleIds.storageBlobDataReader)\n"
+            "  scope: approvalsContainer\n"
+            "  properties: {\n"
+            "    roleDefinitionId: blobWriterRoleId"
+        ),
+        "functionPrincipalId can write byok-approvals",
+    ),
+    (
+        "uploader-back-to-contributor",
+        "modules/roles.bicep",
+        (
+            "    roleDefinitionId: blobWriterRoleId\n"
+            "    principalId: principalId\n"
+            "    description: 'byok-managed-hsm uploader: drop .byok packages"
+        ),
+        (
+            "    roleDefinitionId: subscriptionResourceId("
+            "'Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataContributor)\n"
+            "    principalId: principalId\n"
+            "    description: 'byok-managed-hsm uploader: drop .byok packages"
+        ),
+        "its control-plane Actions can delete the container",
+    ),
+    (
+        "custodian-audit-contributor",
+        "modules/roles.bicep",
+        (
+            "    roleDefinitionId: blobWriterRoleId\n"
+            "    principalId: principalId\n"
+            "    description: 'byok-managed-hsm custodian: append KEK events"
+        ),
+        (
+            "    roleDefinitionId: subscriptionResourceId("
+            "'Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataContributor)\n"
+            "    principalId: principalId\n"
+            "    description: 'byok-managed-hsm custodian: append KEK events"
+        ),
+        "custodianPrincipalIds holds Storage Blob Data Contributor on byok-audit",
+    ),
+    (
+        "approvals-may-delete",
+        "modules/roles.bicep",
+        (
+            "    description: 'byok-managed-hsm custodian: write signed approvals'\n"
+            "    condition: noDeleteCondition\n"
+        ),
+        "    description: 'byok-managed-hsm custodian: write signed approvals'\n",
+        "ABAC condition",
+    ),
+    (
+        "writer-role-container-delete",
+        "modules/roles.bicep",
+        "        actions: []\n",
+        (
+            "        actions: [\n"
+            "          'Microsoft.Storage/storageAccounts/blobServices/containers/delete'\n"
+            "        ]\n"
+        ),
+        "control-plane action",
+    ),
+    (
+        "writer-role-blob-delete",
+        "modules/roles.bicep",
+        "          'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/add/action'\n",
+        (
+            "          'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/add/action'\n"
+            "          'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/delete'\n"
+        ),
+        "delete data action",
+    ),
+    (
+        "writer-role-wildcard",
+        "modules/roles.bicep",
+        "          'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/read'\n",
+        "          'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/*'\n",
+        "beyond read/write/add",
+    ),
+    (
+        "writer-role-subscription-wide",
+        "modules/roles.bicep",
+        "    assignableScopes: [\n      resourceGroup().id\n    ]",
+        "    assignableScopes: [\n      subscription().id\n    ]",
+        "assignable only in this resource group",
+    ),
+    (
+        "writer-role-name-clash",
+        "modules/roles.bicep",
+        "roleName: 'BYOK Blob Writer (${resourceGroup().name}, ${uniqueString(resourceGroup().id)})'",
+        "roleName: 'BYOK Blob Writer'",
+        "unique in the tenant",
+    ),
+    (
+        "policy-blob-renamed",
+        "main.bicep",
+        "var policyBlobName = 'import-policy.json'",
+        "var policyBlobName = 'policy.json'",
+        "BYOK_POLICY_BLOB",
+    ),
+    (
+        "approvals-setting-missing",
+        "modules/functionapp.bicep",
+        "          name: 'BYOK_APPROVALS_CONTAINER'\n",
+        "          name: 'BYOK_APPROVALS'\n",
+        "BYOK_APPROVALS_CONTAINER",
+    ),
+    (
+        "no-approvals-subscription",
+        "modules/eventsubscription.bicep",
+        "containers/${approvalsContainerName}/blobs/",
+        "containers/${incomingContainerName}/blobs/",
+        "no BlobCreated subscription (subjectBeginsWith) for byok-approvals",
+    ),
+    (
+        "approvals-to-wrong-function",
+        "main.bicep",
+        "var approvalFunctionName = 'process_approval'",
+        "var approvalFunctionName = 'process_package'",
+        "webhook of process_approval",
+    ),
 ]
 
 
@@ -1406,6 +1889,7 @@ PRINCIPAL_LIST_PARAMETERS = (
     "statusReaderPrincipalIds",
     "custodianPrincipalIds",
     "auditorPrincipalIds",
+    "policyAdminPrincipalIds",
 )
 
 
@@ -1453,6 +1937,111 @@ def test_app_settings_are_the_pipelines_own(deployment: Deployment) -> None:
     example = json.loads(PARAMETERS_EXAMPLE.read_text(encoding="utf-8"))
     types = example["parameters"]["allowedTargetTypes"]["value"].split(",")
     assert set(types) <= set(TARGET_TYPES), "the example names target types the pipeline rejects"
+
+
+# --------------------------------------------------------------------------- tests: authorization
+# Each property of the import authorization, asserted directly over the grants (the checks above
+# say the same in BICEP_CHECKS, and MUTATIONS shows them failing on weakened copies).
+
+
+def _holders(grants: list[Grant], container: str) -> dict[str, set[str]]:
+    """Principal -> the roles it holds on `container`, directly or from a broader scope."""
+    holders: dict[str, set[str]] = {}
+    for grant in grants:
+        if _reaches(grant, container) and grant.role not in NON_BLOB_ROLES:
+            holders.setdefault(grant.principal, set()).add(grant.role)
+    return holders
+
+
+@pytest.fixture(scope="module")
+def grants(deployment: Deployment) -> list[Grant]:
+    found, findings = role_grants(deployment)
+    assert findings == []
+    return found
+
+
+def test_config_container_exists_and_only_policy_admins_write_it(
+    deployment: Deployment, grants: list[Grant]
+) -> None:
+    assert CONFIG_CONTAINER in container_names(deployment)
+    assert _holders(grants, CONFIG_CONTAINER) == {
+        "policyAdminPrincipalIds": {ROLE_BLOB_WRITER},
+        FUNCTION_PRINCIPAL: {ROLE_BLOB_DATA_READER},
+    }
+    admin = [g for g in grants if g.principal == "policyAdminPrincipalIds"]
+    assert admin
+    assert all(g.conditioned and g.target == CONFIG_CONTAINER for g in admin)
+
+
+def test_approvals_are_written_by_uploaders_and_custodians_only(
+    deployment: Deployment, grants: list[Grant]
+) -> None:
+    assert APPROVALS_CONTAINER in container_names(deployment)
+    assert _holders(grants, APPROVALS_CONTAINER) == {
+        "uploaderPrincipalIds": {ROLE_BLOB_WRITER},
+        "custodianPrincipalIds": {ROLE_BLOB_WRITER},
+        FUNCTION_PRINCIPAL: {ROLE_BLOB_DATA_READER},
+    }
+    writers = [g for g in grants if g.target == APPROVALS_CONTAINER and g.role == ROLE_BLOB_WRITER]
+    assert len(writers) == 2
+    assert all(g.conditioned for g in writers), "approvals must not be deletable by their writers"
+
+
+def test_function_only_reads_config_and_approvals(grants: list[Grant]) -> None:
+    for container in (CONFIG_CONTAINER, APPROVALS_CONTAINER):
+        assert _holders(grants, container)[FUNCTION_PRINCIPAL] == {ROLE_BLOB_DATA_READER}, container
+
+
+def test_people_write_only_with_the_data_only_custom_role(
+    deployment: Deployment, grants: list[Grant]
+) -> None:
+    (definition,) = deployment.resources(ROLE_DEFINITION_TYPE)
+    assert f"custom:{definition.symbol}" == ROLE_BLOB_WRITER
+    props = definition.body["properties"]
+    (permission,) = props["permissions"]
+    assert permission["actions"] == [], "no control-plane action (containers/write, /delete)"
+    assert permission["notActions"] == []
+    assert set(permission["dataActions"]) == BLOB_WRITER_DATA_ACTIONS
+    for action in permission["dataActions"]:
+        assert not any(word in action for word in ("delete", "move", "*")), action
+    (scope,) = props["assignableScopes"]
+    assert _resource_group_id(scope)
+    people = [g for g in grants if g.principal in PEOPLE_WHO_WRITE]
+    assert {g.principal for g in people} == PEOPLE_WHO_WRITE
+    for grant in people:
+        assert grant.role in {
+            ROLE_BLOB_WRITER,
+            ROLE_BLOB_DATA_READER,
+            ROLE_MONITORING_METRICS_PUBLISHER,
+        }, grant
+        if grant.role == ROLE_BLOB_WRITER:
+            assert grant.conditioned, grant
+
+
+def test_nobody_holds_contributor_or_owner_on_config_or_approvals(grants: list[Grant]) -> None:
+    for container in (CONFIG_CONTAINER, APPROVALS_CONTAINER):
+        for principal, roles in _holders(grants, container).items():
+            assert not roles & CONTAINER_CONTROL_ROLES, (principal, container)
+
+
+def test_authorization_settings_are_set_with_their_defaults(deployment: Deployment) -> None:
+    (site,) = _function_sites(deployment)
+    settings = _app_settings(deployment, site)
+    assert settings["BYOK_CONFIG_CONTAINER"] == "byok-config"
+    assert settings["BYOK_POLICY_BLOB"] == "import-policy.json"
+    assert settings["BYOK_APPROVALS_CONTAINER"] == "byok-approvals"
+    # The containers the settings name are the ones the Bicep creates and grants on.
+    declared = deployment.resolve("main.bicep", "containerNames")
+    assert declared["config"] == settings["BYOK_CONFIG_CONTAINER"]
+    assert declared["approvals"] == settings["BYOK_APPROVALS_CONTAINER"]
+
+
+def test_parameters_example_lists_policy_admins(deployment: Deployment) -> None:
+    declared = deployment.files["main.bicep"]["parameters"]["policyAdminPrincipalIds"]
+    assert declared["type"] == "array"
+    assert declared["default"] == []
+    example = json.loads(PARAMETERS_EXAMPLE.read_text(encoding="utf-8"))
+    assert example["parameters"]["policyAdminPrincipalIds"] == {"value": []}
 
 
 # --------------------------------------------------------------------------- tests: checkov
@@ -1755,6 +2344,12 @@ def test_readme_covers_the_runbook() -> None:
         "deployEventSubscription=true",
         "workbook",
         "checkov-skips.json",
+        "byok policy set",
+        "policyAdminPrincipalIds",
+        "BYOK Blob Writer",
+        "byok-config",
+        "byok-approvals",
+        "BYOK_POLICY_BLOB",
     ):
         assert phrase in text, phrase
 
@@ -1763,5 +2358,33 @@ def test_every_binding_expression_of_the_function_app_is_an_app_setting() -> Non
     """A `%NAME%` in a trigger that no app setting defines stops the Function from indexing."""
     source = (REPO_ROOT / "function_app.py").read_text()
     names = set(re.findall(r"%([A-Za-z0-9_]+)%", source))
-    assert names == {"BYOK_INCOMING_CONTAINER", "BYOK_RECONCILE_SCHEDULE"}
+    assert names == {
+        "BYOK_INCOMING_CONTAINER",
+        "BYOK_APPROVALS_CONTAINER",
+        "BYOK_RECONCILE_SCHEDULE",
+    }
     assert names <= REQUIRED_APP_SETTINGS
+
+
+BLOB_TRIGGER_RE = re.compile(
+    r'@app\.function_name\("(\w+)"\)\s*@app\.blob_trigger\((.*?)\)\s*def ', re.DOTALL
+)
+
+
+def event_grid_triggers(source: str) -> dict[str, str]:
+    """Container -> function name of each Event Grid blob trigger in function_app.py."""
+    triggers: dict[str, str] = {}
+    for function, arguments in BLOB_TRIGGER_RE.findall(source):
+        setting = re.search(r'path="%(\w+)%/', arguments)
+        if "BlobSource.EVENT_GRID" in arguments and setting:
+            triggers[EXPECTED_CONTAINER_SETTINGS.get(setting.group(1), setting.group(1))] = function
+    return triggers
+
+
+def test_every_event_grid_blob_trigger_has_its_subscription(deployment: Deployment) -> None:
+    """An Event Grid blob trigger runs only if a subscription delivers its container's events to
+    its own function name: the two lists must agree (and check_event_grid holds the Bicep to
+    EXPECTED_SUBSCRIPTIONS)."""
+    triggers = event_grid_triggers((REPO_ROOT / "function_app.py").read_text())
+    assert triggers == EXPECTED_SUBSCRIPTIONS
+    assert check_event_grid(deployment) == []

@@ -140,7 +140,14 @@ def test_the_unpacked_zip_imports_in_a_fresh_venv_from_requirements_alone(tmp_pa
     )
     result = json.loads(out.stdout)
     assert result["functions"] == sorted(
-        ["process_package", "reconcile", "list_packages", "get_package", "get_kek"]
+        [
+            "process_package",
+            "process_approval",
+            "reconcile",
+            "list_packages",
+            "get_package",
+            "get_kek",
+        ]
     )
     assert result["bad"] == []
     assert Path(result["file"]).parent == app

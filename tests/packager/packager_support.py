@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -91,3 +92,52 @@ def openssl_unwrap(package: Path, kek_private_pem: Path, modulus_bytes: int, wor
     for name in ("rsa.bin", "kwp.bin", "aes.bin", "plain.bin"):
         (work / name).unlink()
     return plain
+
+
+# --- signed approvals (tests/packager/test_approvals.py, tests/softhsm/test_approval_pkcs11.py) ---
+
+DOCS_APPROVALS = Path(__file__).resolve().parents[2] / "docs" / "approvals.md"
+
+
+def public_pem(key: Any) -> str:
+    """SubjectPublicKeyInfo PEM of a private or public ``cryptography`` key (any type)."""
+    public = key.public_key() if hasattr(key, "public_key") else key
+    pem: bytes = public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return pem.decode("ascii")
+
+
+def doc_block(marker: str, doc: Path = DOCS_APPROVALS) -> str:
+    """The fenced ```bash block of ``doc`` whose first line is exactly ``marker``."""
+    blocks: list[str] = []
+    current: list[str] | None = None
+    for line in doc.read_text(encoding="utf-8").splitlines():
+        if current is None:
+            if line.strip() == "```bash":
+                current = []
+        elif line.strip() == "```":
+            blocks.append("\n".join(current) + "\n")
+            current = None
+        else:
+            current.append(line)
+    found = [b for b in blocks if b.splitlines() and b.splitlines()[0] == marker]
+    if len(found) != 1:
+        raise LookupError(f"{len(found)} bash blocks of {doc} start with {marker!r}")
+    return found[0]
+
+
+def ecdsa_der_to_raw(der: bytes, size: int) -> bytes:
+    """An ECDSA signature from DER (as OpenSSL writes it) to JWS's raw r||s, by hand."""
+    if der[0] != 0x30:
+        raise ValueError("not a DER SEQUENCE")
+    pos = 2 if der[1] < 0x80 else 2 + (der[1] & 0x7F)
+    out = b""
+    for _ in range(2):
+        if der[pos] != 0x02:
+            raise ValueError("not a DER INTEGER")
+        length = der[pos + 1]
+        value = der[pos + 2 : pos + 2 + length].lstrip(b"\x00")
+        out += value.rjust(size, b"\x00")
+        pos += 2 + length
+    return out

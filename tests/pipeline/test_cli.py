@@ -32,6 +32,8 @@ def cli_env(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
         "BYOK_ARCHIVE_CONTAINER": s.archive_container,
         "BYOK_QUARANTINE_CONTAINER": s.quarantine_container,
         "BYOK_AUDIT_CONTAINER": s.audit_container,
+        "BYOK_CONFIG_CONTAINER": s.config_container,
+        "BYOK_APPROVALS_CONTAINER": s.approvals_container,
         "BYOK_AUDIT_LOG": str(stack.tmp / "audit.jsonl"),
         "BYOK_RETRY_BACKOFF_SECONDS": "0.05",
     }.items():
@@ -233,3 +235,91 @@ def test_storage_account_url_selects_identity_auth(monkeypatch: pytest.MonkeyPat
     env = {"BYOK_STORAGE": "UseDevelopmentStorage=true"}
     storage_arg("https://acct.blob.core.windows.net/").apply(env)
     assert env == {"BYOK_STORAGE__blobServiceUri": "https://acct.blob.core.windows.net"}
+
+
+def _approver_policy(
+    tmp_path: Path, name: str, *, required: int = 2
+) -> tuple[Path, dict[str, Any]]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    keys = {who: ec.generate_private_key(ec.SECP256R1()) for who in ("alice", "bob", "carol")}
+    for who, key in keys.items():
+        (tmp_path / f"{who}.key.pem").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    pems = {
+        who: key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+        for who, key in keys.items()
+    }
+    doc = {
+        "policy_version": 1,
+        "approver_groups": {
+            "custodians": {"approvers": [{"id": w, "public_key_pem": p} for w, p in pems.items()]}
+        },
+        "rules": [
+            {"name": name, "approvals": {"group": "custodians", "required": required}},
+            {"prefix": "open-"},
+        ],
+    }
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(doc, indent=2))
+    return path, doc
+
+
+def test_policy_validate_names_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good, doc = _approver_policy(tmp_path, "pay")
+    assert main(["policy", "validate", str(good)]) == 0
+    assert "valid (sha256 " in capsys.readouterr().out
+    doc["rules"][0]["approvals"]["required"] = 4
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    assert main(["policy", "validate", str(bad), "--json"]) == 2
+    out = capsys.readouterr()
+    assert "[policy_invalid]" in out.err
+    assert "rules[0].approvals.required" in out.err
+    assert json.loads(out.out)["reason"] == "policy_invalid"
+    assert main(["policy", "validate", str(tmp_path / "missing.json")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_policy_set_show_and_audit(
+    cli_env: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stack = cli_env
+    shown = run_json(capsys, "policy", "show")
+    assert shown == {"policy": None}
+    path, _ = _approver_policy(tmp_path, "pay")
+    set_ = run_json(capsys, "policy", "set", str(path), "--actor", "admin@example")
+    assert set_["old_policy_sha256"] is None
+    shown = run_json(capsys, "policy", "show")
+    assert shown["sha256"] == set_["policy_sha256"]
+    assert shown["rules"][0]["approvals"] == "2 of group 'custodians'"
+    # an invalid file is refused before anything is written
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"policy_version": 1}')
+    assert main(["policy", "set", str(bad)]) == 2
+    assert "[policy_invalid]" in capsys.readouterr().err
+    assert run_json(capsys, "policy", "show")["sha256"] == set_["policy_sha256"]
+    events = [
+        json.loads(line)
+        for line in (stack.tmp / "audit.jsonl").read_text().splitlines()
+        if '"byok.policy.changed"' in line
+    ]
+    assert len(events) == 1
+    assert events[0]["policy_sha256"] == set_["policy_sha256"]
+    assert events[0]["old_policy_sha256"] is None
+    assert events[0]["actor"] == "admin@example"
+    import jsonschema
+    from testsupport import REPO
+
+    schema = json.loads((REPO / "byok_pipeline/schemas/audit-event.schema.json").read_text())
+    jsonschema.validate(events[0], schema)

@@ -44,6 +44,7 @@ def test_function_app_declares_the_triggers(functions: dict[str, Callable[..., A
 
     assert set(functions) == {
         "process_package",
+        "process_approval",
         "list_packages",
         "get_package",
         "get_kek",
@@ -51,6 +52,7 @@ def test_function_app_declares_the_triggers(functions: dict[str, Callable[..., A
     }
     source = (function_app.__file__ and open(function_app.__file__).read()) or ""  # noqa: PTH123, SIM115  # read our own source
     assert "%BYOK_INCOMING_CONTAINER%/{name}" in source
+    assert "%BYOK_APPROVALS_CONTAINER%/{name}" in source
     assert "source=func.BlobSource.EVENT_GRID" in source
     assert 'connection="BYOK_STORAGE"' in source
 

@@ -107,6 +107,57 @@ def _delete_after_import(stack: Stack, stage: str) -> None:
         stack.hsm.key_client().begin_delete_key("gone-key").wait()
 
 
+def _policy(stack: Stack, *rules: dict[str, Any], hours: int = 72) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    doc = {
+        "policy_version": 1,
+        "approval_deadline_hours": hours,
+        "approver_groups": {"g": {"approvers": [{"id": "a", "public_key_pem": pem}]}},
+        "rules": list(rules),
+    }
+    stack.deps.authorization.put_policy(json.dumps(doc).encode())
+
+
+def _under_policy(stack: Stack, *rules: dict[str, Any]) -> tuple[str, bytes, dict[str, str]]:
+    _policy(stack, *rules)
+    return ("k.byok", *_pkg(stack))
+
+
+def _needs_approval(stack: Stack, *, late: bool) -> tuple[str, bytes, dict[str, str]]:
+    """A package for a name the policy guards with approvals: without its manifest, or with it
+    (and no approval) seen after the deadline."""
+    import hashlib
+
+    from byok_pipeline.cli.upload import manifest_json
+    from byok_pipeline.core.metadata import META_MANIFEST_SHA256
+
+    _policy(stack, {"name": "k", "approvals": {"group": "g", "required": 1}}, hours=1)
+    pkg = stack.package("oct-256", "k")
+    meta = pkg.options.to_metadata()
+    if late:
+        manifest = manifest_json(pkg.manifest)
+        meta[META_MANIFEST_SHA256] = hashlib.sha256(manifest).hexdigest()
+        sha = hashlib.sha256(pkg.data).hexdigest()
+        stack.deps.authorization.put_attachment(sha, "manifest.json", manifest)
+        later = datetime.now(UTC) + timedelta(hours=2)
+        stack.deps.clock = lambda: later
+    return "k.byok", pkg.data, meta
+
+
+def _existing_foreign_key(stack: Stack) -> tuple[str, bytes, dict[str, str]]:
+    name = f"foreign-{secrets.token_hex(3)}"
+    stack.hsm.key_client().create_oct_key(name, size=256, hardware_protected=True)
+    return f"{name}.byok", *_pkg(stack, "oct-256", name)
+
+
 CASES: dict[str, Case] = {
     "too_large": Case(lambda s: ("k.byok", b" " * 70_000, {})),
     "bad_key_name": Case(lambda s: ("bad_name.byok", *_pkg(s))),
@@ -136,6 +187,12 @@ CASES: dict[str, Case] = {
     "fingerprint_mismatch": Case(_other_fingerprint, state="verification_failed"),
     "verification_error": Case(lambda s: ("gone-key.byok", *_pkg(s, "oct-192", "gone-key")),
                                state="verification_failed", fault=_delete_after_import),
+    "key_name_not_allowed": Case(lambda s: _under_policy(s, {"prefix": "only-"})),
+    "existing_key_protected": Case(_existing_foreign_key),
+    "target_type_not_allowed_for_name": Case(lambda s: _under_policy(s, {"name": "k", "target_types": ["rsa-3072"]})),
+    "policy_invalid": Case(lambda s: (s.deps.authorization.put_policy(b'{"policy_version": 2}'), ("k.byok", *_pkg(s)))[1]),
+    "approval_invalid": Case(lambda s: _needs_approval(s, late=False)),
+    "approval_expired": Case(lambda s: _needs_approval(s, late=True)),
     "attempts_exhausted": Case(lambda s: ("k.byok", *_pkg(s)), state="failed", settings={"max_attempts": 2, "retry_total": 0}),
 }  # fmt: skip
 
@@ -149,9 +206,14 @@ def _expired_kek(stack: Stack) -> str:
     return kid
 
 
+#: Reasons one approval is refused with (not a package's outcome: the package keeps waiting for
+#: valid approvals); tests/pipeline/test_authorization.py produces each through the pipeline.
+PER_APPROVAL = {"approval_unknown_approver", "approval_wrong_package"}
+
+
 def test_every_documented_reason_has_a_case() -> None:
     # kek_wrong_size cannot be staged (the HSM creates only valid KEK sizes): unit-tested below
-    assert set(REASONS) == set(CASES) | {"kek_wrong_size"}
+    assert set(REASONS) == set(CASES) | {"kek_wrong_size"} | PER_APPROVAL
 
 
 def test_every_reason_is_in_the_readme() -> None:

@@ -230,3 +230,82 @@ def import_aes(session: Any, raw: bytes, label: str, extra: dict[Any, Any] | Non
         Attribute.VALUE: raw,
     }
     session.create_object({**attrs, **(extra or {})})
+
+
+# --- approval signing keys in the token (tests/softhsm/test_approval_pkcs11.py) ----------------
+
+ED25519_OID_PARAMS = bytes.fromhex("06032b6570")  # CKA_EC_PARAMS: OID 1.3.101.112
+
+
+def generate_signing_key(session: Any, kind: str, label: str) -> Any:
+    """Generate a signing key pair inside the token (label and a shared CKA_ID); return its
+    public key as a ``cryptography`` object, read back from the token's public key object.
+
+    ``kind``: ``ec-p256``, ``ec-p384``, ``ec-p521``, ``ed25519``, ``rsa-3072``, ``rsa-2048``.
+    """
+    from pkcs11 import Attribute, KeyType, MechanismFlag
+
+    key_id = label.encode()
+    common: dict[str, Any] = {
+        "id": key_id,
+        "label": label,
+        "store": True,
+        "capabilities": MechanismFlag.SIGN | MechanismFlag.VERIFY,
+    }
+    private = {Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.SENSITIVE: True,
+               Attribute.EXTRACTABLE: False}  # fmt: skip
+    if kind.startswith("rsa-"):
+        pub, _ = session.generate_keypair(
+            KeyType.RSA, int(kind[4:]), private_template=private, **common
+        )
+        return rsa.RSAPublicNumbers(
+            int.from_bytes(bytes(pub[Attribute.PUBLIC_EXPONENT]), "big"),
+            int.from_bytes(bytes(pub[Attribute.MODULUS]), "big"),
+        ).public_key()
+    if kind == "ed25519":
+        pub, _ = session.generate_keypair(
+            KeyType.EC_EDWARDS,
+            public_template={Attribute.EC_PARAMS: ED25519_OID_PARAMS},
+            private_template=private,
+            **common,
+        )
+        point = bytes(pub[Attribute.EC_POINT])
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
+        return ed25519.Ed25519PublicKey.from_public_bytes(point[-32:])
+    curves = {"ec-p256": ("06082a8648ce3d030107", ec.SECP256R1()),
+              "ec-p384": ("06052b81040022", ec.SECP384R1()),
+              "ec-p521": ("06052b81040023", ec.SECP521R1())}  # fmt: skip
+    params, curve = curves[kind]
+    pub, _ = session.generate_keypair(
+        KeyType.EC,
+        public_template={Attribute.EC_PARAMS: bytes.fromhex(params)},
+        private_template=private,
+        **common,
+    )
+    der_point = bytes(pub[Attribute.EC_POINT])
+    raw_len = 1 + 2 * ((curve.key_size + 7) // 8)
+    return ec.EllipticCurvePublicKey.from_encoded_point(curve, der_point[-raw_len:])
+
+
+def approve_args(
+    softhsm: SoftHsm, manifest: Path, out: Path, key_label: str, approver_id: str, *extra: str
+) -> list[str]:
+    """``byok-package approve`` arguments for a token signer (the wrap command's token options)."""
+    return [
+        "approve",
+        str(manifest),
+        "--approver-id",
+        approver_id,
+        "--pkcs11-module",
+        softhsm.module,
+        "--token-label",
+        softhsm.token_label,
+        "--pin-env",
+        PIN_ENV,
+        "--key-label",
+        key_label,
+        "--out",
+        str(out),
+        *extra,
+    ]

@@ -1,0 +1,213 @@
+"""Storage of what authorizes an import: the import policy (config container, written by policy
+administrators only) and each package's manifest and signed approvals (approvals container,
+under ``<package sha256>/``).
+
+Needs: read on the config and approvals containers (the Function); write on the approvals
+container (uploaders, ``byok upload`` / ``byok approve upload``); write on the config container
+(policy administrators, ``byok policy set``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+
+from azure.core import MatchConditions
+from azure.core.exceptions import (
+    AzureError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+)
+from azure.storage.blob import BlobServiceClient
+
+from byok_pipeline.adapters.transient import as_transient
+from byok_pipeline.core.errors import Rejected, TransientError
+from byok_pipeline.core.policy import MAX_POLICY_BYTES, ImportPolicy, PolicyInvalid, load_policy
+from byok_pipeline.core.settings import Settings
+from offline_packager.approval import MAX_APPROVAL_BYTES
+
+MANIFEST_BLOB = "manifest.json"
+APPROVAL_PREFIX = "approval-"
+MAX_MANIFEST_BYTES = 64 * 1024
+
+
+def _transient(exc: AzureError, what: str) -> TransientError:
+    return as_transient(exc, what) or TransientError(
+        f"{what}: {type(exc).__name__} {getattr(exc, 'error_code', '') or ''}".strip(),
+        reason="storage_error",
+    )
+
+
+@dataclass(frozen=True)
+class Attachments:
+    """A package's manifest bytes (None if it was uploaded without) and approval files."""
+
+    manifest: bytes | None
+    approvals: tuple[tuple[str, bytes], ...]
+
+
+class AuthorizationStore:
+    """Reads the policy with its ETag cached (a conditional GET per use: a change applies to
+    the next package, an unchanged policy costs a 304) and reads and writes attachments."""
+
+    def __init__(self, service: BlobServiceClient, settings: Settings) -> None:
+        self.service = service
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._cached: tuple[str, ImportPolicy | PolicyInvalid] | None = None
+        self._cached_sha256: str | None = None
+
+    @property
+    def policy_sha256(self) -> str | None:
+        """SHA-256 of the policy blob last read (None: there was none), invalid ones included."""
+        with self._lock:
+            return self._cached_sha256
+
+    # -- the policy ---------------------------------------------------------------------------
+    def policy_bytes(self) -> tuple[bytes, str] | None:
+        """The policy blob's bytes and ETag; None when there is no policy blob.
+
+        Raises:
+            TransientError: storage failed.
+            PolicyInvalid: the blob is over the size limit.
+        """
+        blob = self.service.get_blob_client(
+            self.settings.config_container, self.settings.policy_blob
+        )
+        try:
+            downloader = blob.download_blob(offset=0, length=MAX_POLICY_BYTES + 1)
+            data = downloader.readall()
+        except ResourceNotFoundError:
+            return None
+        except AzureError as exc:
+            raise _transient(exc, "reading the import policy") from None
+        if len(data) > MAX_POLICY_BYTES:
+            raise PolicyInvalid(f"the policy blob is over {MAX_POLICY_BYTES} bytes")
+        return data, str(downloader.properties.etag)
+
+    def policy(self) -> ImportPolicy | None:
+        """The configured policy (None: no policy blob, the safe defaults apply).
+
+        Raises:
+            PolicyInvalid: the configured policy is invalid: nothing may be imported.
+            TransientError: storage failed.
+        """
+        with self._lock:
+            cached = self._cached
+        if cached is not None and not self._changed_since(cached[0]):
+            return _unwrap(cached[1])
+        found = self.policy_bytes()
+        if found is None:
+            with self._lock:
+                self._cached = self._cached_sha256 = None
+            return None
+        data, etag = found
+        loaded: ImportPolicy | PolicyInvalid
+        try:
+            loaded = load_policy(data)
+        except PolicyInvalid as exc:
+            loaded = exc
+        with self._lock:
+            self._cached = (etag, loaded)
+            self._cached_sha256 = hashlib.sha256(data).hexdigest()
+        return _unwrap(loaded)
+
+    def _changed_since(self, etag: str) -> bool:
+        """One conditional request: False when the blob still has ``etag`` (HTTP 304)."""
+        blob = self.service.get_blob_client(
+            self.settings.config_container, self.settings.policy_blob
+        )
+        try:
+            blob.get_blob_properties(etag=etag, match_condition=MatchConditions.IfModified)
+        except HttpResponseError as exc:
+            if exc.status_code == 304:
+                return False
+            if exc.status_code == 404:
+                return True
+            raise _transient(exc, "reading the import policy") from None
+        except AzureError as exc:
+            raise _transient(exc, "reading the import policy") from None
+        return True
+
+    def put_policy(self, data: bytes) -> str:
+        """Replace the policy blob (administrators). Returns the new ETag.
+
+        Raises:
+            TransientError: storage failed (a 403 says the caller is no policy administrator).
+        """
+        blob = self.service.get_blob_client(
+            self.settings.config_container, self.settings.policy_blob
+        )
+        try:
+            result = blob.upload_blob(data, overwrite=True)
+        except AzureError as exc:
+            raise _transient(exc, "writing the import policy") from None
+        return str(result["etag"])
+
+    # -- attachments ---------------------------------------------------------------------------
+    def attachments(self, package_sha256: str) -> Attachments:
+        """The manifest and approvals stored for a package (bounded sizes).
+
+        Raises:
+            TransientError: storage failed.
+        """
+        container = self.service.get_container_client(self.settings.approvals_container)
+        manifest: bytes | None = None
+        approvals: list[tuple[str, bytes]] = []
+        try:
+            for item in container.list_blobs(name_starts_with=f"{package_sha256}/"):
+                leaf = item.name.split("/", 1)[1]
+                if leaf == MANIFEST_BLOB:
+                    manifest = self._read_bounded(item.name, MAX_MANIFEST_BYTES)
+                elif leaf.startswith(APPROVAL_PREFIX):
+                    data = self._read_bounded(item.name, MAX_APPROVAL_BYTES)
+                    approvals.append((leaf, data if data is not None else b""))
+        except AzureError as exc:
+            raise _transient(exc, "reading the package's approvals") from None
+        return Attachments(manifest, tuple(approvals))
+
+    def _read_bounded(self, name: str, limit: int) -> bytes | None:
+        """The blob's bytes, or None when it is over ``limit`` (never read whole)."""
+        blob = self.service.get_blob_client(self.settings.approvals_container, name)
+        try:
+            data = blob.download_blob(offset=0, length=limit + 1).readall()
+        except ResourceNotFoundError:
+            return None
+        return None if len(data) > limit else data
+
+    def put_attachment(self, package_sha256: str, leaf: str, data: bytes) -> bool:
+        """Store a manifest or an approval for a package; never replaces a different file.
+        Returns False when the same bytes were already there.
+
+        Raises:
+            Rejected: ``approval_invalid``: another file is already stored under that name.
+            TransientError: storage failed.
+        """
+        blob = self.service.get_blob_client(
+            self.settings.approvals_container, f"{package_sha256}/{leaf}"
+        )
+        try:
+            blob.upload_blob(data, overwrite=False)
+        except ResourceExistsError:
+            try:
+                existing = blob.download_blob().readall()
+            except AzureError as exc:
+                raise _transient(exc, f"reading {leaf}") from None
+            if existing != data:
+                raise Rejected(
+                    "approval_invalid",
+                    f"another {leaf} is already stored for this package; name the new file "
+                    "differently or ask an administrator to remove the old one",
+                ) from None
+            return False
+        except AzureError as exc:
+            raise _transient(exc, f"storing {leaf}") from None
+        return True
+
+
+def _unwrap(value: ImportPolicy | PolicyInvalid) -> ImportPolicy:
+    if isinstance(value, PolicyInvalid):
+        raise PolicyInvalid(value.message)  # a fresh exception each time, not the cached one
+    return value

@@ -1,0 +1,150 @@
+"""Authorization of one import, before any HSM call: the import policy's name and type rules
+and the package's M-of-N approvals; then, once the KEK is read, the protection of existing keys.
+
+Order (fixed, documented in README "Import authorization"): the name (never the KEK's; a rule
+must match when there is a policy) → the stated target type → the approvals (over the manifest
+the package was uploaded with) → [KEK checks] → the inferred target type → the existing key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from byok_pipeline.adapters.authorization_store import AuthorizationStore
+from byok_pipeline.adapters.keyvault import HsmAdapter
+from byok_pipeline.core.approvals import ApprovalTally, tally
+from byok_pipeline.core.errors import Rejected
+from byok_pipeline.core.metadata import ImportOptions, options_from_manifest
+from byok_pipeline.core.policy import (
+    ImportPolicy,
+    Rule,
+    check_existing_key,
+    check_name,
+    check_target_type,
+)
+from byok_pipeline.core.settings import Settings
+from offline_packager.manifest import parse_manifest
+from offline_packager.package_format import load_json_strict
+
+
+class AwaitingApproval(Exception):  # a state, not an error
+    """The policy's approvals are not all there yet; the package waits until ``deadline``."""
+
+    def __init__(self, approvals: ApprovalTally, deadline: datetime) -> None:
+        super().__init__(f"{approvals.missing} approval(s) missing")
+        self.approvals = approvals
+        self.deadline = deadline
+
+
+@dataclass(frozen=True)
+class Authorization:
+    """What was decided: the rule that governs the name (None: no policy), the options to
+    import with (from the signed manifest when approvals were required), the approvals."""
+
+    policy: ImportPolicy | None
+    rule: Rule | None
+    options: ImportOptions
+    approvals: ApprovalTally | None = None
+
+
+def authorize(
+    *,
+    policy: ImportPolicy | None,
+    authz: AuthorizationStore,
+    settings: Settings,
+    key_name: str,
+    package_sha256: str,
+    options: ImportOptions,
+    dropped: datetime,
+    now: datetime,
+) -> Authorization:
+    """Everything that decides whether this package may be imported under ``key_name``, short
+    of the HSM's own facts. Needs read on the config and approvals containers.
+
+    ``policy`` is the configured policy (None: none), read by the caller.
+
+    Raises:
+        Rejected: ``key_name_not_allowed``,
+            ``target_type_not_allowed_for_name``, ``approval_invalid`` (approvals required but
+            no manifest), ``manifest_mismatch``, ``approval_expired`` (deadline passed).
+        AwaitingApproval: approvals are missing and the deadline has not passed.
+        TransientError: storage failed.
+    """
+    rule = check_name(policy, key_name, kek_name=settings.kek_name)
+    stated = options.target_type.name if options.target_type else None
+    check_target_type(rule, key_name, stated)
+    if policy is None or rule is None or rule.approvals is None:
+        return Authorization(policy, rule, options)
+    attachments = authz.attachments(package_sha256)
+    if attachments.manifest is None:
+        raise Rejected(
+            "approval_invalid",
+            f"the import policy requires {rule.approvals.required} approval(s) of the manifest "
+            f"for {key_name!r}, but the package was uploaded without its manifest: upload it "
+            "again with NAME.manifest.json beside it (`byok upload`)",
+        )
+    signed = _signed_options(attachments.manifest, options, package_sha256)
+    check_target_type(rule, key_name, signed.target_type.name if signed.target_type else None)
+    result = tally(
+        rule.approvals,
+        policy.groups[rule.approvals.group],
+        attachments.approvals,
+        manifest=attachments.manifest,
+        key_name=key_name,
+        package_sha256=package_sha256,
+        now=now,
+    )
+    if result.complete:
+        return Authorization(policy, rule, signed, result)
+    deadline = dropped + policy.approval_deadline
+    if now >= deadline:
+        refused = "; ".join(f"{r.file}: {r.reason}" for r in result.refused)
+        raise Rejected(
+            "approval_expired",
+            f"{result.missing} of {result.required} approval(s) of group "
+            f"{result.group!r} still missing at the deadline "
+            f"({deadline:%Y-%m-%dT%H:%M:%SZ})"
+            + (f"; refused: {refused}" if refused else "")
+            + ": collect the approvals, then upload the package again",
+        )
+    raise AwaitingApproval(result, deadline)
+
+
+def _signed_options(manifest: bytes, uploaded: ImportOptions, package_sha256: str) -> ImportOptions:
+    """The import options the approvers signed (the manifest's), not the upload metadata's.
+
+    Raises:
+        Rejected: ``manifest_mismatch`` (another manifest than the package was uploaded with,
+            or one that describes other bytes), ``bad_metadata`` (not a manifest).
+    """
+    digest = hashlib.sha256(manifest).hexdigest()
+    if uploaded.manifest_sha256 != digest:
+        raise Rejected(
+            "manifest_mismatch",
+            "the stored manifest is not the one the package was uploaded with: upload both again",
+        )
+    try:
+        doc = parse_manifest(load_json_strict(manifest, what="manifest"))
+    except Exception as exc:  # noqa: BLE001  # any parse failure of the manifest is one refusal
+        raise Rejected("bad_metadata", f"the stored manifest is not a manifest: {exc}") from None
+    signed = options_from_manifest(doc, digest)
+    if signed.package_sha256 != package_sha256:
+        raise Rejected("manifest_mismatch", "the manifest describes another package")
+    return replace(signed, uploader=uploaded.uploader, tags=uploaded.tags)
+
+
+def check_existing(
+    hsm: HsmAdapter, auth: Authorization, key_name: str, target_type: str, *, request_id: str
+) -> None:
+    """After the KEK checks: the inferred target type against the rule, then the key that
+    already has this name, if any (one GET). Needs keys/read.
+
+    Raises:
+        Rejected: ``target_type_not_allowed_for_name``, ``existing_key_protected``.
+        TransientError: the HSM read failed.
+    """
+    check_target_type(auth.rule, key_name, target_type)
+    existing = hsm.existing_key(key_name, request_id=request_id)
+    check_existing_key(existing, auth.rule, key_name, policy=auth.policy is not None)
