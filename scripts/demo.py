@@ -1,8 +1,11 @@
 """`make demo`: the whole BYOK flow on local services, as a custodian and an operator run it.
 
 Starts Azurite and the Managed HSM emulator (free loopback ports), creates and downloads a KEK,
-packages an RSA, an EC and an AES key with the offline packager, uploads them, runs the local
-runner, prints the status table, proves each imported key works, then stops everything.
+packages an RSA, an EC and an AES key with the offline packager, sets an import policy under
+which the RSA key needs 2 of 3 signed approvals (dual control), uploads them, runs the local
+runner (the RSA key waits until its second approval arrives), shows that packages for protected
+names are refused, prints the status table, proves each imported key works, then stops
+everything.
 """
 
 from __future__ import annotations
@@ -113,6 +116,129 @@ def prove(env: dict[str, str], out: Path, names: list[str]) -> None:
             raise SystemExit(f"demo: {name} does not match its manifest")
 
 
+APPROVERS = ("alice", "bob", "carol")
+
+
+def write_policy(offline: Path, env: dict[str, str]) -> Path:
+    """Each approver makes a signing key on their own offline machine (here: one folder) and
+    hands the administrator the public half; the administrator writes the policy."""
+    members = []
+    for who in APPROVERS:
+        key = offline / f"{who}.key.pem"
+        run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-out", str(key)], env)  # fmt: skip
+        pub = subprocess.run(
+            ["openssl", "pkey", "-in", str(key), "-pubout"],  # openssl from PATH
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        members.append({"id": who, "public_key_pem": pub})
+    policy = {
+        "policy_version": 1,
+        "description": "demo: payments keys need 2 of 3 custodians; other demo keys import freely",
+        "approval_deadline_hours": 24,
+        "approver_groups": {"custodians": {"approvers": members}},
+        "rules": [
+            {"name": "payments-rsa", "target_types": ["rsa-3072", "rsa-4096"],
+             "approvals": {"group": "custodians", "required": 2}},
+            {"name": "signing-ec", "target_types": ["ec-p384"]},
+            {"name": "data-aes", "target_types": ["oct-256"]},
+        ],
+    }  # fmt: skip
+    path = offline / "import-policy.json"
+    path.write_text(json.dumps(policy, indent=2) + "\n")
+    return path
+
+
+def approve(pkg: list[str], offline: Path, name: str, who: str, env: dict[str, str]) -> Path:
+    out = offline / f"{name}.approval-{who}.json"
+    run([*pkg, "approve", str(offline / f"{name}.manifest.json"), "--approver-id", who,
+         "--signer-key", str(offline / f"{who}.key.pem"), "--valid-days", "2", "--out", str(out)],
+        env)  # fmt: skip
+    return out
+
+
+def dual_control(
+    byok: list[str], pkg: list[str], offline: Path, names: list[str], env: dict[str, str]
+) -> None:
+    """The administrator sets the import policy; alice approves payments-rsa offline; the
+    packages are dropped; payments-rsa waits until carol's approval arrives."""
+    banner("Dual control: the administrator sets an import policy (2 of 3 for payments-rsa)")
+    policy = write_policy(offline, env)
+    run([*byok, "policy", "validate", str(policy)], env)
+    run([*byok, "policy", "set", str(policy), "--actor", "admin@demo"], env)
+    run([*byok, "policy", "show"], env)
+
+    banner("Offline: alice reads what she approves, then signs (one approval of two needed)")
+    approve(pkg, offline, "payments-rsa", "alice", env)
+    run([*pkg, "inspect", str(offline / "payments-rsa.byok"), "--kek", str(offline / "kek.pem")],
+        env)  # fmt: skip
+
+    banner("Step 3 (connected side): drop the packages (with their manifests and approvals)")
+    for name in names:
+        run([*byok, "upload", str(offline / f"{name}.byok")], env)
+
+    banner("Step 4: the pipeline validates, authorizes, imports, verifies (local runner)")
+    run([*byok, "watch", "--once", "--workers", "2"], env)
+    run([*byok, "status", "payments-rsa"], env)
+    waiting = json.loads(run([*byok, "status", "payments-rsa", "--json"], env, capture=True))
+    if waiting["state"] != "awaiting_approval" or waiting["approvals"]["missing"] != 1:
+        raise SystemExit("demo: payments-rsa should wait for its second approval")
+
+    banner("The second approval (carol) arrives later: the waiting package completes")
+    run([*byok, "approve", "upload", str(approve(pkg, offline, "payments-rsa", "carol", env))],
+        env)  # fmt: skip
+    run([*byok, "watch", "--once"], env)
+    run([*byok, "status", "payments-rsa"], env)
+
+
+def protected_names(
+    byok: list[str], pkg: list[str], kek_args: list[str], offline: Path, env: dict[str, str]
+) -> list[dict[str, Any]]:
+    """An insider wraps keys of their own under the public KEK and drops them under protected
+    names: none is imported. Returns every status document."""
+    banner("Protected names: packages an insider wraps under the public KEK and drops")
+    rogue = offline / "rogue"  # keys of the insider's own, wrapped under the public KEK
+    rogue.mkdir()
+    for name, key_type in (
+        ("payments-rsa", "rsa-3072"),
+        ("signing-ec", "ec-p384"),
+        ("demo-kek", "oct-256"),
+        ("backdoor", "oct-256"),
+    ):
+        run(
+            [
+                *pkg,
+                "wrap",
+                *kek_args,
+                "--generate",
+                key_type,
+                "--out",
+                str(rogue / f"{name}.byok"),
+            ],
+            env,
+        )
+        run([*byok, "upload", str(rogue / f"{name}.byok")], env)  # fmt: skip
+    run([*byok, "watch", "--once"], env)
+    run([*byok, "status"], env)
+    statuses: list[dict[str, Any]] = json.loads(run([*byok, "status", "--json"], env, capture=True))
+    outcome = {(s["blob_name"], s["state"], s["reason_code"]) for s in statuses}
+    expected = {
+        ("payments-rsa.byok", "imported", None),
+        ("signing-ec.byok", "imported", None),
+        ("data-aes.byok", "imported", None),
+        # no approvals: it waits (0 of 2) and is never imported; rejected at the deadline
+        ("payments-rsa.byok", "awaiting_approval", None),
+        # the key exists and the policy does not allow a new version of it
+        ("signing-ec.byok", "rejected", "existing_key_protected"),
+        # the KEK's own name, and a name no rule of the policy allows
+        ("demo-kek.byok", "rejected", "key_name_not_allowed"),
+        ("backdoor.byok", "rejected", "key_name_not_allowed"),
+    }
+    if outcome != expected:
+        raise SystemExit(f"demo: unexpected outcomes {sorted(outcome, key=str)}")
+    return statuses
+
+
 def main() -> int:
     work = REPO / ".demo"  # kept after the run for a look (git-ignored); cleared at each start
     shutil.rmtree(work, ignore_errors=True)
@@ -202,21 +328,10 @@ def main() -> int:
                 env,
             )
 
-        banner("Step 3 (connected side): drop the packages into the incoming container")
-        for name in names:
-            run([*byok, "upload", str(offline / f"{name}.byok")], env)
-
-        banner("Step 4: the pipeline validates, imports, verifies (local runner = Event Grid)")
-        run([*byok, "watch", "--once", "--workers", "2"], env)
-        run([*byok, "status"], env)
-        statuses = json.loads(run([*byok, "status", "--json"], env, capture=True))
-        bad = [
-            s["blob_name"]
-            for s in statuses
-            if s["state"] != "imported" or s["fingerprint_result"] != "match"
-        ]
-        if bad:
-            raise SystemExit(f"demo: not imported and verified: {bad}")
+        dual_control(byok, pkg, offline, names, env)
+        statuses = protected_names(byok, pkg, kek_args, offline, env)
+        if any(s["fingerprint_result"] != "match" for s in statuses if s["state"] == "imported"):
+            raise SystemExit("demo: an imported key does not match its manifest")
 
         banner("Prove each imported key works")
         prove(env, offline, names)
@@ -224,7 +339,11 @@ def main() -> int:
         banner("Check the tamper-evident audit trail and export one key's history for the auditor")
         run([*byok, "audit", "verify"], env)
         run([*byok, "audit", "export", "--key", "payments-rsa", "--format", "csv"], env)
-        print("\nDemo complete: 3 keys imported exactly once, verified against their manifests.")
+        print(
+            "\nDemo complete: 3 keys imported exactly once, verified against their manifests; "
+            "payments-rsa with 2 of 3 signed approvals; 3 packages for protected names refused, "
+            "1 waiting for approvals it will never get."
+        )
         events = (stack_dir / "audit.jsonl").read_text().splitlines()
         print(
             f"Audit events: {len(events)} in {stack_dir / 'audit.jsonl'}; packages and manifests in {offline}"

@@ -253,7 +253,14 @@ def _print_export(args: argparse.Namespace, report: Any, lines: Sequence[Any]) -
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=[*CSV_COLUMNS, *extra], lineterminator="\n")
         writer.writeheader()
-        writer.writerows(records)
+        # lists and objects (approvers) as JSON in their cell, never a Python repr
+        writer.writerows(
+            {
+                k: json.dumps(v, sort_keys=True) if isinstance(v, list | dict) else v
+                for k, v in r.items()
+            }
+            for r in records
+        )
         sys.stdout.write(out.getvalue())
     else:
         query = {"key_name": args.key} if args.key else {"package_sha256": args.package}

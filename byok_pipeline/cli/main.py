@@ -512,7 +512,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
             f"delivered {stats.delivered}, outcomes {stats.outcomes}, redeliveries {stats.redeliveries}",
             file=sys.stderr,
         )
-    return EXIT_OK if not deps.store.list_incoming() else EXIT_FAILED
+    # packages awaiting approval are settled until people act; anything else left is not
+    left = set(deps.store.list_incoming()) - stats.awaiting
+    return EXIT_OK if not left else EXIT_FAILED
 
 
 def cmd_dev(args: argparse.Namespace) -> int:

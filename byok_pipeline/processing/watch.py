@@ -24,6 +24,8 @@ class WatchStats:
     delivered: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
     redeliveries: int = 0
+    #: blobs whose last delivery left them waiting for approvals (settled until people act)
+    awaiting: set[str] = field(default_factory=set)
 
 
 def _deliver(
@@ -39,6 +41,10 @@ def _deliver(
     with lock:
         stats.delivered += 1
         stats.outcomes[outcome.state] = stats.outcomes.get(outcome.state, 0) + 1
+        if outcome.state == "awaiting_approval":
+            stats.awaiting.add(name)
+        else:
+            stats.awaiting.discard(name)
     report(name, outcome, None)
     return True
 
@@ -53,8 +59,10 @@ def watch(
     stop: threading.Event | None = None,
     max_rounds: int | None = None,
 ) -> WatchStats:
-    """Poll and deliver until ``stop`` is set; with ``once``, until incoming is empty (or
-    ``max_rounds`` polls, default BYOK_MAX_ATTEMPTS + 2, have passed)."""
+    """Poll and deliver until ``stop`` is set; with ``once``, until incoming holds nothing but
+    packages awaiting approval (or ``max_rounds`` polls, default BYOK_MAX_ATTEMPTS + 2, have
+    passed). Packages awaiting approval are delivered again at each poll (that is how a later
+    approval is noticed), once per poll."""
     stop = stop or threading.Event()
     stats = WatchStats()
     lock = threading.Lock()
@@ -64,6 +72,8 @@ def watch(
         while not stop.is_set():
             names = deps.store.list_incoming()
             rounds += 1
+            if once and rounds > 1:
+                names = [n for n in names if n not in stats.awaiting]
             if names:
                 results = list(pool.map(lambda n: _deliver(n, deps, report, stats, lock), names))
                 pending = not all(results)

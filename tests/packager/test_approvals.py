@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, padding,
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from packager_support import doc_block, ecdsa_der_to_raw, public_pem
+from packager_support import DOCS_APPROVALS, doc_block, ecdsa_der_to_raw, public_pem
 from testsupport import make_kid, write_kek
 
 from offline_packager.approval import (
@@ -1189,6 +1189,12 @@ def test_signature_made_by_the_openssl_cli_verifies(
 # --- the auditor's recipe in docs/approvals.md, verbatim --------------------------------------
 
 RECIPE = "# auditor-recipe"
+
+
+def test_the_readme_shows_the_tested_recipe() -> None:
+    """The README's copy of the auditor's recipe is the block the tests below run."""
+    readme = DOCS_APPROVALS.parent.parent / "README.md"
+    assert doc_block(RECIPE, readme) == doc_block(RECIPE)
 
 
 def _recipe_names(recipe: str) -> dict[str, str]:

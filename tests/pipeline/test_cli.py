@@ -323,3 +323,62 @@ def test_policy_set_show_and_audit(
 
     schema = json.loads((REPO / "byok_pipeline/schemas/audit-event.schema.json").read_text())
     jsonschema.validate(events[0], schema)
+
+
+def test_dual_control_through_the_cli(
+    cli_env: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The ceremony of the README: policy set, approve offline, upload with the first approval,
+    wait, upload the second approval, imported; a direct import of that name is refused."""
+    import secrets
+
+    stack = cli_env
+    name = f"cli-pay-{secrets.token_hex(3)}"
+    policy, _ = _approver_policy(tmp_path, name)
+    run_json(capsys, "policy", "set", str(policy))
+    kek_pem = tmp_path / "kek.pem"
+    kek_pem.write_bytes(stack.kek_pem)
+    out = tmp_path / f"{name}.byok"
+    manifest = tmp_path / f"{name}.manifest.json"
+    assert package_main(["wrap", "--kek", str(kek_pem), "--kek-kid", stack.kek_kid,
+                         "--generate", "ec-p256", "--out", str(out)]) == 0  # fmt: skip
+
+    def approve(who: str) -> Path:
+        path = tmp_path / f"{name}.approval-{who}.json"
+        assert package_main(["approve", str(manifest), "--approver-id", who, "--signer-key",
+                             str(tmp_path / f"{who}.key.pem"), "--out", str(path)]) == 0  # fmt: skip
+        return path
+
+    approve("alice")
+    capsys.readouterr()
+    uploaded = run_json(capsys, "upload", str(out))
+    assert [a["approver_id"] for a in uploaded["attachments"]["approvals"]] == ["alice"]
+    assert main(["watch", "--once"]) == 0  # waiting for people is settled, not a failure
+    capsys.readouterr()
+    waiting = run_json(capsys, "status", name)
+    assert waiting["state"] == "awaiting_approval"
+    assert waiting["approvals"]["missing"] == 1
+    assert main(["status", name]) == 0
+    text = capsys.readouterr().out
+    assert "approvals: 1 of 2 required from group 'custodians', 1 missing" in text
+    assert "waiting for: bob, carol" in text
+
+    # a direct import cannot bypass the approvals
+    assert run_json(capsys, "import", str(out), expect=2)["reason"] == "approval_invalid"
+
+    second = approve("carol")
+    capsys.readouterr()
+    stored = run_json(capsys, "approve", "upload", str(second))
+    assert stored["approvals"][0]["approver_id"] == "carol"
+    # the same file again is accepted as already stored; garbage is refused with one line
+    assert run_json(capsys, "approve", "upload", str(second))["approvals"][0]["already_stored"]
+    junk = tmp_path / "junk.approval-x.json"
+    junk.write_text("{}")
+    assert run_json(capsys, "approve", "upload", str(junk), expect=2)["reason"] == (
+        "approval_invalid"
+    )
+    assert main(["watch", "--once"]) == 0
+    capsys.readouterr()
+    done = run_json(capsys, "status", name)
+    assert (done["state"], done["fingerprint_result"]) == ("imported", "match")
+    assert sorted(g["approver_id"] for g in done["approvals"]["given"]) == ["alice", "carol"]
