@@ -81,6 +81,10 @@ class AuthorizationStore:
             data = downloader.readall()
         except ResourceNotFoundError:
             return None
+        except HttpResponseError as exc:
+            if exc.status_code != 416:  # 416: a range of an empty blob
+                raise _transient(exc, "reading the import policy") from None
+            return b"", str(blob.get_blob_properties().etag)
         except AzureError as exc:
             raise _transient(exc, "reading the import policy") from None
         if len(data) > MAX_POLICY_BYTES:
@@ -160,16 +164,21 @@ class AuthorizationStore:
             for item in container.list_blobs(name_starts_with=f"{package_sha256}/"):
                 leaf = item.name.split("/", 1)[1]
                 if leaf == MANIFEST_BLOB:
-                    manifest = self._read_bounded(item.name, MAX_MANIFEST_BYTES)
+                    manifest = self._read_bounded(item.name, int(item.size), MAX_MANIFEST_BYTES)
                 elif leaf.startswith(APPROVAL_PREFIX):
-                    data = self._read_bounded(item.name, MAX_APPROVAL_BYTES)
+                    data = self._read_bounded(item.name, int(item.size), MAX_APPROVAL_BYTES)
                     approvals.append((leaf, data if data is not None else b""))
         except AzureError as exc:
             raise _transient(exc, "reading the package's approvals") from None
         return Attachments(manifest, tuple(approvals))
 
-    def _read_bounded(self, name: str, limit: int) -> bytes | None:
-        """The blob's bytes, or None when it is over ``limit`` (never read whole)."""
+    def _read_bounded(self, name: str, size: int, limit: int) -> bytes | None:
+        """The blob's bytes; None when the listing says it is over ``limit`` (never read), or
+        when it is gone. An empty blob is ``b""`` (no ranged read: that would answer 416)."""
+        if size > limit:
+            return None
+        if size == 0:
+            return b""
         blob = self.service.get_blob_client(self.settings.approvals_container, name)
         try:
             data = blob.download_blob(offset=0, length=limit + 1).readall()

@@ -83,6 +83,22 @@ class ApprovalTally:
         return [{"id": g.approver_id, "spki_sha256": g.spki_sha256} for g in self.given]
 
 
+def _short(name: str, limit: int = 100) -> str:
+    """An uploader-chosen file name, bounded for status documents and audit events."""
+    return name if len(name) <= limit else f"{name[: limit - 3]}..."
+
+
+def refused_summary(refused: Sequence[RefusedApproval], *, names: int = 3) -> str:
+    """``N approval_invalid (a.json, b.json, ...); M approval_expired (...)``: bounded."""
+    by_reason: dict[str, list[str]] = {}
+    for r in refused:
+        by_reason.setdefault(r.reason, []).append(r.file)
+    return "; ".join(
+        f"{len(files)} {reason} ({', '.join(files[:names])}{', ...' if len(files) > names else ''})"
+        for reason, files in sorted(by_reason.items())
+    )
+
+
 def tally(
     requirement: ApprovalRequirement,
     approvers: dict[str, Approver],
@@ -107,7 +123,7 @@ def tally(
                 now=now,
             )
         except (ApprovalError, Rejected) as exc:
-            refused.append(RefusedApproval(name, exc.reason, exc.message[:300]))
+            refused.append(RefusedApproval(_short(name), exc.reason, exc.message[:300]))
             continue
         if approval.approver_id not in given:
             given[approval.approver_id] = GivenApproval(
@@ -118,7 +134,7 @@ def tally(
                 file=name,
             )
     for name, _ in sorted(files)[MAX_APPROVAL_FILES:]:
-        refused.append(RefusedApproval(name, "approval_invalid", "too many approval files"))
+        refused.append(RefusedApproval(_short(name), "approval_invalid", "too many approval files"))
     return ApprovalTally(
         group=requirement.group,
         required=requirement.required,

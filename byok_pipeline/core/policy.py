@@ -22,7 +22,7 @@ from byok_pipeline.core.errors import Rejected
 from offline_packager.approval import ApprovalError, Approver, parse_approvers
 from offline_packager.package_format import load_json_strict
 
-#: Where the policy blob lives unless the settings say otherwise.
+#: How long a package may wait for its approvals unless the policy says otherwise.
 DEFAULT_DEADLINE_HOURS = 72
 #: A policy larger than this is refused before parsing.
 MAX_POLICY_BYTES = 1024 * 1024
@@ -65,11 +65,13 @@ class ImportPolicy:
     approval_deadline: timedelta = timedelta(hours=DEFAULT_DEADLINE_HOURS)
 
     def rule_for(self, key_name: str) -> Rule | None:
-        """The exact-name rule, else the longest matching prefix, else None."""
+        """The exact-name rule, else the longest matching prefix, else None. Managed HSM key
+        names are case-insensitive, so is the match (``PAY-key`` is ``pay-key``)."""
+        name = key_name.casefold()
         for rule in self.rules:
-            if rule.name == key_name:
+            if rule.name is not None and rule.name.casefold() == name:
                 return rule
-        prefixed = [r for r in self.rules if r.prefix and key_name.startswith(r.prefix)]
+        prefixed = [r for r in self.rules if r.prefix and name.startswith(r.prefix.casefold())]
         return max(prefixed, key=lambda r: len(r.prefix or ""), default=None)
 
     def summary(self) -> dict[str, Any]:
@@ -148,6 +150,7 @@ def load_policy(data: bytes) -> ImportPolicy:
     seen: set[tuple[str, str]] = set()
     for i, raw in enumerate(doc["rules"]):
         key = ("name", raw["name"]) if "name" in raw else ("prefix", raw["prefix"])
+        key = (key[0], key[1].casefold())  # key names are case-insensitive in Managed HSM
         if key in seen:
             raise PolicyInvalid(f"rules[{i}]: a second rule for {key[0]} {key[1]!r}")
         seen.add(key)

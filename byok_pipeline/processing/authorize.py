@@ -14,7 +14,7 @@ from datetime import datetime
 
 from byok_pipeline.adapters.authorization_store import AuthorizationStore
 from byok_pipeline.adapters.keyvault import HsmAdapter
-from byok_pipeline.core.approvals import ApprovalTally, tally
+from byok_pipeline.core.approvals import ApprovalTally, refused_summary, tally
 from byok_pipeline.core.errors import Rejected
 from byok_pipeline.core.metadata import ImportOptions, options_from_manifest
 from byok_pipeline.core.policy import (
@@ -100,7 +100,7 @@ def authorize(
         return Authorization(policy, rule, signed, result)
     deadline = dropped + policy.approval_deadline
     if now >= deadline:
-        refused = "; ".join(f"{r.file}: {r.reason}" for r in result.refused)
+        refused = refused_summary(result.refused)
         raise Rejected(
             "approval_expired",
             f"{result.missing} of {result.required} approval(s) of group "
@@ -126,10 +126,15 @@ def _signed_options(manifest: bytes, uploaded: ImportOptions, package_sha256: st
             "the stored manifest is not the one the package was uploaded with: upload both again",
         )
     try:
-        doc = parse_manifest(load_json_strict(manifest, what="manifest"))
-    except Exception as exc:  # noqa: BLE001  # any parse failure of the manifest is one refusal
-        raise Rejected("bad_metadata", f"the stored manifest is not a manifest: {exc}") from None
-    signed = options_from_manifest(doc, digest)
+        signed = options_from_manifest(
+            parse_manifest(load_json_strict(manifest, what="manifest")), digest
+        )
+    except Rejected:
+        raise
+    except Exception as exc:  # noqa: BLE001  # any failure on these uploader bytes is one refusal
+        raise Rejected(
+            "bad_metadata", f"the stored manifest is not a valid manifest ({type(exc).__name__})"
+        ) from None
     if signed.package_sha256 != package_sha256:
         raise Rejected("manifest_mismatch", "the manifest describes another package")
     return replace(signed, uploader=uploaded.uploader, tags=uploaded.tags)

@@ -106,8 +106,8 @@ def handle_approval(name: str) -> Outcome | None:
         log.warning("byok: ignoring %r in the approvals container (not <sha256>/<file>)", name)
         return None
     doc = get_deps().store.load_status(f"packages/{sha}.json")
-    if doc is None or doc.state != "awaiting_approval":
-        return None
+    if doc is None or doc.state not in ("awaiting_approval", "received"):
+        return None  # "received": its first delivery may be running; this one waits behind it
     return handle_blob(doc.blob_name)
 
 

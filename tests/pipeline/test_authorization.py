@@ -488,7 +488,9 @@ def test_forged_and_mutated_approvals_never_count(
     final = _deliver(stack, pkg.name)
     assert (final.state, final.reason_code) == ("rejected", "approval_expired")
     assert final.doc is not None
-    assert "approval-flipped.json: approval_invalid" in (final.doc.message or "")
+    message = final.doc.message or ""
+    assert "approval_invalid (approval-flipped.json" in message
+    assert "approval_unknown_approver (approval-unknown.json)" in message
 
 
 @settings(
@@ -586,3 +588,149 @@ def test_two_approvals_arriving_at_once_import_exactly_once(
     imported = [e for e in stack.audit.events if e["event"] == "byok.imported"]
     assert len(imported) == 1
     assert all(type(e).__name__ in ("InProgress", "StatusConflict") for e in errors)
+
+
+# -- review regressions ------------------------------------------------------------------------
+
+
+def _once(stage_wanted: str) -> Any:
+    """A fault hook that fails the named stage once, as a transient error."""
+    fired: list[str] = []
+
+    def hook(stage: str) -> None:
+        if stage == stage_wanted and not fired:
+            fired.append(stage)
+            raise TransientError(f"injected at {stage}")
+
+    return hook
+
+
+def test_a_case_variant_of_a_guarded_name_needs_its_approvals(
+    stack: Stack, uid: str, approver_keys: dict[str, Any]
+) -> None:
+    """Key names are case-insensitive in Managed HSM: PAY-KEY is pay-key, and its rule (2 of 3)
+    applies, not a looser prefix rule."""
+    doc = _two_of_three(approver_keys, uid, allow_new_version=True)
+    doc["rules"].append({"prefix": "pay-", "allow_new_version": True})
+    _set_policy(stack, doc)
+    pkg = stack.package("oct-256", f"pay-key-{uid}")
+    manifest = _drop_with_manifest(stack, pkg)
+    for who in ("alice", "bob"):
+        _approve(stack, pkg, manifest, who, approver_keys[who])
+    assert _deliver(stack, pkg.name).state == "imported"
+    rogue = stack.package("oct-256", f"PAY-KEY-{uid}")
+    _drop_with_manifest(stack, rogue)
+    assert _deliver(stack, rogue.name).state == "awaiting_approval"
+    assert _versions(stack, f"pay-key-{uid}") == 1
+
+
+def test_a_resumed_import_verifies_against_the_signed_fingerprint(
+    stack: Stack, uid: str, approver_keys: dict[str, Any]
+) -> None:
+    """The manifest the approvers signed says fingerprint F; the upload metadata carries the
+    wrapped key's real one. Verified after a transient failure past the import, the package is
+    still checked against F: verification_failed, the version disabled."""
+    from byok_pipeline.core.metadata import META_FINGERPRINT
+
+    _set_policy(stack, _two_of_three(approver_keys, uid))
+    pkg = stack.package("ec-p256", f"pay-key-{uid}")
+    real = pkg.manifest["target"]["fingerprint"]["value"]
+    pkg.manifest["target"]["fingerprint"]["value"] = "ab" * 32  # what the approvers signed
+    manifest = _drop_with_manifest(stack, pkg)
+    client = stack.deps.store.service.get_blob_client(stack.settings.incoming_container, pkg.name)
+    meta = dict(client.get_blob_properties().metadata or {})
+    meta[META_FINGERPRINT] = f"spki-sha256:{real}"
+    client.set_blob_metadata(meta)
+    for who in ("alice", "bob"):
+        _approve(stack, pkg, manifest, who, approver_keys[who])
+    stack.deps.fault = _once("after_import")
+    outcome = _deliver(stack, pkg.name)
+    assert (outcome.state, outcome.reason_code) == ("verification_failed", "fingerprint_mismatch")
+    key = stack.hsm.key_client().get_key(f"pay-key-{uid}")
+    assert key.properties.enabled is False
+
+
+def test_approvals_short_after_validation_end_rejected_not_stuck(
+    stack: Stack, uid: str, approver_keys: dict[str, Any]
+) -> None:
+    _set_policy(stack, _two_of_three(approver_keys, uid))
+    pkg = stack.package("oct-256", f"pay-key-{uid}")
+    manifest = _drop_with_manifest(stack, pkg)
+    for who in ("alice", "bob"):
+        _approve(stack, pkg, manifest, who, approver_keys[who])
+    stack.deps.fault = _once("before_import")
+    with pytest.raises(TransientError):
+        stack.deliver(pkg.name)
+    raised = _two_of_three(approver_keys, uid)
+    raised["rules"][0]["approvals"]["required"] = 3
+    _set_policy(stack, raised)
+    outcome = _deliver(stack, pkg.name)
+    assert (outcome.state, outcome.reason_code) == ("rejected", "approval_expired")
+    with pytest.raises(Exception, match=r"KeyNotFound|not found"):
+        stack.hsm.key_client().get_key(f"pay-key-{uid}")
+
+
+def test_empty_blobs_are_refusals_not_failures(
+    stack: Stack, uid: str, approver_keys: dict[str, Any]
+) -> None:
+    _set_policy(stack, _two_of_three(approver_keys, uid))
+    pkg = stack.package("oct-256", f"pay-key-{uid}")
+    manifest = _drop_with_manifest(stack, pkg)
+    _store_approval(stack, pkg, "approval-empty.json", b"")
+    for who in ("alice", "bob"):
+        _approve(stack, pkg, manifest, who, approver_keys[who])
+    outcome = _deliver(stack, pkg.name)
+    assert outcome.state == "imported"
+    assert outcome.doc is not None
+    assert outcome.doc.approvals is not None
+    assert [r["reason"] for r in outcome.doc.approvals["refused"]] == ["approval_invalid"]
+    _set_policy(stack, b"")
+    other = stack.package("oct-256", f"x-{uid}")
+    stack.drop_package(other)
+    assert _deliver(stack, other.name).reason_code == "policy_invalid"
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m["target"].update(fingerprint="x"),
+        lambda m: m["target"].update(fingerprint=["a"]),
+        lambda m: m["target"].update(key_ops=[1, 2]),
+        lambda m: m.update(package=[]),
+    ],
+)
+def test_a_hostile_signed_manifest_is_a_typed_refusal(
+    stack: Stack, uid: str, approver_keys: dict[str, Any], edit: Any
+) -> None:
+    _set_policy(stack, _two_of_three(approver_keys, uid))
+    pkg = stack.package("oct-256", f"pay-key-{uid}")
+    edit(pkg.manifest)
+    manifest = manifest_json(pkg.manifest)
+    sha = hashlib.sha256(pkg.data).hexdigest()
+    stack.deps.authorization.put_attachment(sha, "manifest.json", manifest)
+    meta = {META_MANIFEST_SHA256: hashlib.sha256(manifest).hexdigest()}
+    stack.drop(pkg.name, pkg.data, meta)
+    outcome = _deliver(stack, pkg.name)
+    assert outcome.state == "rejected"
+    assert outcome.reason_code in ("bad_metadata", "manifest_mismatch")
+    assert outcome.doc is not None
+    assert outcome.doc.attempts == 1
+
+
+def test_many_long_refused_file_names_stay_bounded(
+    stack: Stack, uid: str, approver_keys: dict[str, Any]
+) -> None:
+    _set_policy(stack, _two_of_three(approver_keys, uid))
+    pkg = stack.package("oct-256", f"pay-key-{uid}")
+    _drop_with_manifest(stack, pkg)
+    for i in range(70):
+        _store_approval(stack, pkg, f"approval-{i:03d}" + "z" * 900 + ".json", b"{}")
+    later = datetime.now(UTC) + timedelta(hours=73)
+    stack.deps.clock = lambda: later
+    outcome = _deliver(stack, pkg.name)
+    assert (outcome.state, outcome.reason_code) == ("rejected", "approval_expired")
+    assert outcome.doc is not None
+    assert len(outcome.doc.message or "") < 2000
+    rejected = [e for e in stack.audit.events if e["event"] == "byok.rejected"]
+    assert len(rejected) == 1
+    assert len(json.dumps(rejected[0])) < 8000
