@@ -30,11 +30,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -93,6 +94,7 @@ class Run:
     p95_ms: float
     states: dict[str, int] = field(default_factory=dict)
     redeliveries: int = 0
+    trail: dict[str, float] = field(default_factory=dict)  # audit trail requests per package
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,16 @@ def kek_of(client: KeyClient) -> tuple[Kek, KeyId]:
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     return load_kek_pem(pem), parse_kid(str(key.id))
+
+
+def production_trail(deps: Deps, hsm: EmulatorHandle, signing_kid: str, connection: str) -> Any:
+    """The audit sink as the Function wires it (``wiring.audit_sink``): this worker's own
+    signed chain in the audit container, signed inside the HSM, then telemetry."""
+    from byok_pipeline.processing.wiring import audit_sink
+
+    os.environ["BYOK_STORAGE"] = connection
+    settings = replace(deps.settings, audit_signing_kid=signing_kid)
+    return audit_sink(settings, credential=hsm.credential(), ca_bundle=str(hsm.ca))
 
 
 def build_deps(hsm: EmulatorHandle, service: BlobServiceClient, prefix: str) -> Deps:
@@ -187,18 +199,40 @@ def deliver(name: str, deps: Deps) -> tuple[str, int]:
             time.sleep(0.2)
 
 
-def run_pipeline(deps: Deps, packages: list[Package], warmup: Package, workers: int) -> Run:
-    """Drop every package, then deliver them all through ``workers`` threads."""
+def run_pipeline(
+    deps: Deps,
+    packages: list[Package],
+    warmup: Package,
+    workers: int,
+    *,
+    trails: list[Any] | None = None,
+) -> Run:
+    """Drop every package, then deliver them all through ``workers`` threads. With ``trails``
+    (one production audit sink per worker, as each Function instance has its own), worker i
+    audits through ``trails[i]``."""
     for pkg in [warmup, *packages]:
         deps.store.upload_incoming(pkg.blob_name, pkg.data, pkg.metadata)
-    warm_state, _ = deliver(warmup.blob_name, deps)  # clients, TLS, auth challenge: untimed
+    per_worker = [replace(deps, audit=sink) for sink in trails] if trails else [deps] * workers
+    slot = threading.local()
+    slots = iter(range(workers))
+    slots_lock = threading.Lock()
+
+    def my_deps() -> Deps:
+        if not hasattr(slot, "index"):
+            with slots_lock:
+                slot.index = next(slots)
+        index: int = slot.index
+        return per_worker[index]
+
+    warm_state, _ = deliver(warmup.blob_name, per_worker[0])  # clients, TLS, auth: untimed
     if warm_state != "imported":
         print(f"WARNING: warm-up package ended {warm_state}", file=sys.stderr)
+    before = [_trail_stats(d) for d in per_worker]
 
     def one(pkg: Package) -> tuple[float, str, int]:
         t0 = time.perf_counter()
         try:
-            state, redeliveries = deliver(pkg.blob_name, deps)
+            state, redeliveries = deliver(pkg.blob_name, my_deps())
         except Exception as exc:  # noqa: BLE001  # counted as a state and reported, never hidden
             state, redeliveries = f"error: {type(exc).__name__}", 0
         return time.perf_counter() - t0, state, redeliveries
@@ -210,15 +244,26 @@ def run_pipeline(deps: Deps, packages: list[Package], warmup: Package, workers: 
         elapsed = time.perf_counter() - started
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    label = f"pipeline, {workers} worker{'s' if workers > 1 else ''}"
+    label = f"pipeline{' + trail' if trails else ''}, {workers} worker{'s' if workers > 1 else ''}"
     run = make_run(label, workers, elapsed, [lap for lap, _, _ in results])
     run.states = dict(Counter(state for _, state, _ in results))
     run.redeliveries = sum(r for _, _, r in results)
+    if trails:
+        after = [_trail_stats(d) for d in per_worker]
+        for name in ("appends", "requests", "conflicts", "settled", "foreign"):
+            total = sum(a[name] - b[name] for a, b in zip(after, before, strict=True))
+            run.trail[f"{name}_per_package"] = total / len(packages)
     leftover = list(deps.store.service.get_container_client(
         deps.settings.incoming_container).list_blobs())  # fmt: skip
     if leftover:
         run.states["left-in-incoming"] = len(leftover)
     return run
+
+
+def _trail_stats(deps: Deps) -> dict[str, int]:
+    """The production trail writer's counters behind ``deps.audit`` (zeros without one)."""
+    stats = getattr(getattr(getattr(deps.audit, "trail", None), "stats", None), "__dict__", {})
+    return {k: int(v) for k, v in stats.items()}
 
 
 def run_import_loop(client: KeyClient, packages: list[Package], warmup: Package) -> Run:
@@ -307,7 +352,11 @@ def bench(types: tuple[str, ...], count: int, cold_runs: int, *, quiet: bool) ->
             note(f"packaging {count * (len(WORKER_COUNTS) + 1)} packages ...")
             series = {
                 prefix: make_packages(kek, kid, types, prefix, count + 1)
-                for prefix in ("loop", *(f"w{w}" for w in WORKER_COUNTS))
+                for prefix in (
+                    "loop",
+                    *(f"w{w}" for w in WORKER_COUNTS),
+                    *(f"t{w}" for w in WORKER_COUNTS),
+                )
             }
             note("bare import_key loop ...")
             loop_client = hsm.key_client()
@@ -317,6 +366,21 @@ def bench(types: tuple[str, ...], count: int, cold_runs: int, *, quiet: bool) ->
                 pkgs = series[f"w{w}"]
                 deps = build_deps(hsm, service, f"bench{w}")
                 runs.append(run_pipeline(deps, pkgs[1:], pkgs[0], w))
+            signing_kid = str(
+                admin.create_ec_key(
+                    "bench-audit-signer", curve="P-256", key_operations=["sign", "verify"],
+                    hardware_protected=True,
+                ).id
+            )  # fmt: skip
+            for w in WORKER_COUNTS:
+                note(f"pipeline with the signed audit trail, {w} worker(s) ...")
+                pkgs = series[f"t{w}"]
+                deps = build_deps(hsm, service, f"trail{w}")
+                trails = [
+                    production_trail(deps, hsm, signing_kid, azurite.connection_string)
+                    for _ in range(w)
+                ]
+                runs.append(run_pipeline(deps, pkgs[1:], pkgs[0], w, trails=trails))
         finally:
             service.close()
         endpoints = {"azurite": azurite.blob_url, "emulator": hsm.url}
@@ -327,6 +391,7 @@ def bench(types: tuple[str, ...], count: int, cold_runs: int, *, quiet: bool) ->
         cold_start("byok_pipeline.processing.runtime", cold_runs),
     ]
     loop, one_worker = runs[0], runs[1]
+    trail_runs = [r for r in runs if r.trail]
     return {
         "endpoints": endpoints,
         "kek": "rsa-3072",
@@ -340,7 +405,13 @@ def bench(types: tuple[str, ...], count: int, cold_runs: int, *, quiet: bool) ->
             "p50_ratio": one_worker.p50_ms / loop.p50_ms,
         },
         "scaling": {
-            str(r.workers): r.packages_per_second / one_worker.packages_per_second for r in runs[1:]
+            str(r.workers): r.packages_per_second / one_worker.packages_per_second
+            for r in runs[1:]
+            if not r.trail
+        },
+        "trail_scaling": {
+            str(r.workers): r.packages_per_second / trail_runs[0].packages_per_second
+            for r in trail_runs
         },
         "cold_start": [asdict(c) for c in colds],
         "problems": problems(runs),
@@ -380,6 +451,19 @@ def print_report(report: dict[str, Any]) -> None:
           f"(p50 {o['p50_ratio']:.1f}x)")  # fmt: skip
     scaling = ", ".join(f"{w} workers {x:.2f}x" for w, x in report["scaling"].items() if w != "1")
     print(f"scaling vs 1 worker: {scaling} ({os.cpu_count()} CPUs, shared with both services)")
+    trail_scaling = ", ".join(
+        f"{w} workers {x:.2f}x" for w, x in report["trail_scaling"].items() if w != "1"
+    )
+    print(f"with the signed audit trail, scaling vs 1 worker: {trail_scaling}")
+    for r in report["runs"]:
+        if r["trail"]:
+            tr = r["trail"]
+            print(
+                f"  {r['label']}: audit appends {tr['appends_per_package']:.2f}/package, storage "
+                f"requests {tr['requests_per_package']:.2f}/package, 412 conflicts "
+                f"{tr['conflicts_per_package']:.2f}/package, settled {tr['settled_per_package']:.2f}"
+                f", foreign {tr['foreign_per_package']:.2f}"
+            )
     print()
     runs = report["cold_start"][0]["runs"]
     print(f"cold start, fresh interpreter, median of {runs}:")
@@ -404,7 +488,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--packages", type=int, default=400, help="packages per run (default 400; 4 runs)"
+        "--packages", type=int, default=400, help="packages per run (default 400; 7 runs)"
     )
     parser.add_argument(
         "--type",

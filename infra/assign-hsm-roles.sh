@@ -12,6 +12,9 @@ set -euo pipefail
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 readonly IMPORTER_ROLE="BYOK Importer"
 readonly IMPORTER_ROLE_FILE="$script_dir/hsm-roles/byok-importer.json"
+readonly AUDIT_SIGNER_ROLE="BYOK Audit Signer"
+readonly AUDIT_SIGNER_ROLE_FILE="$script_dir/hsm-roles/byok-audit-signer.json"
+readonly DEFAULT_AUDIT_KEY="byok-audit-signer"
 readonly CUSTODIAN_ROLE="BYOK KEK Custodian"
 readonly CUSTODIAN_ROLE_FILE="$script_dir/hsm-roles/byok-kek-custodian.json"
 readonly BUILTIN_ROLE="Managed HSM Crypto User"
@@ -20,8 +23,8 @@ usage() {
   cat <<'EOF'
 Usage: assign-hsm-roles.sh --hsm-name NAME --function-principal-id OBJECT_ID
                            [--custodian-object-id OBJECT_ID --kek-name NAME...]...
-                           [--builtin-role] [--function-role ROLE] [--custodian-role ROLE]
-                           [--dry-run]
+                           [--audit-key NAME] [--builtin-role] [--function-role ROLE]
+                           [--audit-role ROLE] [--custodian-role ROLE] [--dry-run]
 
 Assigns Managed HSM local RBAC roles for the BYOK pipeline:
 
@@ -29,6 +32,10 @@ Assigns Managed HSM local RBAC roles for the BYOK pipeline:
     gets the custom role "BYOK Importer" (infra/hsm-roles/byok-importer.json: key read,
     import, update and encrypt only) at scope /keys: it imports packages, reads the imported
     keys back, disables a version that failed verification and computes the AES check value;
+  * the same identity gets the custom role "BYOK Audit Signer"
+    (infra/hsm-roles/byok-audit-signer.json: key sign and read only) at scope /keys/<audit key>
+    (--audit-key, default byok-audit-signer, the key `byok audit init` creates): it signs its
+    audit records with that key and no other;
   * each custodian (user or group object id) who creates and downloads KEKs gets the custom
     role "BYOK KEK Custodian" (infra/hsm-roles/byok-kek-custodian.json: key create and read
     only) at scope /keys/<KEK name> for every --kek-name. Custodians need --kek-name: the
@@ -42,10 +49,13 @@ Options:
   --custodian-object-id ID        object id of a KEK custodian (user or group); repeatable
   --kek-name NAME                 the custodians' KEK (scope /keys/NAME); repeatable; required
                                   with --custodian-object-id
-  --builtin-role                  opt in to the built-in "Managed HSM Crypto User" for both
-                                  (every key operation except purge, recover and export);
+  --audit-key NAME                the Function's audit signing key (scope /keys/NAME); default
+                                  byok-audit-signer; must not be a --kek-name
+  --builtin-role                  opt in to the built-in "Managed HSM Crypto User" for all
+                                  three (every key operation except purge, recover and export);
                                   no custom role definitions are created
   --function-role ROLE            an existing role for the Function (name or id) instead
+  --audit-role ROLE               an existing role for the Function on the audit key instead
   --custodian-role ROLE           an existing role for the custodians (name or id) instead
   --dry-run                       print what would be created and assigned; call nothing
   -h, --help                      show this help
@@ -69,6 +79,8 @@ readonly KEY_NAME_RE='^[0-9a-zA-Z-]{1,127}$'
 hsm_name=""
 function_principal_id=""
 function_role=""
+audit_role=""
+audit_key="$DEFAULT_AUDIT_KEY"
 custodian_role=""
 builtin_role=false
 dry_run=false
@@ -114,6 +126,16 @@ while [[ $# -gt 0 ]]; do
       custodian_role="$2"
       shift 2
       ;;
+    --audit-key)
+      need_value "$1" "$#"
+      audit_key="$2"
+      shift 2
+      ;;
+    --audit-role)
+      need_value "$1" "$#"
+      audit_role="$2"
+      shift 2
+      ;;
     --builtin-role)
       builtin_role=true
       shift
@@ -142,13 +164,19 @@ for custodian in "${custodians[@]+"${custodians[@]}"}"; do
 done
 for kek in "${kek_names[@]+"${kek_names[@]}"}"; do
   [[ "$kek" =~ $KEY_NAME_RE ]] || die_usage "not a key name: $kek"
+  # Custodians may create versions of their KEK: never of the key that signs the Function's
+  # records. Key names are case-insensitive in the HSM.
+  [[ "${kek,,}" != "${audit_key,,}" ]] ||
+    die_usage "--kek-name $kek is the audit signing key (--audit-key)"
 done
+[[ "$audit_key" =~ $KEY_NAME_RE ]] || die_usage "--audit-key is not a key name: $audit_key"
 if [[ ${#custodians[@]} -gt 0 && ${#kek_names[@]} -eq 0 ]]; then
   die_usage "--custodian-object-id needs --kek-name: custodians get a role on their KEK only, never on /keys"
 fi
 
 # Which role each side gets, and which custom role definitions must exist first.
 function_role_file=""
+audit_role_file=""
 custodian_role_file=""
 if [[ -z "$function_role" ]]; then
   if [[ "$builtin_role" == true ]]; then
@@ -156,6 +184,14 @@ if [[ -z "$function_role" ]]; then
   else
     function_role="$IMPORTER_ROLE"
     function_role_file="$IMPORTER_ROLE_FILE"
+  fi
+fi
+if [[ -z "$audit_role" ]]; then
+  if [[ "$builtin_role" == true ]]; then
+    audit_role="$BUILTIN_ROLE"
+  else
+    audit_role="$AUDIT_SIGNER_ROLE"
+    audit_role_file="$AUDIT_SIGNER_ROLE_FILE"
   fi
 fi
 if [[ -z "$custodian_role" ]]; then
@@ -166,7 +202,7 @@ if [[ -z "$custodian_role" ]]; then
     custodian_role_file="$CUSTODIAN_ROLE_FILE"
   fi
 fi
-for role_file in "$function_role_file" "$custodian_role_file"; do
+for role_file in "$function_role_file" "$audit_role_file" "$custodian_role_file"; do
   if [[ -n "$role_file" && ! -f "$role_file" ]]; then
     echo "assign-hsm-roles.sh: role definition file not found: $role_file" >&2
     exit 1
@@ -239,12 +275,18 @@ ensure_assignment() {
 if [[ -n "$function_role_file" ]]; then
   ensure_role_definition "$function_role" "$function_role_file"
 fi
+if [[ -n "$audit_role_file" ]]; then
+  ensure_role_definition "$audit_role" "$audit_role_file"
+fi
 if [[ -n "$custodian_role_file" && ${#custodians[@]} -gt 0 ]]; then
   ensure_role_definition "$custodian_role" "$custodian_role_file"
 fi
 
 # The Function: import packages, read them back, disable a failed version, AES check value.
 ensure_assignment "$function_principal_id" "$function_role" "/keys" "ServicePrincipal"
+
+# The Function: sign its audit records with the audit signing key, and only that key.
+ensure_assignment "$function_principal_id" "$audit_role" "/keys/$audit_key" "ServicePrincipal"
 
 # Custodians: create and download their KEKs, and only those.
 for custodian in "${custodians[@]+"${custodians[@]}"}"; do

@@ -1,8 +1,9 @@
 // byok-managed-hsm: everything the connected side needs in one resource group.
 //
 // Deploy:   az deployment group create -g <rg> -f infra/main.bicep -p @infra/main.parameters.json
-// Then publish the code, assign the HSM data-plane roles (infra/assign-hsm-roles.sh) and deploy
-// again with deployEventSubscription=true (see infra/README.md for why it takes two passes).
+// Then publish the code, create the audit signing key (byok audit init), assign the HSM data-plane
+// roles (infra/assign-hsm-roles.sh) and deploy again with deployEventSubscription=true and
+// auditSigningKid (see infra/README.md for why it takes two passes).
 targetScope = 'resourceGroup'
 
 @description('Short name used to build resource names (lowercase letters and digits).')
@@ -43,8 +44,14 @@ param maxAttempts int = 5
 @maxValue(146000)
 param auditRetentionDays int = 365
 
-@description('Set to true once the audit retention policy is locked (infra/README.md, step 6). ARM cannot update a locked policy, so the template then leaves it alone; it stays in force.')
+@description('Set to true once the retention policy of the audit container (byok-audit) is locked (infra/README.md, step 6). ARM cannot update a locked policy, so the template then leaves it alone; it stays in force.')
 param auditPolicyLocked bool = false
+
+@description('Set to true once the retention policy of the people\'s audit container (byok-audit-people) is locked (infra/README.md, step 6). Separate from auditPolicyLocked so that a deployment locked before this container existed still gets its policy.')
+param auditPeoplePolicyLocked bool = false
+
+@description('Versioned kid of the pipeline\'s audit signing key in the Managed HSM (BYOK_AUDIT_SIGNING_KID), as printed by `byok audit init`. Leave empty on the first pass; set it after `byok audit init` and `assign-hsm-roles.sh --audit-key` (infra/README.md, step 5). While it is empty the Function processes no package: every audit record must be signed.')
+param auditSigningKid string = ''
 
 @description('Days that deleted blobs, deleted containers and old versions are kept.')
 @minValue(7)
@@ -87,13 +94,13 @@ param uploaderPrincipalIds array = []
 @description('Optional: Entra object ids (users or groups) that may read status documents. They get read access to the status container only.')
 param statusReaderPrincipalIds array = []
 
-@description('Optional: Entra object ids (users or groups) of KEK custodians. They may upload to the incoming container, append KEK events to the audit container, read status documents and send audit telemetry.')
+@description('Optional: Entra object ids (users or groups) of KEK custodians. They may upload to the incoming and approvals containers, append their signed audit chains to the people\'s audit container (not the Function\'s), read status documents and send audit telemetry.')
 param custodianPrincipalIds array = []
 
-@description('Optional: Entra object ids (users or groups) of auditors. They get read access to the audit and status containers only.')
+@description('Optional: Entra object ids (users or groups) of auditors. They get read access to the two audit containers and the status container only.')
 param auditorPrincipalIds array = []
 
-@description('Optional: Entra object ids (users or groups) of import policy administrators. They, and nobody else, may write the import policy in the config container (byok policy set FILE).')
+@description('Optional: Entra object ids (users or groups) of import policy administrators. They, and nobody else, may write the import policy in the config container (byok policy set FILE), and they append their signed audit chains to the people\'s audit container.')
 param policyAdminPrincipalIds array = []
 
 @description('Optional: e-mail address that receives alerts for failed imports and failed verifications.')
@@ -111,6 +118,7 @@ var containerNames = {
   archive: 'byok-archive'
   quarantine: 'byok-quarantine'
   audit: 'byok-audit'
+  auditPeople: 'byok-audit-people'
   config: 'byok-config'
   approvals: 'byok-approvals'
   deadletter: 'byok-deadletter'
@@ -152,12 +160,14 @@ module storage 'modules/storage.bicep' = {
     archiveContainerName: containerNames.archive
     quarantineContainerName: containerNames.quarantine
     auditContainerName: containerNames.audit
+    auditPeopleContainerName: containerNames.auditPeople
     configContainerName: containerNames.config
     approvalsContainerName: containerNames.approvals
     deadletterContainerName: containerNames.deadletter
     deploymentContainerName: containerNames.deployment
     auditRetentionDays: auditRetentionDays
     auditPolicyLocked: auditPolicyLocked
+    auditPeoplePolicyLocked: auditPeoplePolicyLocked
     softDeleteRetentionDays: softDeleteRetentionDays
     workspaceId: monitoring.outputs.workspaceId
   }
@@ -183,6 +193,7 @@ module functionApp 'modules/functionapp.bicep' = {
     archiveContainerName: containerNames.archive
     quarantineContainerName: containerNames.quarantine
     auditContainerName: containerNames.audit
+    auditSigningKid: auditSigningKid
     configContainerName: containerNames.config
     approvalsContainerName: containerNames.approvals
     policyBlobName: policyBlobName
@@ -207,6 +218,7 @@ module roles 'modules/roles.bicep' = {
     archiveContainerName: containerNames.archive
     quarantineContainerName: containerNames.quarantine
     auditContainerName: containerNames.audit
+    auditPeopleContainerName: containerNames.auditPeople
     configContainerName: containerNames.config
     approvalsContainerName: containerNames.approvals
     deploymentContainerName: containerNames.deployment
@@ -280,7 +292,7 @@ output functionPrincipalId string = functionApp.outputs.identityPrincipalId
 @description('Client id of the function\'s user-assigned identity.')
 output functionClientId string = functionApp.outputs.identityClientId
 
-@description('Storage account that holds the incoming, status, archive, quarantine, audit, config, approvals and dead-letter containers.')
+@description('Storage account that holds the incoming, status, archive, quarantine, audit, people audit, config, approvals and dead-letter containers.')
 output storageAccountName string = storage.outputs.storageAccountName
 
 @description('Container to upload .byok packages to.')
@@ -291,6 +303,12 @@ output configContainerName string = containerNames.config
 
 @description('Container that uploaders and custodians write signed approvals to.')
 output approvalsContainerName string = containerNames.approvals
+
+@description('Container of the Function\'s signed audit chains (BYOK_AUDIT_CONTAINER); auditors read it.')
+output auditContainerName string = containerNames.audit
+
+@description('Container of the people\'s signed audit chains (BYOK_AUDIT_PEOPLE_CONTAINER for the CLI): custodians and policy administrators append, auditors read.')
+output auditPeopleContainerName string = containerNames.auditPeople
 
 @description('Log Analytics workspace that receives the audit events, HSM AuditEvent logs and storage logs.')
 output workspaceId string = monitoring.outputs.workspaceId

@@ -82,6 +82,7 @@ class BlobStore:
             s.archive_container,
             s.quarantine_container,
             s.audit_container,
+            s.audit_people_container,
             s.config_container,
             s.approvals_container,
         ):

@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -341,6 +341,10 @@ class TelemetryAuditSink:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings
+
+    def emit_many(self, events: Sequence[Mapping[str, Any]]) -> None:
+        for event in events:
+            self.emit(event)
 
     def emit(self, event: Mapping[str, Any]) -> None:
         from opentelemetry._logs import SeverityNumber

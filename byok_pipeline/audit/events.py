@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,15 +44,31 @@ _FROM_STATUS = (
     "drop_time",
 )
 _TERMINAL_FIELDS = ("reason_code", "message", "fingerprint_result")
+#: The audit schema's bound on ``message`` (messages may quote uploader-chosen text).
+MAX_MESSAGE = 2000
 
 
 class AuditSink(Protocol):
-    """Receives each audit event. Must raise if the event was not durably accepted."""
+    """Receives audit events. Must raise if they were not durably accepted. ``emit_many``
+    records several at once (the trail: one signed append), in order."""
 
     def emit(self, event: Mapping[str, Any]) -> None: ...
 
+    def emit_many(self, events: Sequence[Mapping[str, Any]]) -> None: ...
 
-class MemoryAuditSink:
+
+class _OneByOne:
+    """``emit_many`` as ``emit`` of each event, for sinks without batches."""
+
+    def emit(self, event: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def emit_many(self, events: Sequence[Mapping[str, Any]]) -> None:
+        for event in events:
+            self.emit(event)
+
+
+class MemoryAuditSink(_OneByOne):
     """Keeps events in a list (tests)."""
 
     def __init__(self) -> None:
@@ -64,7 +80,7 @@ class MemoryAuditSink:
             self.events.append(dict(event))
 
 
-class JsonLinesAuditSink:
+class JsonLinesAuditSink(_OneByOne):
     """Appends one JSON object per line to a local file, fsynced (local runs)."""
 
     def __init__(self, path: str | Path) -> None:
@@ -80,14 +96,17 @@ class JsonLinesAuditSink:
 
 
 class FanoutAuditSink:
-    """Sends each event to every sink; any failure propagates (the event is not lost silently)."""
+    """Sends events to every sink; any failure propagates (the event is not lost silently)."""
 
     def __init__(self, *sinks: AuditSink) -> None:
         self.sinks = sinks
 
     def emit(self, event: Mapping[str, Any]) -> None:
+        self.emit_many([event])
+
+    def emit_many(self, events: Sequence[Mapping[str, Any]]) -> None:
         for sink in self.sinks:
-            sink.emit(event)
+            sink.emit_many(events)
 
 
 Clock = Callable[[], datetime]
@@ -123,7 +142,7 @@ def event_for_state(doc: StatusDoc, state: str, attempt: int, at: str) -> dict[s
         for name in _TERMINAL_FIELDS:
             value = getattr(doc, name)
             if value is not None:
-                event[name] = value
+                event[name] = value[:MAX_MESSAGE] if name == "message" else value
     return event
 
 

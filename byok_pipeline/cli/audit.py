@@ -1,15 +1,20 @@
-"""``byok audit verify`` and ``byok audit export``: check and read the tamper-evident trail.
+"""``byok audit verify`` and ``byok audit export``: check and read the signed audit trail.
 
-``verify [--from DATE] [--to DATE] [--expect-head SEQ:SHA256] [--json]`` re-reads the hash
-chain (UTC days, inclusive) and reports the first broken link: exit 0 intact, 2 broken, 1
-failure (storage, settings). ``--expect-head`` pins the head from outside the storage account
-(Application Insights): a trail cut below that record, or rewritten, is broken.
-``export --key NAME | --package SHA256 [--format json|csv]`` prints the complete history of one
-key or one package from the trail, after verifying the chain it read (exit 2 if broken, the
-history is printed all the same). Only storage is needed: ``BYOK_STORAGE`` (or
-``BYOK_STORAGE__blobServiceUri``) and ``BYOK_AUDIT_CONTAINER``.
+``verify [--from DATE] [--to DATE] [--trust FILE] [--expect-heads FILE] [--json]`` reads every
+chain of both trail containers (the pipeline's, ``BYOK_AUDIT_CONTAINER``; the people's,
+``BYOK_AUDIT_PEOPLE_CONTAINER``), checks hashes, links, seals, signatures, signers and roles, and
+prints one line per break (chain, first bad sequence, kind, blob:line): exit 0 intact, 2 broken,
+1 failure (storage, settings, a bad trust or heads file). ``--trust`` (default
+``$BYOK_AUDIT_TRUST_FILE``) pins the signers (without it, HSM signers are fetched from the HSM
+and reported as unpinned); ``--expect-heads`` takes the
+``heads`` of an earlier ``--json`` report (or the telemetry copy) and reports chains cut short
+(``truncated``) or gone (``missing_chain``).
 
-Hooked into ``byok`` by ``cli.py``; also runs alone: ``python -m byok_pipeline.cli.audit``.
+``export --key NAME | --package SHA256 [--format json|csv]`` prints the history of one key or
+one package from every chain, merged by ``recorded``, after verifying what it read (exit 2 if
+broken; the history is printed all the same).
+
+Hooked into ``byok`` by ``cli/main.py``; also runs alone: ``python -m byok_pipeline.cli.audit``.
 """
 
 from __future__ import annotations
@@ -21,15 +26,21 @@ import json
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import date
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from byok_pipeline.audit.verify import Report, TrailReader, TrailRecord, Trust
 
 EXIT_OK, EXIT_FAILED, EXIT_BROKEN = 0, 1, 2
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_HEAD = re.compile(r"^([1-9][0-9]*):([0-9a-fA-F]{64})$")
 #: CSV columns, in this order; fields outside the list follow, sorted.
 CSV_COLUMNS = (
+    "chain_id",
     "sequence",
     "recorded",
     "time",
@@ -56,7 +67,10 @@ CSV_COLUMNS = (
     "prev_sha256",
     "record_sha256",
 )
-_NOT_CONTENT = frozenset({"sequence", "prev_sha256", "recorded", "record_sha256"})
+#: Trail fields: a retried event's copies differ only in these.
+_NOT_CONTENT = frozenset(
+    {"chain_id", "sequence", "prev_sha256", "recorded", "record_sha256", "batch_start", "signature"}
+)
 
 
 def _day(text: str) -> date:
@@ -72,31 +86,27 @@ def _sha256(text: str) -> str:
     return text.lower()
 
 
-def _expected_head(text: str) -> tuple[int, str]:
-    match = _HEAD.match(text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(
-            f"not SEQUENCE:RECORD_SHA256 (a positive integer, a colon, 64 hex digits): {text!r}"
-        )
-    return int(match[1]), match[2].lower()
-
-
 def add_audit_parser(subparsers: Any, common_parent: argparse.ArgumentParser) -> None:
     """Add ``audit verify`` and ``audit export`` to the ``byok`` parser.
 
     ``common_parent`` carries ``--hsm-url``, ``--storage`` and ``--json``.
     """
-    audit = subparsers.add_parser("audit", help="verify or export the tamper-evident audit trail")
+    from byok_pipeline.cli.audit_init import add_init_parser
+
+    audit = subparsers.add_parser(
+        "audit", help="create the signing key of, verify or export the signed audit trail"
+    )
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    add_init_parser(audit_sub, common_parent)
     ver = audit_sub.add_parser(
         "verify",
         parents=[common_parent],
-        help="re-read the hash chain and report the first broken link (exit 2)",
+        help="check every chain's hashes, links and signatures; report each break (exit 2)",
     )
     export = audit_sub.add_parser(
         "export",
         parents=[common_parent],
-        help="print the complete history of one key or package from the trail",
+        help="print the history of one key or package from every chain, by time",
     )
     for sub in (ver, export):
         sub.add_argument(
@@ -104,23 +114,34 @@ def add_audit_parser(subparsers: Any, common_parent: argparse.ArgumentParser) ->
             dest="from_day",
             type=_day,
             metavar="DATE",
-            help="first UTC day, YYYY-MM-DD (default: the start of the trail)",
+            help="first UTC day, YYYY-MM-DD (default: the start of every chain)",
         )
         sub.add_argument(
             "--to",
             dest="to_day",
             type=_day,
             metavar="DATE",
-            help="last UTC day, YYYY-MM-DD (default: no limit, the end of the trail)",
+            help="last UTC day, YYYY-MM-DD (default: the end of every chain)",
         )
-        sub.add_argument("--container", help="audit container (default: $BYOK_AUDIT_CONTAINER)")
+        sub.add_argument(
+            "--trust",
+            type=Path,
+            metavar="FILE",
+            help="the trusted signers (JSON: kid, spki_sha256, role, public_key_pem, "
+            "revoked_after; default: $BYOK_AUDIT_TRUST_FILE); without one, HSM signers are "
+            "fetched and reported as unpinned",
+        )
+        sub.add_argument("--container", help="pipeline trail container ($BYOK_AUDIT_CONTAINER)")
+        sub.add_argument(
+            "--people-container",
+            help="people's trail container ($BYOK_AUDIT_PEOPLE_CONTAINER)",
+        )
     ver.add_argument(
-        "--expect-head",
-        type=_expected_head,
-        metavar="SEQ:SHA256",
-        help="the record_sha256 of sequence SEQ as recorded elsewhere (Application "
-        "Insights): broken (exit 2) if the trail ends before SEQ or holds a "
-        "different record there",
+        "--expect-heads",
+        type=Path,
+        metavar="FILE",
+        help='pinned heads, {"chains": {CHAIN: {"sequence", "record_sha256"}}} (the "heads" '
+        "of an earlier --json report): a chain cut short or gone is broken",
     )
     which = export.add_mutually_exclusive_group(required=True)
     which.add_argument("--key", metavar="NAME", help="the key name")
@@ -128,43 +149,160 @@ def add_audit_parser(subparsers: Any, common_parent: argparse.ArgumentParser) ->
     export.add_argument("--format", choices=("json", "csv"), default="json")
 
 
-def _reader(args: argparse.Namespace) -> Any:
+def _env(args: argparse.Namespace) -> dict[str, str]:
+    env = dict(os.environ)
+    if getattr(args, "storage", None):
+        args.storage.apply(env)
+    return env
+
+
+def _reader(args: argparse.Namespace, env: Mapping[str, str]) -> TrailReader:
+    """Raises: ConfigError: storage is not configured."""
     from byok_pipeline.audit.verify import TrailReader
     from byok_pipeline.core.settings import DEFAULTS, Settings
     from byok_pipeline.processing.wiring import blob_service
 
-    env = dict(os.environ)
-    if getattr(args, "storage", None):
-        args.storage.apply(env)
     container = (
         args.container or env.get("BYOK_AUDIT_CONTAINER") or DEFAULTS["BYOK_AUDIT_CONTAINER"]
     )
-    # Only storage is read: the HSM URL is not needed, any valid one satisfies Settings.
-    hsm_url = getattr(args, "hsm_url", None) or env.get("BYOK_HSM_URL") or "https://unused.invalid"
-    settings = Settings(hsm_url=hsm_url, audit_container=container)
-    return TrailReader(blob_service(settings, env), container)
+    people = (
+        args.people_container
+        or env.get("BYOK_AUDIT_PEOPLE_CONTAINER")
+        or DEFAULTS["BYOK_AUDIT_PEOPLE_CONTAINER"]
+    )
+    # Only storage is read here: any valid HSM URL satisfies Settings.
+    settings = Settings(hsm_url="https://unused.invalid", audit_container=container)
+    return TrailReader(blob_service(settings, env), container, people)
+
+
+def hsm_key_fetcher(
+    env: Mapping[str, str], *, only_vault: str | None, credential: Any = None
+) -> Callable[[str], ec.EllipticCurvePublicKey | None]:
+    """Fetch an HSM key's public half by its versioned kid (None: no such EC P-256 key).
+
+    ``only_vault``: fetch only from this HSM (unpinned signers: a kid naming another host is
+    not looked up); None: from the host the kid names (its SPKI is pinned by the trust file).
+    ``credential``: default, the emulator's when ``BYOK_HSM_EMULATOR_DIR`` is set (local
+    runs), else the process's identity (``az login``, a managed identity);
+    ``BYOK_HSM_CA_BUNDLE`` in ``env`` is honoured. The returned callable raises TransientError
+    when the HSM cannot be reached.
+    """
+    clients: dict[str, Any] = {}
+
+    def fetch(kid: str) -> ec.EllipticCurvePublicKey | None:
+        from azure.core.exceptions import AzureError, ResourceNotFoundError
+        from azure.keyvault.keys import KeyVaultKeyIdentifier
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        from byok_pipeline.adapters.transient import as_transient
+        from byok_pipeline.core.errors import TransientError
+        from byok_pipeline.core.settings import Settings
+        from byok_pipeline.processing.wiring import key_client
+
+        try:
+            ident = KeyVaultKeyIdentifier(kid)
+        except ValueError:
+            return None
+        vault = ident.vault_url.rstrip("/")
+        if only_vault is not None and vault != only_vault.rstrip("/"):
+            return None
+        if vault not in clients:
+            clients[vault] = key_client(
+                Settings(hsm_url=vault),
+                credential or _credential(env),
+                ca_bundle=env.get("BYOK_HSM_CA_BUNDLE"),
+            )
+        try:
+            key = clients[vault].get_key(ident.name, ident.version)
+        except ResourceNotFoundError:
+            return None
+        except AzureError as exc:
+            raise as_transient(exc, f"reading the audit signing key {kid}") or TransientError(
+                f"reading the audit signing key {kid}: {type(exc).__name__}"
+            ) from None
+        jwk: Any = key.key
+        crv = str(getattr(jwk.crv, "value", jwk.crv))
+        if crv != "P-256" or not jwk.x or not jwk.y:
+            return None
+        numbers = ec.EllipticCurvePublicNumbers(
+            int.from_bytes(jwk.x, "big"), int.from_bytes(jwk.y, "big"), ec.SECP256R1()
+        )
+        return numbers.public_key()
+
+    return fetch
+
+
+def _credential(env: Mapping[str, str]) -> Any:
+    """As ``byok``'s other HSM commands: the emulator's token credential for a local stack,
+    else the Azure default chain."""
+    emulator_dir = env.get("BYOK_HSM_EMULATOR_DIR")
+    if emulator_dir:
+        from byok_pipeline.localdev.stack import emulator_credential
+
+        return emulator_credential(emulator_dir)
+    from byok_pipeline.processing.wiring import default_credential
+
+    return default_credential(env)
+
+
+def load_heads(path: Path) -> dict[str, dict[str, Any]]:
+    """``{"chains": {...}}``, or a whole ``--json`` report (its ``heads`` are taken).
+
+    Raises:
+        ConfigError: unreadable, or not heads.
+    """
+    from byok_pipeline.core.errors import ConfigError
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"expected heads {path}: {exc.strerror or 'unreadable'}") from None
+    except ValueError:
+        raise ConfigError(f"expected heads {path} is not JSON") from None
+    if isinstance(data, dict) and isinstance(data.get("heads"), dict):
+        data = data["heads"]
+    chains = data.get("chains") if isinstance(data, dict) else None
+    if not isinstance(chains, dict) or not all(
+        isinstance(v, dict)
+        and isinstance(v.get("sequence"), int)
+        and isinstance(v.get("record_sha256"), str)
+        for v in chains.values()
+    ):
+        raise ConfigError(
+            f'expected heads {path}: not {{"chains": {{CHAIN: {{"sequence", "record_sha256"}}}}}}'
+        )
+    return chains
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    """Run ``byok audit verify|export``. Exit 0 intact, 2 broken chain, 1 failure.
+    """Run ``byok audit verify|export``. Exit 0 intact, 2 broken, 1 failure.
 
     Raises:
-        ConfigError: storage is not configured.
-        TransientError: storage failed.
+        ConfigError: storage is not configured; the trust or heads file is not valid.
+        TransientError: storage or the HSM failed.
     """
     from azure.core.exceptions import AzureError
 
     from byok_pipeline.adapters.transient import as_transient
+    from byok_pipeline.audit.verify import Trust
     from byok_pipeline.core.errors import TransientError
 
-    expect = getattr(args, "expect_head", None)
+    heads_file = getattr(args, "expect_heads", None)
     if args.from_day and args.to_day and args.from_day > args.to_day:
         return _usage_error(args, "--from is after --to")
-    if expect is not None and args.to_day is not None:
-        return _usage_error(args, "--expect-head checks the end of the trail: drop --to")
+    if heads_file is not None and (args.from_day or args.to_day):
+        return _usage_error(args, "--expect-heads checks whole chains: drop --from and --to")
+    env = _env(args)
+    trust_file = args.trust or env.get("BYOK_AUDIT_TRUST_FILE") or None
+    trust: Trust | None = Trust.load(trust_file) if trust_file else None
+    heads = load_heads(heads_file) if heads_file is not None else None
+    hsm_url = getattr(args, "hsm_url", None) or env.get("BYOK_HSM_URL")
+    fetch = hsm_key_fetcher(env, only_vault=None if trust else (hsm_url or ""))
     try:
-        reader = _reader(args)
-        report, lines = reader.verify(args.from_day, args.to_day, expect_head=expect)
+        reader = _reader(args, env)
+        report, records = reader.verify(
+            args.from_day, args.to_day, trust=trust, fetch_key=fetch, expected_heads=heads
+        )
     except AzureError as exc:
         raise as_transient(exc, "reading the audit trail") or TransientError(
             f"reading the audit trail: {type(exc).__name__} {getattr(exc, 'error_code', '') or ''}",
@@ -172,7 +310,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         ) from None
     if args.audit_command == "verify":
         return _print_verify(args, report)
-    return _print_export(args, report, lines)
+    return _print_export(args, report, records)
 
 
 def _usage_error(args: argparse.Namespace, message: str) -> int:
@@ -182,58 +320,65 @@ def _usage_error(args: argparse.Namespace, message: str) -> int:
     return EXIT_FAILED
 
 
-def _print_verify(args: argparse.Namespace, report: Any) -> int:
-    result = report.to_dict()
-    expected = report.expected_head
-    undecided = report.ok and expected is not None and expected["found"] is None
+def _break_lines(report: Report) -> list[str]:
+    return [
+        f"{b.chain_id} sequence {b.sequence}: {b.kind}"
+        + (f" at {b.blob}:{b.line}" if b.blob else "")
+        + f": {b.detail}"
+        for b in report.breaks
+    ]
+
+
+def _print_verify(args: argparse.Namespace, report: Report) -> int:
     if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
+        print(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     elif report.ok:
-        head = report.head
         print(
-            f"audit trail intact: {report.records} records in {len(report.blobs)} blob(s)"
-            + (f", head sequence {head['sequence']} sha256 {head['record_sha256']}" if head else "")
-            + (f"; expected head: {expected['detail']}" if expected else "")
+            f"audit trail intact: {len(report.chains)} chain(s), {report.records} records in "
+            f"{report.blobs} blob(s)"
         )
     else:
-        b = report.broken
-        print(
-            f"audit trail BROKEN at {b.blob} line {b.line} (sequence {b.sequence}, expected "
-            f"{b.expected_sequence}): {b.kind}: {b.detail}"
-        )
-    if undecided:  # the range read cannot tell: not a verdict
-        print(f"byok: --expect-head not checked: {expected['detail']}", file=sys.stderr)
-        return EXIT_FAILED
+        print(f"audit trail BROKEN: {len(report.breaks)} break(s)")
+        for line in _break_lines(report):
+            print(line)
+    if not report.pinned and report.chains:
+        unpinned = sorted(c for c, s in report.chains.items() if s.trust == "unpinned")
+        if unpinned:
+            print(
+                f"byok: {len(unpinned)} chain(s) signed by HSM keys not pinned by --trust: "
+                "their signatures verify, but which keys may sign was not checked",
+                file=sys.stderr,
+            )
     return EXIT_OK if report.ok else EXIT_BROKEN
 
 
 def history(
-    lines: Sequence[Any], *, key: str | None, package: str | None
+    records: Sequence[Mapping[str, Any]], *, key: str | None, package: str | None
 ) -> tuple[list[dict[str, Any]], int]:
     """The records of one key (and of every package that imported into it) or one package,
-    in trail order; copies of an event re-emitted after a retry are skipped (their count is
-    returned)."""
-    from byok_pipeline.audit.records import parse_line
+    merged across chains by ``recorded`` (then chain and sequence); copies of an event
+    re-emitted after a retry are skipped (their count is returned). Trail start and seal
+    records are never part of a history."""
+    from byok_pipeline.audit.records import SEAL_EVENT, START_EVENT
 
-    records = []
-    for line in lines:
-        try:
-            records.append(parse_line(line.raw))
-        except ValueError:
-            continue  # verification reports it; the history keeps what can be read
+    events = [dict(r) for r in records if r.get("event") not in (START_EVENT, SEAL_EVENT)]
     if key is not None:
         packages = {
             r["package_sha256"]
-            for r in records
+            for r in events
             if r.get("key_name") == key and r.get("package_sha256")
         }
         chosen = [
-            r for r in records if r.get("key_name") == key or r.get("package_sha256") in packages
+            r for r in events if r.get("key_name") == key or r.get("package_sha256") in packages
         ]
     else:
-        chosen = [r for r in records if r.get("package_sha256") == package]
+        chosen = [r for r in events if r.get("package_sha256") == package]
+    chosen.sort(
+        key=lambda r: (str(r.get("recorded")), str(r.get("chain_id")), int(r.get("sequence") or 0))
+    )
     seen: set[str] = set()
-    unique, copies = [], 0
+    unique: list[dict[str, Any]] = []
+    copies = 0
     for record in chosen:
         content = json.dumps(
             {k: v for k, v in record.items() if k not in _NOT_CONTENT}, sort_keys=True
@@ -246,14 +391,14 @@ def history(
     return unique, copies
 
 
-def _print_export(args: argparse.Namespace, report: Any, lines: Sequence[Any]) -> int:
-    records, copies = history(lines, key=args.key, package=args.package)
+def _print_export(args: argparse.Namespace, report: Report, stored: Sequence[TrailRecord]) -> int:
+    records, copies = history([s.record for s in stored], key=args.key, package=args.package)
     if args.format == "csv":
         extra = sorted({k for r in records for k in r} - set(CSV_COLUMNS))
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=[*CSV_COLUMNS, *extra], lineterminator="\n")
         writer.writeheader()
-        # lists and objects (approvers) as JSON in their cell, never a Python repr
+        # lists and objects (approvers, the signature) as JSON in their cell, never a repr
         writer.writerows(
             {
                 k: json.dumps(v, sort_keys=True) if isinstance(v, list | dict) else v
@@ -268,7 +413,7 @@ def _print_export(args: argparse.Namespace, report: Any, lines: Sequence[Any]) -
             json.dumps(
                 {
                     "query": query,
-                    "chain": report.to_dict(),
+                    "trail": report.to_dict(),
                     "records": records,
                     "copies_skipped": copies,
                 },
@@ -277,11 +422,9 @@ def _print_export(args: argparse.Namespace, report: Any, lines: Sequence[Any]) -
             )
         )
     if not report.ok:
-        b = report.broken
-        print(
-            f"byok: the audit trail is BROKEN at {b.blob} line {b.line}: {b.kind}: {b.detail}",
-            file=sys.stderr,
-        )
+        print(f"byok: the audit trail is BROKEN ({len(report.breaks)} break(s)):", file=sys.stderr)
+        for line in _break_lines(report):
+            print(f"byok:   {line}", file=sys.stderr)
         return EXIT_BROKEN
     if not records:
         print("byok: no record matches", file=sys.stderr)
@@ -301,6 +444,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_audit_parser(sub, common)
     args = parser.parse_args(["audit", *(argv if argv is not None else sys.argv[1:])])
+    if args.audit_command == "init":  # needs the HSM wiring of the full CLI
+        print("byok: use `byok audit init` (it creates a key in the HSM)", file=sys.stderr)
+        return 2
     try:
         return cmd_audit(args)
     except PipelineError as exc:

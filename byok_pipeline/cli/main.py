@@ -87,7 +87,15 @@ def _audit_sink(settings: Settings) -> Any:
     """
     from byok_pipeline.processing.wiring import audit_sink
 
-    return audit_sink(settings)
+    # a person runs the CLI: their records go to their own chain, signed by their own key
+    return audit_sink(
+        settings,
+        role="person",
+        credential=_credential()
+        if (settings.audit_person_key or "").startswith("https://")
+        else None,
+        ca_bundle=os.environ.get("BYOK_HSM_CA_BUNDLE"),
+    )
 
 
 def _audit(sink: Any, event: dict[str, Any]) -> None:
@@ -738,6 +746,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "kek":
             return cmd_kek_create(args) if args.kek_command == "create" else cmd_kek_download(args)
+        if args.command == "audit" and args.audit_command == "init":
+            from byok_pipeline.cli.audit_init import cmd_init
+
+            return cmd_init(args, hsm=_hsm(_settings(args)), out=_out)
         return _COMMANDS[args.command](args)
     except Rejected as exc:
         _fail(args, exc.reason, exc.message)

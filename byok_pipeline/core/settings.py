@@ -20,6 +20,7 @@ DEFAULTS = {
     "BYOK_ARCHIVE_CONTAINER": "byok-archive",
     "BYOK_QUARANTINE_CONTAINER": "byok-quarantine",
     "BYOK_AUDIT_CONTAINER": "byok-audit",
+    "BYOK_AUDIT_PEOPLE_CONTAINER": "byok-audit-people",
     "BYOK_CONFIG_CONTAINER": "byok-config",
     "BYOK_POLICY_BLOB": "import-policy.json",
     "BYOK_APPROVALS_CONTAINER": "byok-approvals",
@@ -43,6 +44,9 @@ SETTINGS_DOC: dict[str, str] = {
     "BYOK_ARCHIVE_CONTAINER": "Where imported (and duplicate) packages are moved",
     "BYOK_QUARANTINE_CONTAINER": "Where rejected and failed packages are moved",
     "BYOK_AUDIT_CONTAINER": "Container of the audit trail",
+    "BYOK_AUDIT_PEOPLE_CONTAINER": "Container of the audit chains people's CLI commands write (KEK, policy, byok import)",
+    "BYOK_AUDIT_SIGNING_KID": "Versioned kid of the pipeline's audit signing key: EC P-256 in the HSM, sign only (`byok audit init`)",
+    "BYOK_AUDIT_PERSON_KEY": "CLI only: the person's audit signing key, an EC P-256 PEM file or a versioned HSM kid",
     "BYOK_CONFIG_CONTAINER": "Container of the import policy (written by policy administrators only)",
     "BYOK_POLICY_BLOB": "Blob name of the import policy in BYOK_CONFIG_CONTAINER; absent: safe defaults",
     "BYOK_APPROVALS_CONTAINER": "Container of packages' manifests and signed approvals (<package sha256>/...)",
@@ -103,6 +107,9 @@ class Settings:
     archive_container: str = DEFAULTS["BYOK_ARCHIVE_CONTAINER"]
     quarantine_container: str = DEFAULTS["BYOK_QUARANTINE_CONTAINER"]
     audit_container: str = DEFAULTS["BYOK_AUDIT_CONTAINER"]
+    audit_people_container: str = DEFAULTS["BYOK_AUDIT_PEOPLE_CONTAINER"]
+    audit_signing_kid: str | None = None
+    audit_person_key: str | None = None
     config_container: str = DEFAULTS["BYOK_CONFIG_CONTAINER"]
     policy_blob: str = DEFAULTS["BYOK_POLICY_BLOB"]
     approvals_container: str = DEFAULTS["BYOK_APPROVALS_CONTAINER"]
@@ -167,6 +174,10 @@ class Settings:
             quarantine_container=merged.get("BYOK_QUARANTINE_CONTAINER")
             or DEFAULTS["BYOK_QUARANTINE_CONTAINER"],
             audit_container=merged.get("BYOK_AUDIT_CONTAINER") or DEFAULTS["BYOK_AUDIT_CONTAINER"],
+            audit_people_container=merged.get("BYOK_AUDIT_PEOPLE_CONTAINER")
+            or DEFAULTS["BYOK_AUDIT_PEOPLE_CONTAINER"],
+            audit_signing_kid=merged.get("BYOK_AUDIT_SIGNING_KID") or None,
+            audit_person_key=merged.get("BYOK_AUDIT_PERSON_KEY") or None,
             config_container=merged.get("BYOK_CONFIG_CONTAINER")
             or DEFAULTS["BYOK_CONFIG_CONTAINER"],
             policy_blob=merged.get("BYOK_POLICY_BLOB") or DEFAULTS["BYOK_POLICY_BLOB"],

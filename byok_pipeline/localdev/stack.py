@@ -55,6 +55,7 @@ def up(directory: Path) -> dict[str, Any]:
         "BYOK_AUDIT_LOG": str(directory / "audit.jsonl"),
         **{k: v for k, v in DEFAULTS.items() if k.endswith("_CONTAINER")},
     }
+    env.update(audit_keys(emulator, directory))
     settings = Settings.from_env(env)
     with BlobServiceClient.from_connection_string(azurite.connection_string) as service:
         BlobStore(service, settings).ensure_containers()
@@ -62,6 +63,50 @@ def up(directory: Path) -> dict[str, Any]:
     (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
     write_env_file(directory / ENV_FILE, env)
     return {"dir": str(directory), "env_file": str(directory / ENV_FILE), **state}
+
+
+def audit_keys(emulator: Any, directory: Path) -> dict[str, str]:
+    """The local stack's audit signers: the pipeline's EC P-256 key inside the emulator (as
+    ``byok audit init`` makes it in Azure) and a person's key file for the CLI, and the trust
+    file naming both (``byok audit verify --trust DIR/audit-trust.json``)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from byok_pipeline.cli.audit_init import DEFAULT_NAME, trust_entry
+
+    key = emulator.key_client().create_ec_key(
+        DEFAULT_NAME, curve="P-256", key_operations=["sign", "verify"], hardware_protected=True
+    )
+    jwk: Any = key.key  # JsonWebKey sets its fields dynamically
+    pipeline_public = ec.EllipticCurvePublicNumbers(
+        int.from_bytes(jwk.x, "big"), int.from_bytes(jwk.y, "big"), ec.SECP256R1()
+    ).public_key()
+    person = ec.generate_private_key(ec.SECP256R1())
+    person_file = directory / "audit-person.key.pem"
+    person_file.write_bytes(
+        person.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    person_file.chmod(0o600)
+    from byok_pipeline.audit.signers import FileSigner
+
+    signer = FileSigner.from_pem(person_file)
+    trust = {
+        "signers": [
+            trust_entry(str(key.id), pipeline_public, "pipeline", "pipeline (local emulator)"),
+            trust_entry(signer.kid, signer.public_key(), "person", "local operator"),
+        ]
+    }
+    trust_file = directory / "audit-trust.json"
+    trust_file.write_text(json.dumps(trust, indent=2) + "\n")
+    return {
+        "BYOK_AUDIT_SIGNING_KID": str(key.id),
+        "BYOK_AUDIT_PERSON_KEY": str(person_file),
+        "BYOK_AUDIT_TRUST_FILE": str(trust_file),
+    }
 
 
 def write_env_file(path: Path, env: Mapping[str, str]) -> None:
@@ -128,6 +173,7 @@ def emulator_deps(hsm: Any, service: BlobServiceClient, prefix: str, **overrides
         archive_container=f"{prefix}-archive",
         quarantine_container=f"{prefix}-quarantine",
         audit_container=f"{prefix}-audit",
+        audit_people_container=f"{prefix}-people",
         config_container=f"{prefix}-config",
         approvals_container=f"{prefix}-approvals",
         **{**fast, **overrides},

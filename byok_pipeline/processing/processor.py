@@ -31,7 +31,7 @@ from byok_pipeline.adapters.keyvault import HsmAdapter, ImportedKey
 from byok_pipeline.adapters.telemetry import PackageSpan, package_span
 from byok_pipeline.audit.events import AuditSink, event_for_state, utc_now, verified_event
 from byok_pipeline.core.errors import InProgress, Rejected, TransientError
-from byok_pipeline.core.metadata import ImportOptions, parse_metadata
+from byok_pipeline.core.metadata import ImportOptions, parse_fingerprint, parse_metadata
 from byok_pipeline.core.policy import ImportPolicy, PolicyInvalid
 from byok_pipeline.core.settings import Settings
 from byok_pipeline.core.status import ARCHIVED, TERMINAL, StatusDoc, utc
@@ -163,20 +163,24 @@ class _Run:
             self._policy, self._policy_error = self.deps.authorization.policy(), None
         except PolicyInvalid as exc:
             self._policy, self._policy_error = None, exc
-        self.doc.policy_sha256 = self.deps.authorization.policy_sha256
+        if not self.doc.reached("validated"):  # frozen: the policy that authorized the import
+            self.doc.policy_sha256 = self.deps.authorization.policy_sha256
 
     # -- recording --------------------------------------------------------------------------
     def save(self, *, renew: bool = False) -> None:
         self.deps.store.save_status(self.path, self.doc, self.lease, renew=renew)
 
     def flush_audit(self) -> None:
-        """Emit every history entry not yet audited, in order, then mark them (next save)."""
-        for entry in self.doc.unaudited():
-            emit_or_retry(
-                self.deps.audit, event_for_state(self.doc, entry.state, entry.attempt, entry.time)
-            )
+        """Emit every history entry not yet audited, in order and in one batch (one signed
+        trail append), then mark them (next save)."""
+        entries = self.doc.unaudited()
+        events: list[dict[str, object]] = []
+        for entry in entries:
+            events.append(event_for_state(self.doc, entry.state, entry.attempt, entry.time))
             if entry.state == "imported" and self.doc.fingerprint_result == "match":
-                emit_or_retry(self.deps.audit, verified_event(self.doc, self.deps.clock()))
+                events.append(verified_event(self.doc, self.deps.clock()))
+        emit_or_retry(self.deps.audit, *events)
+        for entry in entries:
             entry.audited = True
 
     def record(self, *states: str, renew: bool = False) -> None:
@@ -234,9 +238,8 @@ class _Run:
         if imported is None:
             auth = self._authorize(options)
             imported = self._validate_and_import(data, auth)
-            options = auth.options
         self.doc.imported_kid = imported.kid  # from here on a crash is recovered by its tag
-        self._verify(imported, options)
+        self._verify(imported)
 
     def _check_drop(self) -> tuple[bytes, ImportOptions]:
         """The blob's size, name and upload metadata (the manifest it was uploaded with)."""
@@ -254,7 +257,8 @@ class _Run:
             raise Rejected(
                 "manifest_mismatch", "the package differs from the one its manifest describes"
             )
-        if options.fingerprint is not None:
+        if options.fingerprint is not None and not doc.reached("validated"):
+            # frozen once validated: a resumed run verifies against what was authorized
             doc.fingerprint_expected = f"{options.fingerprint.kind}:{options.fingerprint.value}"
         return self.blob.data, options
 
@@ -295,11 +299,17 @@ class _Run:
         except AwaitingApproval as waiting:
             doc.approvals = waiting.approvals.to_status()
             doc.approval_deadline = utc(waiting.deadline)
+            if doc.reached("validated"):  # complete before, short now (expired, policy raised M)
+                raise Rejected(
+                    "approval_expired",
+                    f"the approvals were complete when the package was validated but "
+                    f"{waiting.approvals.missing} are missing now (an approval expired, or the "
+                    "policy changed); collect them again and upload the package again",
+                ) from None
             raise
         doc.approvals = auth.approvals.to_status() if auth.approvals else None
-        if auth.options.fingerprint is not None:
-            fp = auth.options.fingerprint
-            doc.fingerprint_expected = f"{fp.kind}:{fp.value}"
+        fp = auth.options.fingerprint  # the signed manifest's, when approvals were required
+        doc.fingerprint_expected = f"{fp.kind}:{fp.value}" if fp else None
         return auth
 
     def _validate_and_import(self, data: bytes, auth: Authorization) -> ImportedKey:
@@ -339,11 +349,14 @@ class _Run:
         deps.fault("after_import")
         return imported
 
-    def _verify(self, imported: ImportedKey, options: ImportOptions) -> None:
-        """Compare the imported key with the manifest's fingerprint; a mismatch disables it."""
+    def _verify(self, imported: ImportedKey) -> None:
+        """Compare the imported key with the fingerprint recorded when the package was
+        authorized (the signed manifest's, when approvals were required); a mismatch disables
+        the new version."""
         doc, deps = self.doc, self.deps
+        expected = parse_fingerprint(doc.fingerprint_expected) if doc.fingerprint_expected else None
         result = fingerprint_result(
-            deps.hsm, imported, options.fingerprint, doc.target_type, request_id=doc.correlation_id
+            deps.hsm, imported, expected, doc.target_type, request_id=doc.correlation_id
         )
         doc.fingerprint_result = result
         if result == "mismatch":
@@ -402,14 +415,17 @@ class _Run:
         return f"; the imported version {doc.imported_kid} was disabled"
 
 
-def emit_or_retry(audit: AuditSink, event: dict[str, object]) -> None:
-    """Emit one audit event; any sink failure becomes a TransientError (never skipped).
+def emit_or_retry(audit: AuditSink, *events: dict[str, object]) -> None:
+    """Emit audit events as one batch; any sink failure becomes a TransientError (never
+    skipped).
 
     Raises:
-        TransientError: the sink did not accept the event; processing must not complete.
+        TransientError: the sink did not accept the events; processing must not complete.
     """
+    if not events:
+        return
     try:
-        audit.emit(event)
+        audit.emit_many(events)
     except TransientError as exc:  # keep the trail's own reason (e.g. audit_trail_broken)
         raise TransientError(
             f"audit append failed: {exc.message}",
@@ -530,8 +546,9 @@ def _run_leased(run: _Run) -> Outcome:
     doc.attempts += 1
     run.save()
     try:
-        run.flush_audit()
-        run.run()
+        if any(entry.state != "received" for entry in doc.unaudited()):
+            run.flush_audit()  # an earlier attempt's records first: nothing goes on unaudited
+        run.run()  # a fresh `received` goes with this attempt's first batch (one append less)
     except AwaitingApproval:
         doc.attempts -= 1  # waiting for people is not an attempt
         doc.last_error = None

@@ -111,18 +111,109 @@ def blob_service(
     raise ConfigError("set BYOK_STORAGE (connection string) or BYOK_STORAGE__blobServiceUri")
 
 
-def audit_sink(settings: Settings) -> AuditSink:
-    """Every audit event goes first to the tamper-evident trail (append blobs in the audit
-    container); once appended, the stored record goes on to OpenTelemetry (Application
-    Insights, or local JSON lines; set up lazily) and, when BYOK_AUDIT_LOG is set, to that
-    local JSON-lines file. ``emit`` raises unless the trail append succeeded.
-
-    Without storage settings (a ``byok kek`` command against the HSM only), BYOK_AUDIT_LOG
-    is the record: OpenTelemetry and the local file.
+def audit_signer(
+    settings: Settings,
+    *,
+    role: str,
+    credential: TokenCredential | None = None,
+    ca_bundle: str | None = None,
+) -> Any:
+    """The key that signs this process's trail batches: for the pipeline the HSM key of
+    BYOK_AUDIT_SIGNING_KID (needs keys/sign on it, and keys/read); for a person
+    BYOK_AUDIT_PERSON_KEY, an EC P-256 PEM file or an HSM kid of their own.
 
     Raises:
-        ConfigError: neither storage nor BYOK_AUDIT_LOG is configured.
+        ConfigError: the setting for ``role`` is missing or names no usable EC P-256 key.
+        TransientError: the HSM key could not be read.
     """
+    from byok_pipeline.audit.signers import FileSigner
+
+    ref = settings.audit_signing_kid if role == "pipeline" else settings.audit_person_key
+    if not ref:
+        name = "BYOK_AUDIT_SIGNING_KID" if role == "pipeline" else "BYOK_AUDIT_PERSON_KEY"
+        raise ConfigError(
+            f"audit records are signed: set {name} "
+            + (
+                "(`byok audit init` creates the pipeline's key in the HSM)"
+                if role == "pipeline"
+                else "(your EC P-256 key: a PEM file, or the versioned kid of a key in your HSM)"
+            )
+        )
+    if not ref.startswith("https://"):
+        return FileSigner.from_pem(ref)
+    return hsm_signer(settings, ref, credential or default_credential(), ca_bundle=ca_bundle)
+
+
+def hsm_signer(
+    settings: Settings, kid: str, credential: TokenCredential, *, ca_bundle: str | None = None
+) -> Any:
+    """An :class:`~byok_pipeline.audit.signers.HsmSigner` for ``kid`` (read once).
+
+    Raises:
+        ConfigError: not an EC P-256 key that may sign.
+        TransientError: the HSM could not be read.
+    """
+    from azure.core.exceptions import AzureError
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from byok_pipeline.adapters.keyvault import translate
+    from byok_pipeline.audit.signers import HsmSigner
+
+    kwargs = _retry_kwargs(settings)
+    if _is_loopback(kid):
+        kwargs["verify_challenge_resource"] = False
+    if ca_bundle:
+        kwargs["connection_verify"] = ca_bundle
+    parts = urlsplit(kid)
+    path = parts.path.strip("/").split("/")
+    if len(path) != 3 or path[0] != "keys":
+        raise ConfigError(
+            f"the audit signing key {kid!r} is not a versioned kid (keys/NAME/VERSION)"
+        )
+    keys = KeyClient(f"{parts.scheme}://{parts.netloc}", credential, **kwargs)
+    try:
+        key = keys.get_key(path[1], path[2])
+    except AzureError as exc:
+        raise translate(exc, "reading the audit signing key") from None
+    client = CryptographyClient(key, credential, **kwargs)
+    jwk: Any = key.key  # JsonWebKey sets its fields dynamically
+
+    def text(value: Any) -> str:  # the SDK's enums, or plain strings
+        return str(getattr(value, "value", value))
+
+    if text(jwk.kty) not in ("EC", "EC-HSM") or text(jwk.crv) != "P-256" or not jwk.x:
+        raise ConfigError(f"the audit signing key {kid} is not an EC P-256 key")
+    if "sign" not in [text(o) for o in (jwk.key_ops or [])]:
+        raise ConfigError(f"the audit signing key {kid} may not sign (key_ops)")
+    public = ec.EllipticCurvePublicNumbers(
+        int.from_bytes(jwk.x, "big"), int.from_bytes(jwk.y, "big"), ec.SECP256R1()
+    ).public_key()
+    return HsmSigner(client, str(key.id), public)
+
+
+def audit_sink(
+    settings: Settings,
+    *,
+    role: str = "pipeline",
+    credential: TokenCredential | None = None,
+    ca_bundle: str | None = None,
+) -> AuditSink:
+    """Every audit event goes first to the signed trail (append blobs: the pipeline's chains in
+    the audit container, a person's in the people container); once appended, the stored
+    records go on to OpenTelemetry (Application Insights, or local JSON lines; set up lazily)
+    and, when BYOK_AUDIT_LOG is set, to that local JSON-lines file. ``emit`` raises unless the
+    trail append succeeded.
+
+    Without storage settings (a ``byok kek`` command against the HSM only), BYOK_AUDIT_LOG
+    is the record: OpenTelemetry and the local file (unsigned).
+
+    Raises:
+        ConfigError: neither storage nor BYOK_AUDIT_LOG is configured; the signing key is not.
+        TransientError: the HSM signing key could not be read.
+    """
+    import getpass
+    import socket
+
     from byok_pipeline.adapters.telemetry import TelemetryAuditSink
     from byok_pipeline.audit.trail import AuditTrail, TrailAuditSink
 
@@ -137,8 +228,22 @@ def audit_sink(settings: Settings) -> AuditSink:
         raise ConfigError(
             "audit events need the audit trail (BYOK_STORAGE) or a local file (BYOK_AUDIT_LOG)"
         ) from None
+    signer = audit_signer(settings, role=role, credential=credential, ca_bundle=ca_bundle)
+    if role == "pipeline":
+        container = settings.audit_container
+        writer = f"{os.environ.get('WEBSITE_INSTANCE_ID', socket.gethostname())}:{os.getpid()}"
+    else:
+        container = settings.audit_people_container
+        writer = f"{getpass.getuser()}@{socket.gethostname()}"
     # one append never outlives half the lease of the package it records
-    trail = AuditTrail(service, settings.audit_container, deadline=settings.lease_seconds / 2)
+    trail = AuditTrail(
+        service,
+        container,
+        signer=signer,
+        role=role,
+        writer=writer[:200],
+        deadline=settings.lease_seconds / 2,
+    )
     return TrailAuditSink(trail, then=FanoutAuditSink(*after))
 
 
@@ -158,5 +263,5 @@ def build_deps(
         settings=settings,
         store=BlobStore(blob_service(settings, env), settings),
         hsm=hsm_adapter(settings, cred, ca_bundle=ca),
-        audit=audit or audit_sink(settings),
+        audit=audit or audit_sink(settings, credential=cred, ca_bundle=ca),
     )

@@ -18,6 +18,9 @@ param statusContainerName string
 param archiveContainerName string
 param quarantineContainerName string
 param auditContainerName string
+// The versioned kid of the pipeline's audit signing key in the Managed HSM (byok audit init);
+// empty until the second deployment pass sets it.
+param auditSigningKid string
 param configContainerName string
 param approvalsContainerName string
 param policyBlobName string
@@ -156,6 +159,14 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'BYOK_AUDIT_CONTAINER'
           value: auditContainerName
+        }
+        // The HSM key (EC P-256, sign only) that signs the Function's audit chains. Not a secret:
+        // a key id. The identity may sign with that key and with no other
+        // (assign-hsm-roles.sh --audit-key). Empty: the Function cannot build its audit trail and
+        // processes no package, so nothing is processed unaudited.
+        {
+          name: 'BYOK_AUDIT_SIGNING_KID'
+          value: auditSigningKid
         }
         // Import authorization: the policy (written by policy administrators only) and the
         // signed approvals; the function reads both and writes neither.

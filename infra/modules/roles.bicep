@@ -2,7 +2,11 @@
 // Narrowest roles at the narrowest scope (a container wherever a blob role is granted), each
 // assignment named guid(scope, principal, role) so that a redeployment finds it again instead of
 // failing or duplicating it. People who write blobs (uploaders, custodians, policy administrators)
-// get a custom data-only role (blobWriterRole below), not Storage Blob Data Contributor.
+// get a custom data-only role (blobWriterRole below), not Storage Blob Data Contributor; so does
+// the Function for the audit trail (byok-audit), where it only creates and appends.
+// Audit trail: each writer writes its own container and no other. The Function's signed chains go
+// to byok-audit, which no person can write; people's signed chains (custodians' KEK events,
+// policy administrators' policy changes) go to byok-audit-people, which the Function cannot reach.
 // The Managed HSM's data-plane roles are not ARM resources: see infra/assign-hsm-roles.sh.
 
 param storageAccountName string
@@ -14,6 +18,7 @@ param statusContainerName string
 param archiveContainerName string
 param quarantineContainerName string
 param auditContainerName string
+param auditPeopleContainerName string
 param configContainerName string
 param approvalsContainerName string
 param deploymentContainerName string
@@ -36,15 +41,16 @@ var roleIds = {
   monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb'
 }
 
-// The containers the Function's runtime identity works in: the pipeline's five, and the two the
-// Functions host keeps its locks, blob receipts and keys in (pre-created in storage.bicep).
-// Not the deployment package container (app-package): only the deployment identity has that.
+// The containers the Function's runtime identity reads, writes and deletes in: the pipeline's
+// four, and the two the Functions host keeps its locks, blob receipts and keys in (pre-created in
+// storage.bicep). Not the audit container (the Function only creates and appends there: the
+// writer role, functionAudit below), not the people's audit container (no access at all) and
+// not the deployment package container (app-package): only the deployment identity has that.
 var functionContainerNames = [
   incomingContainerName
   statusContainerName
   archiveContainerName
   quarantineContainerName
-  auditContainerName
   'azure-webjobs-hosts'
   'azure-webjobs-secrets'
 ]
@@ -58,15 +64,17 @@ var functionContainerNames = [
 var noDeleteCondition = '((!(ActionMatches{\'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/delete\'}) AND !(ActionMatches{\'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/move/action\'})))'
 
 // The data-only role of the people who write blobs: uploaders (byok-incoming, byok-approvals),
-// KEK custodians (byok-incoming, byok-approvals, byok-audit) and policy administrators
-// (byok-config), always assigned on one container. Storage Blob Data Contributor would also give
-// them the control-plane Actions containers/write and containers/delete (change or delete the
-// whole container through ARM) and the data actions blobs/delete and blobs/move/action; this role
+// KEK custodians (byok-incoming, byok-approvals, byok-audit-people) and policy administrators
+// (byok-config, byok-audit-people); and of the Function on the audit container (byok-audit),
+// always assigned on one container. Storage Blob Data Contributor would also give them the
+// control-plane Actions containers/write and containers/delete (change or delete the whole
+// container through ARM) and the data actions blobs/delete and blobs/move/action; this role
 // has no Actions at all and only these data actions:
-//   blobs/read        read and list blobs (the uploaded package, the current policy, the audit
-//                     log's head before appending to it)
+//   blobs/read        read and list blobs (the uploaded package, the current policy, an audit
+//                     chain's tail when a lost append is looked up)
 //   blobs/write       create a blob with its metadata (Put Blob, Put Block List), or overwrite one
-//   blobs/add/action  create a blob and append to an append blob (the custodians' audit records)
+//   blobs/add/action  create a blob and append to an append blob (Put Blob of an append blob,
+//                     Append Block: the signed audit chains)
 // Not delete, move, deleteBlobVersion, permanentDelete, tags, immutability (runAsSuperUser),
 // ownership or ACLs. One definition per resource group (name and id derived from it), assignable
 // only in this resource group. Creating it needs Microsoft.Authorization/roleDefinitions/write on
@@ -128,6 +136,11 @@ resource auditContainer 'Microsoft.Storage/storageAccounts/blobServices/containe
   name: auditContainerName
 }
 
+resource auditPeopleContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' existing = {
+  parent: blobService
+  name: auditPeopleContainerName
+}
+
 resource configContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' existing = {
   parent: blobService
   name: configContainerName
@@ -147,8 +160,8 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
   name: appInsightsName
 }
 
-// The function reads packages, moves them to archive or quarantine, writes status documents and
-// appends audit records; the host keeps its locks, blob receipts and keys. One grant per container.
+// The function reads packages, moves them to archive or quarantine and writes status documents;
+// the host keeps its locks, blob receipts and keys. One grant per container.
 resource functionBlobAccess 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for (containerName, i) in functionContainerNames: {
   name: guid(functionContainers[i].id, functionPrincipalId, roleIds.storageBlobDataContributor)
   scope: functionContainers[i]
@@ -159,6 +172,25 @@ resource functionBlobAccess 'Microsoft.Authorization/roleAssignments@2022-04-01'
     description: 'byok-managed-hsm function: pipeline and Functions host blobs in ${containerName}'
   }
 }]
+
+// The function's signed audit chains: it creates append blobs (one chain per writer process, a new
+// part per day) and appends to them (Put Blob of an append blob, Append Block), and reads its own
+// chain's tail back when the response to an append was lost (Get Blob Properties, Get Blob). The
+// data-only writer role does all three (blobs/read, blobs/write, blobs/add/action); it cannot
+// delete or move a blob or touch the container through ARM, and the ABAC condition fences delete
+// and move again. The retention policy forbids overwriting any block once written.
+resource functionAudit 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(auditContainer.id, functionPrincipalId, blobWriterRole.id)
+  scope: auditContainer
+  properties: {
+    roleDefinitionId: blobWriterRoleId
+    principalId: functionPrincipalId
+    principalType: 'ServicePrincipal'
+    description: 'byok-managed-hsm function: create and append its signed audit chains'
+    condition: noDeleteCondition
+    conditionVersion: '2.0'
+  }
+}
 
 // The function reads the import policy (byok-config) and the signed approvals (byok-approvals) and
 // never writes either: read only, so a compromised function cannot approve its own imports.
@@ -258,9 +290,11 @@ resource statusReaderAccess 'Microsoft.Authorization/roleAssignments@2022-04-01'
   }
 }]
 
-// KEK custodians (the `byok` CLI): upload packages, write signed approvals, append the KEK events
-// (byok.kek.created, byok.kek.downloaded) to the audit log, read status documents, and send those
-// events as telemetry. The audit container's retention policy stops any overwrite or delete there.
+// KEK custodians (the `byok` CLI): upload packages, write signed approvals, append their own
+// signed chains (byok.kek.created, byok.kek.downloaded, byok import) to the people's audit
+// container, read status documents, and send those events as telemetry. No role on byok-audit:
+// they cannot write (or rewrite) the Function's chains, and nothing they run reads them (an
+// auditor verifies; a custodian who should verify too is listed in auditorPrincipalIds).
 resource custodianUpload 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for principalId in custodianPrincipalIds: {
   name: guid(incomingContainer.id, principalId, blobWriterRole.id)
   scope: incomingContainer
@@ -285,13 +319,13 @@ resource custodianApprovals 'Microsoft.Authorization/roleAssignments@2022-04-01'
   }
 }]
 
-resource custodianAudit 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for principalId in custodianPrincipalIds: {
-  name: guid(auditContainer.id, principalId, blobWriterRole.id)
-  scope: auditContainer
+resource custodianPeopleAudit 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for principalId in custodianPrincipalIds: {
+  name: guid(auditPeopleContainer.id, principalId, blobWriterRole.id)
+  scope: auditPeopleContainer
   properties: {
     roleDefinitionId: blobWriterRoleId
     principalId: principalId
-    description: 'byok-managed-hsm custodian: append KEK events to the immutable audit log'
+    description: 'byok-managed-hsm custodian: append signed KEK and import events to the people audit container'
     condition: noDeleteCondition
     conditionVersion: '2.0'
   }
@@ -317,7 +351,8 @@ resource custodianTelemetry 'Microsoft.Authorization/roleAssignments@2022-04-01'
   }
 }]
 
-// Auditors read the audit log and the status documents, nothing else.
+// Auditors read both audit containers (byok audit verify merges the Function's and the people's
+// chains) and the status documents, nothing else.
 resource auditorAudit 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for principalId in auditorPrincipalIds: {
   name: guid(auditContainer.id, principalId, roleIds.storageBlobDataReader)
   scope: auditContainer
@@ -325,6 +360,16 @@ resource auditorAudit 'Microsoft.Authorization/roleAssignments@2022-04-01' = [fo
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataReader)
     principalId: principalId
     description: 'byok-managed-hsm auditor: read the audit log'
+  }
+}]
+
+resource auditorPeopleAudit 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for principalId in auditorPrincipalIds: {
+  name: guid(auditPeopleContainer.id, principalId, roleIds.storageBlobDataReader)
+  scope: auditPeopleContainer
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataReader)
+    principalId: principalId
+    description: 'byok-managed-hsm auditor: read the people audit chains'
   }
 }]
 
@@ -348,6 +393,20 @@ resource policyAdminConfig 'Microsoft.Authorization/roleAssignments@2022-04-01' 
     roleDefinitionId: blobWriterRoleId
     principalId: principalId
     description: 'byok-managed-hsm policy administrator: write the import policy'
+    condition: noDeleteCondition
+    conditionVersion: '2.0'
+  }
+}]
+
+// Policy administrators append their own signed chains (byok policy set) to the people's audit
+// container; no role on byok-audit.
+resource policyAdminPeopleAudit 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for principalId in policyAdminPrincipalIds: {
+  name: guid(auditPeopleContainer.id, principalId, blobWriterRole.id)
+  scope: auditPeopleContainer
+  properties: {
+    roleDefinitionId: blobWriterRoleId
+    principalId: principalId
+    description: 'byok-managed-hsm policy administrator: append signed policy events to the people audit container'
     condition: noDeleteCondition
     conditionVersion: '2.0'
   }

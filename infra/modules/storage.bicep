@@ -1,6 +1,8 @@
 // The storage account: packages come in, status documents and audit records go out.
 // Entra ID only (no shared keys, no SAS signed with account keys), TLS 1.2, HTTPS only,
-// no anonymous access, soft delete and versioning, and an immutable audit container.
+// no anonymous access, soft delete and versioning, and two immutable audit containers: the
+// pipeline's signed chains (byok-audit) and the chains people's CLI commands write
+// (byok-audit-people).
 
 param location string
 param tags object
@@ -11,6 +13,7 @@ param statusContainerName string
 param archiveContainerName string
 param quarantineContainerName string
 param auditContainerName string
+param auditPeopleContainerName string
 param configContainerName string
 param approvalsContainerName string
 param deadletterContainerName string
@@ -19,6 +22,10 @@ param auditRetentionDays int
 // True once the audit retention policy has been locked (infra/README.md, step 6): ARM cannot
 // create-or-update a locked policy, so from then on the template must leave it alone.
 param auditPolicyLocked bool
+// The same switch for the people's audit container, kept apart so that a deployment whose
+// byok-audit policy was locked before byok-audit-people existed still gets the new container's
+// policy (auditPolicyLocked=true, auditPeoplePolicyLocked=false) until that one is locked too.
+param auditPeoplePolicyLocked bool
 param softDeleteRetentionDays int
 param workspaceId string
 
@@ -131,9 +138,9 @@ resource auditContainer 'Microsoft.Storage/storageAccounts/blobServices/containe
 }
 
 // Time-based retention on the audit container: blobs can be created and read, and append blobs
-// can grow (the hash-chained audit log), but nothing can be overwritten or deleted until the
+// can grow (the Function's signed chains), but nothing can be overwritten or deleted until the
 // retention period has passed. ARM creates the policy unlocked; lock it once validated
-// (infra/README.md, "Lock the audit retention policy"). A locked policy rejects ARM's
+// (infra/README.md, "Lock the audit retention policies"). A locked policy rejects ARM's
 // create-or-update, so redeployments after locking pass auditPolicyLocked=true and skip it
 // (the locked policy stays in force: it can no longer be deleted or shortened by anyone).
 resource auditImmutability 'Microsoft.Storage/storageAccounts/blobServices/containers/immutabilityPolicies@2023-05-01' = if (!auditPolicyLocked) {
@@ -145,8 +152,29 @@ resource auditImmutability 'Microsoft.Storage/storageAccounts/blobServices/conta
   }
 }
 
+// The people's audit container: the signed chains that custodians and policy administrators
+// append with the CLI (byok kek create/download, byok policy set, byok import). Written by them
+// only, never by the Function; the same retention, with protected appends, as byok-audit.
+resource auditPeopleContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
+  parent: blobService
+  name: auditPeopleContainerName
+  properties: {
+    publicAccess: 'None'
+  }
+}
+
+// Deployed unless locked (auditPeoplePolicyLocked, README step 6), like auditImmutability.
+resource auditPeopleImmutability 'Microsoft.Storage/storageAccounts/blobServices/containers/immutabilityPolicies@2023-05-01' = if (!auditPeoplePolicyLocked) {
+  parent: auditPeopleContainer
+  name: 'default'
+  properties: {
+    immutabilityPeriodSinceCreationInDays: auditRetentionDays
+    allowProtectedAppendWrites: true
+  }
+}
+
 // Old versions of processed packages and status documents do not pile up for ever.
-// The audit container is left out: its blobs are protected by the retention policy. So are the
+// The audit containers are left out: their blobs are protected by the retention policies. So are the
 // config and approvals containers: every earlier import policy and every overwritten approval
 // stays as a version (they are small, and they are evidence of who authorized what).
 resource lifecycle 'Microsoft.Storage/storageAccounts/managementPolicies@2023-05-01' = {

@@ -7,11 +7,9 @@ import json
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from azure.storage.blob import BlobServiceClient
 from jsonschema import Draft202012Validator, FormatChecker
 from opentelemetry.sdk._logs import ReadableLogRecord
 from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter
@@ -21,9 +19,8 @@ from pipeline_support import Stack
 
 import byok_pipeline
 from byok_pipeline.audit.events import AuditSink
-from byok_pipeline.audit.records import parse_line
-from byok_pipeline.audit.trail import AuditTrail
-from byok_pipeline.audit.verify import TrailReader, split_lines
+from byok_pipeline.audit.records import SEAL_EVENT, START_EVENT, parse_line
+from byok_pipeline.audit.verify import TrailReader, Trust
 
 SCHEMA_PATH = Path(byok_pipeline.__file__).parent / "schemas" / "audit-event.schema.json"
 SCHEMA: dict[str, Any] = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
@@ -53,22 +50,28 @@ class Otel:
 
 @dataclass
 class Audited:
-    """A pipeline stack audited through the production sinks."""
+    """A pipeline stack audited through the production sinks (signed inside the HSM)."""
 
     stack: Stack
     otel: Otel
     sink: AuditSink
+    trust: Trust
+    make_sink: Callable[..., AuditSink]  # another production sink (another writer), for settings
 
     @property
     def reader(self) -> TrailReader:
-        return TrailReader(self.stack.service, self.stack.settings.audit_container)
+        s = self.stack.settings
+        return TrailReader(self.stack.service, s.audit_container, s.audit_people_container)
 
     def trail_records(self) -> list[dict[str, Any]]:
+        """The events in the trail (start and seal records left out), in the order recorded."""
         return trail_records(self.reader)
 
 
 def trail_records(reader: TrailReader) -> list[dict[str, Any]]:
-    return [parse_line(line.raw) for line in reader.lines(reader.blob_names())]
+    records = [parse_line(line.raw) for line in reader.lines(reader.blob_names())]
+    records.sort(key=lambda r: (r["recorded"], r["chain_id"], r["sequence"]))
+    return [r for r in records if r["event"] not in (START_EVENT, SEAL_EVENT)]
 
 
 def sample_event(i: int, *, key: str = "payments", package: str | None = None) -> dict[str, Any]:
@@ -85,96 +88,6 @@ def sample_event(i: int, *, key: str = "payments", package: str | None = None) -
         "package_sha256": package or f"{i:064x}",
         "etag": '"0x8DC0000000000"',
     }
-
-
-class Clock:
-    """A settable UTC clock."""
-
-    def __init__(self, start: datetime) -> None:
-        self.now = start
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **kwargs: float) -> None:
-        self.now += timedelta(**kwargs)
-
-
-def day_clock(day: str) -> Clock:
-    return Clock(datetime.fromisoformat(f"{day}T12:00:00").replace(tzinfo=UTC))
-
-
-def write_trail(
-    service: BlobServiceClient, container: str, count: int, *, clock: Clock | None = None
-) -> AuditTrail:
-    trail = AuditTrail(service, container, clock=clock or day_clock("2026-01-02"))
-    for i in range(count):
-        trail.append(sample_event(i))
-    return trail
-
-
-def tamper(
-    service: BlobServiceClient,
-    container: str,
-    blob: str,
-    edit: Callable[[list[bytes]], list[bytes]],
-) -> None:
-    """Rewrite an append blob's lines with ``edit``, in place, as someone with write access
-    to the storage account could (the replaced blob is again an append blob)."""
-    client = service.get_blob_client(container, blob)
-    lines = [line.raw for line in split_lines(blob, client.download_blob().readall())]
-    data = b"".join(line + b"\n" for line in edit(lines))
-    client.delete_blob()
-    client.create_append_blob()
-    client.append_block(data)
-
-
-AppendFault = Callable[[Any, bytes, dict[str, Any]], Any]
-
-
-class SpyContainer:
-    """Stands in for a trail writer's ``ContainerClient``: records which blob methods were
-    called, and hands ``append_block`` calls whose data ``when`` accepts to ``fault`` (given
-    the real blob client, the data and the keywords) while ``faults`` lasts."""
-
-    def __init__(self, inner: Any, *, when: Callable[[bytes], bool] = lambda _: False,
-                 fault: AppendFault | None = None, faults: int = 0) -> None:  # fmt: skip
-        self.inner = inner
-        self.when = when
-        self.fault = fault
-        self.faults = faults
-        self.calls: list[tuple[str, str]] = []  # (method, blob name)
-
-    def get_blob_client(self, name: str) -> _SpyBlob:
-        return _SpyBlob(self, self.inner.get_blob_client(name), name)
-
-    def list_blobs(self, *args: Any, **kwargs: Any) -> Any:
-        self.calls.append(("list_blobs", ""))
-        return self.inner.list_blobs(*args, **kwargs)
-
-
-class _SpyBlob:
-    def __init__(self, owner: SpyContainer, inner: Any, name: str) -> None:
-        self._owner = owner
-        self._inner = inner
-        self._name = name
-
-    def append_block(self, data: bytes, **kwargs: Any) -> Any:
-        owner = self._owner
-        owner.calls.append(("append_block", self._name))
-        if owner.fault is not None and owner.faults > 0 and owner.when(data):
-            owner.faults -= 1
-            return owner.fault(self._inner, data, kwargs)
-        return self._inner.append_block(data, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._inner, name)
-
-        def spied(*args: Any, **kwargs: Any) -> Any:
-            self._owner.calls.append((name, self._name))
-            return method(*args, **kwargs)
-
-        return spied
 
 
 def neutral_distro_env(monkeypatch: Any) -> None:

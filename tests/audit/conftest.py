@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from pipeline_support import Stack
 
 from byok_pipeline.adapters import telemetry
-from byok_pipeline.audit.events import FanoutAuditSink
+from byok_pipeline.audit.events import AuditSink, FanoutAuditSink
+from byok_pipeline.audit.trail import TrailAuditSink
+from byok_pipeline.audit.verify import Trust
+from byok_pipeline.cli.audit_init import trust_entry
+from byok_pipeline.core.settings import Settings
 from byok_pipeline.localdev.azurite import Azurite
 from byok_pipeline.processing.wiring import audit_sink
 from managed_hsm_emulator.testing import EmulatorHandle
@@ -75,14 +80,45 @@ def otel() -> Iterator[Otel]:
     logger_provider.shutdown()
 
 
+@pytest.fixture(scope="session")
+def audit_signing_kid(hsm: EmulatorHandle) -> str:
+    """The pipeline's audit signing key inside the emulator (as `byok audit init` makes it)."""
+    key = hsm.key_client().create_ec_key(
+        "byok-audit-signer", curve="P-256", key_operations=["sign", "verify"],
+        hardware_protected=True,
+    )  # fmt: skip
+    return str(key.id)
+
+
 @pytest.fixture
-def audited(stack: Stack, azurite: Azurite, otel: Otel, monkeypatch: pytest.MonkeyPatch) -> Audited:
+def audited(
+    stack: Stack,
+    azurite: Azurite,
+    hsm: EmulatorHandle,
+    audit_signing_kid: str,
+    otel: Otel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Audited:
     """The stack with its audit wired as in production (``wiring.audit_sink``): the trail in
-    the stack's audit container, then OpenTelemetry. The stack's memory sink sees each event
-    after the production sinks accepted it."""
+    the stack's audit container, signed inside the HSM, then OpenTelemetry. The stack's memory
+    sink sees each event after the production sinks accepted it."""
     monkeypatch.setenv("BYOK_STORAGE", azurite.connection_string)
     monkeypatch.delenv("BYOK_STORAGE__blobServiceUri", raising=False)
     monkeypatch.delenv("APPLICATIONINSIGHTS_CONNECTION_STRING", raising=False)
-    production = audit_sink(stack.settings)
+    settings = replace(stack.settings, audit_signing_kid=audit_signing_kid)
+    stack.deps.settings = settings
+
+    def make_sink(s: Settings | None = None) -> AuditSink:
+        """Another production audit sink: its own writer, its own chain."""
+        return audit_sink(
+            replace(s or settings, audit_signing_kid=audit_signing_kid),
+            credential=hsm.credential(),
+            ca_bundle=str(hsm.ca),
+        )
+
+    production = make_sink()
     stack.deps.audit = FanoutAuditSink(production, stack.audit)
-    return Audited(stack, otel, production)
+    assert isinstance(production, TrailAuditSink)
+    public = production.trail.signer.public_key()  # type: ignore[attr-defined]  # HsmSigner
+    trust = Trust.from_dict({"signers": [trust_entry(audit_signing_kid, public, "pipeline")]})
+    return Audited(stack, otel, production, trust, make_sink)

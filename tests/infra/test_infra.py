@@ -39,6 +39,7 @@ EXPECTED_CONTAINERS = {
     "archive": "byok-archive",
     "quarantine": "byok-quarantine",
     "audit": "byok-audit",
+    "auditPeople": "byok-audit-people",
     "config": "byok-config",
     "approvals": "byok-approvals",
     "deadletter": "byok-deadletter",
@@ -71,6 +72,7 @@ REQUIRED_APP_SETTINGS = {
     "BYOK_ALLOWED_KEK_NAMES",
     "BYOK_ALLOWED_TARGET_TYPES",
     "BYOK_RECONCILE_SCHEDULE",
+    "BYOK_AUDIT_SIGNING_KID",
     "APPLICATIONINSIGHTS_CONNECTION_STRING",
     "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
     *EXPECTED_CONTAINER_SETTINGS,
@@ -433,41 +435,79 @@ def check_containers(dep: Deployment) -> Findings:
     return findings
 
 
-def check_audit_immutability(dep: Deployment) -> Findings:
-    kind = "Microsoft.Storage/storageAccounts/blobServices/containers/immutabilityPolicies"
-    policies = dep.resources(kind)
-    if len(policies) != 1:
-        return [f"audit: expected one immutability policy, found {len(policies)}"]
-    policy = policies[0]
+AUDIT_CONTAINER = EXPECTED_CONTAINERS["audit"]
+AUDIT_PEOPLE_CONTAINER = EXPECTED_CONTAINERS["auditPeople"]
+IMMUTABILITY_TYPE = "Microsoft.Storage/storageAccounts/blobServices/containers/immutabilityPolicies"
+# Each audit container (the Function's chains; the people's chains), and the main.bicep switch
+# that leaves its policy out once it is locked (ARM cannot create-or-update a locked policy).
+# Two switches: a deployment whose byok-audit policy was locked before byok-audit-people existed
+# must still get the new container's policy.
+AUDIT_POLICY_SWITCHES = {
+    AUDIT_CONTAINER: "auditPolicyLocked",
+    AUDIT_PEOPLE_CONTAINER: "auditPeoplePolicyLocked",
+}
+
+
+def audit_policies(dep: Deployment) -> tuple[dict[str, Resource], Findings]:
+    """The immutability policy of each container that has one, by container name; and policies
+    that are on any other container, or a second one on the same container."""
+    policies: dict[str, Resource] = {}
     findings: Findings = []
-    # A locked policy rejects ARM's create-or-update: after locking, redeployments must skip it.
-    negated = _dig(policy.condition, "operator", "operands", "bool_value")
-    if _dig(policy.condition, "operator", "type") != "not" or negated != "auditPolicyLocked":
-        findings.append(
-            "audit: the immutability policy must be deployed only if (!auditPolicyLocked), "
-            "or every redeployment after locking fails"
-        )
-    locked = dep.files["main.bicep"].get("parameters", {}).get("auditPolicyLocked", {})
-    if locked.get("default") is not False or "auditPolicyLocked" not in dep.bindings.get(
-        policy.file, {}
-    ):
-        findings.append("audit: main.bicep must pass auditPolicyLocked (default false)")
-    parent = dep.symbol(policy.file, str(policy.body.get("parent")))
-    parent_name = dep.resolve(policy.file, (parent or {}).get("name"))
-    if parent_name != EXPECTED_CONTAINERS["audit"]:
-        findings.append(
-            f"audit: immutability policy is on {parent_name!r}, not the audit container"
-        )
-    props = policy.body.get("properties", {})
-    days = dep.resolve(policy.file, props.get("immutabilityPeriodSinceCreationInDays"))
-    if not isinstance(days, int) or days < 1:
-        findings.append(f"audit: immutability period must be a positive number of days: {days!r}")
-    appends = [props.get("allowProtectedAppendWrites"), props.get("allowProtectedAppendWritesAll")]
-    if appends.count(True) != 1:
-        findings.append(
-            "audit: exactly one of allowProtectedAppendWrites(All) must be true, "
-            "or the append-blob audit log cannot grow"
-        )
+    for policy in dep.resources(IMMUTABILITY_TYPE):
+        parent = dep.symbol(policy.file, str(policy.body.get("parent")))
+        parent_name = str(dep.resolve(policy.file, (parent or {}).get("name")))
+        if parent_name not in AUDIT_POLICY_SWITCHES:
+            findings.append(
+                f"audit: immutability policy {policy.symbol} is on {parent_name!r}, "
+                "not the audit container or the people's audit container"
+            )
+        elif parent_name in policies:
+            findings.append(f"audit: {parent_name} has more than one immutability policy")
+        else:
+            policies[parent_name] = policy
+    return policies, findings
+
+
+def check_audit_immutability(dep: Deployment) -> Findings:
+    policies, findings = audit_policies(dep)
+    periods: dict[str, Any] = {}
+    for container, switch in AUDIT_POLICY_SWITCHES.items():
+        policy = policies.get(container)
+        if policy is None:
+            findings.append(
+                f"audit: {container} has no immutability policy: its signed chains could be "
+                "overwritten or deleted"
+            )
+            continue
+        # A locked policy rejects ARM's create-or-update: after locking, redeployments skip it.
+        negated = _dig(policy.condition, "operator", "operands", "bool_value")
+        if _dig(policy.condition, "operator", "type") != "not" or negated != switch:
+            findings.append(
+                f"audit: the immutability policy of {container} must be deployed only "
+                f"if (!{switch}), or every redeployment after locking fails"
+            )
+        locked = dep.files["main.bicep"].get("parameters", {}).get(switch, {})
+        if locked.get("default") is not False or switch not in dep.bindings.get(policy.file, {}):
+            findings.append(f"audit: main.bicep must pass {switch} (default false)")
+        props = policy.body.get("properties", {})
+        days = dep.resolve(policy.file, props.get("immutabilityPeriodSinceCreationInDays"))
+        periods[container] = days
+        if not isinstance(days, int) or days < 1:
+            findings.append(
+                f"audit: immutability period of {container} must be a positive number of "
+                f"days: {days!r}"
+            )
+        appends = [
+            props.get("allowProtectedAppendWrites"),
+            props.get("allowProtectedAppendWritesAll"),
+        ]
+        if appends.count(True) != 1:
+            findings.append(
+                f"audit: exactly one of allowProtectedAppendWrites(All) must be true on "
+                f"{container}, or its append-blob chains cannot grow"
+            )
+    if len(set(map(json.dumps, periods.values()))) > 1:
+        findings.append(f"audit: the audit containers must keep the same retention: {periods}")
     return findings
 
 
@@ -578,6 +618,57 @@ def check_app_settings(dep: Deployment) -> Findings:
     auth = str(settings.get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING"))
     if not auth.startswith("Authorization=AAD;ClientId="):
         findings.append("settings: Application Insights must authenticate with Entra ID")
+    return findings
+
+
+def _main_parameter(dep: Deployment, file: str, value: Any) -> str | None:
+    """The main.bicep parameter that `value` (an expression in `file`) is, followed through
+    module parameters; None if it is anything else (a literal, a variable, another expression)."""
+    for _ in range(len(dep.files)):
+        if not isinstance(value, str) or not IDENTIFIER_RE.fullmatch(value):
+            return None
+        if value not in dep.files[file].get("parameters", {}):
+            return None
+        if file == "main.bicep":
+            return value
+        if value not in dep.bindings.get(file, {}):
+            return None
+        file, value = "main.bicep", dep.bindings[file][value]
+    return None
+
+
+SIGNING_KID_SETTING = "BYOK_AUDIT_SIGNING_KID"
+SIGNING_KID_PARAMETER = "auditSigningKid"
+
+
+def check_audit_signing_kid(dep: Deployment) -> Findings:
+    """BYOK_AUDIT_SIGNING_KID is main.bicep's parameter auditSigningKid: a string, empty by
+    default (the key exists only after `byok audit init`), set on the second pass."""
+    sites = _function_sites(dep)
+    if len(sites) != 1:
+        return ["audit signing: expected one function app"]
+    raw = _app_settings_raw(sites[0])
+    if SIGNING_KID_SETTING not in raw:
+        return [f"audit signing: the Function has no {SIGNING_KID_SETTING} setting"]
+    findings: Findings = []
+    source = _main_parameter(dep, sites[0].file, raw[SIGNING_KID_SETTING])
+    if source != SIGNING_KID_PARAMETER:
+        findings.append(
+            f"audit signing: {SIGNING_KID_SETTING} must come from main.bicep's parameter "
+            f"{SIGNING_KID_PARAMETER}, not {source or json.dumps(raw[SIGNING_KID_SETTING])}"
+        )
+    declared = dep.files["main.bicep"].get("parameters", {}).get(SIGNING_KID_PARAMETER)
+    if declared is None or declared.get("type") != "string" or declared.get("default") != "":
+        findings.append(
+            f"audit signing: main.bicep must declare {SIGNING_KID_PARAMETER} as a string with "
+            "default '' (the key exists only after byok audit init)"
+        )
+    description = str(_decorator(dep.files["main.bicep"], SIGNING_KID_PARAMETER, "description"))
+    if "byok audit init" not in description:
+        findings.append(
+            f"audit signing: the description of {SIGNING_KID_PARAMETER} must say it is set "
+            "after `byok audit init`"
+        )
     return findings
 
 
@@ -705,8 +796,10 @@ ALLOWED_BROAD_GRANTS = {
     ),
 }
 HOST_CONTAINERS = {"azure-webjobs-hosts", "azure-webjobs-secrets"}
+# Where the Function reads, writes and deletes (Blob Data Contributor). Not the audit container:
+# it only creates and appends there, with the data-only writer role.
 PIPELINE_CONTAINERS = {
-    EXPECTED_CONTAINERS[k] for k in ("incoming", "status", "archive", "quarantine", "audit")
+    EXPECTED_CONTAINERS[k] for k in ("incoming", "status", "archive", "quarantine")
 }
 CONFIG_CONTAINER = EXPECTED_CONTAINERS["config"]
 APPROVALS_CONTAINER = EXPECTED_CONTAINERS["approvals"]
@@ -719,6 +812,7 @@ FUNCTION_PRINCIPAL = "functionPrincipalId"
 EXPECTED_GRANTS: dict[str, set[tuple[str, str]]] = {
     FUNCTION_PRINCIPAL: {
         *((ROLE_BLOB_DATA_CONTRIBUTOR, c) for c in PIPELINE_CONTAINERS | HOST_CONTAINERS),
+        (ROLE_BLOB_WRITER, AUDIT_CONTAINER),
         (ROLE_BLOB_DATA_READER, CONFIG_CONTAINER),
         (ROLE_BLOB_DATA_READER, APPROVALS_CONTAINER),
         (ROLE_QUEUE_DATA_CONTRIBUTOR, STORAGE_ACCOUNT),
@@ -733,15 +827,19 @@ EXPECTED_GRANTS: dict[str, set[tuple[str, str]]] = {
     "custodianPrincipalIds": {
         (ROLE_BLOB_WRITER, "byok-incoming"),
         (ROLE_BLOB_WRITER, APPROVALS_CONTAINER),
-        (ROLE_BLOB_WRITER, "byok-audit"),
+        (ROLE_BLOB_WRITER, AUDIT_PEOPLE_CONTAINER),
         (ROLE_BLOB_DATA_READER, "byok-status"),
         (ROLE_MONITORING_METRICS_PUBLISHER, APP_INSIGHTS),
     },
     "auditorPrincipalIds": {
-        (ROLE_BLOB_DATA_READER, "byok-audit"),
+        (ROLE_BLOB_DATA_READER, AUDIT_CONTAINER),
+        (ROLE_BLOB_DATA_READER, AUDIT_PEOPLE_CONTAINER),
         (ROLE_BLOB_DATA_READER, "byok-status"),
     },
-    "policyAdminPrincipalIds": {(ROLE_BLOB_WRITER, CONFIG_CONTAINER)},
+    "policyAdminPrincipalIds": {
+        (ROLE_BLOB_WRITER, CONFIG_CONTAINER),
+        (ROLE_BLOB_WRITER, AUDIT_PEOPLE_CONTAINER),
+    },
     "systemTopic.identity.principalId": {(ROLE_BLOB_DATA_CONTRIBUTOR, "byok-deadletter")},
 }
 # People (principal lists, not identities of the deployment): they write blobs with the custom
@@ -751,8 +849,16 @@ POLICY_WRITERS = {"policyAdminPrincipalIds"}
 APPROVAL_WRITERS = {"uploaderPrincipalIds", "custodianPrincipalIds"}
 # Containers where people who write may not delete or move (an ABAC condition on their grant),
 # besides every grant of the writer role.
-NO_DELETE_CONTAINERS = {"byok-incoming", APPROVALS_CONTAINER}
+NO_DELETE_CONTAINERS = {"byok-incoming", APPROVALS_CONTAINER, AUDIT_PEOPLE_CONTAINER}
 BLOB_DELETE_ACTION = f"{BLOB_DATA}/delete"
+# The audit trail: each writer appends its own signed chains to its own container and cannot write
+# the other's. The Function writes byok-audit (no person can); custodians and policy administrators
+# write byok-audit-people (the Function cannot). Uploaders write neither.
+AUDIT_WRITERS = {
+    AUDIT_CONTAINER: {FUNCTION_PRINCIPAL},
+    AUDIT_PEOPLE_CONTAINER: {"custodianPrincipalIds", "policyAdminPrincipalIds"},
+}
+AUDIT_READERS = {"auditorPrincipalIds"}
 
 
 @dataclass(frozen=True)
@@ -1061,6 +1167,49 @@ def check_import_authorization(dep: Deployment) -> Findings:
     return findings
 
 
+def check_audit_trail_roles(dep: Deployment) -> Findings:
+    """Each audit container is written by its own writers only, each through the data-only writer
+    role with the no-delete condition on that container; auditors read both and write neither."""
+    grants, _ = role_grants(dep)  # what is wrong with the assignments: check_role_assignments
+    findings: Findings = []
+    for container, allowed in AUDIT_WRITERS.items():
+        writes = [
+            g
+            for g in grants
+            if _reaches(g, container) and g.role not in READ_ONLY_ROLES | NON_BLOB_ROLES
+        ]
+        writers = {g.principal for g in writes}
+        for principal in sorted(writers - allowed):
+            findings.append(
+                f"audit trail: {principal} can write {container}: only {sorted(allowed)} "
+                "append there (each writer to its own container)"
+            )
+        for principal in sorted(allowed - writers):
+            findings.append(f"audit trail: {principal} cannot write {container}")
+        for grant in writes:
+            if grant.principal not in allowed:
+                continue
+            if grant.role != ROLE_BLOB_WRITER or not grant.conditioned or grant.target != container:
+                findings.append(
+                    f"audit trail: {grant.principal} writes {container} with "
+                    f"{_role_name(grant.role)} on {grant.target}"
+                    f"{'' if grant.conditioned else ' without the no-delete condition'} "
+                    f"({grant.where}): only the data-only writer role with the no-delete ABAC "
+                    "condition, on the container itself"
+                )
+        for principal in sorted(AUDIT_READERS):
+            roles = {
+                g.role for g in grants if g.principal == principal and _reaches(g, container)
+            } - NON_BLOB_ROLES
+            if roles != READ_ONLY_ROLES:
+                findings.append(
+                    f"audit trail: {principal} must hold exactly Storage Blob Data Reader on "
+                    f"{container} (byok audit verify reads both audit containers), holds "
+                    f"{sorted(_role_name(r) for r in roles)}"
+                )
+    return findings
+
+
 def check_forbidden_role_ids(root: Path) -> Findings:
     """No Owner-class role id anywhere in the templates, whatever the checks above make of them."""
     findings: Findings = []
@@ -1197,6 +1346,8 @@ BICEP_CHECKS = {
     "role-assignments": check_role_assignments,
     "custom-roles": check_custom_roles,
     "import-authorization": check_import_authorization,
+    "audit-trail-roles": check_audit_trail_roles,
+    "audit-signing-kid": check_audit_signing_kid,
     "monitoring": check_monitoring,
     "dashboards": check_dashboards,
 }
@@ -1430,9 +1581,17 @@ MUTATIONS = [
     (
         "append-writes",
         "modules/storage.bicep",
-        "allowProtectedAppendWrites: true",
-        "allowProtectedAppendWrites: false",
-        "allowProtectedAppendWrites",
+        (
+            "parent: auditContainer\n  name: 'default'\n  properties: {\n"
+            "    immutabilityPeriodSinceCreationInDays: auditRetentionDays\n"
+            "    allowProtectedAppendWrites: true"
+        ),
+        (
+            "parent: auditContainer\n  name: 'default'\n  properties: {\n"
+            "    immutabilityPeriodSinceCreationInDays: auditRetentionDays\n"
+            "    allowProtectedAppendWrites: false"
+        ),
+        "allowProtectedAppendWrites(All) must be true on byok-audit,",
     ),
     (
         "immutability-elsewhere",
@@ -1715,15 +1874,324 @@ MUTATIONS = [
         (
             "    roleDefinitionId: blobWriterRoleId\n"
             "    principalId: principalId\n"
-            "    description: 'byok-managed-hsm custodian: append KEK events"
+            "    description: 'byok-managed-hsm custodian: append signed KEK"
         ),
         (
             "    roleDefinitionId: subscriptionResourceId("
             "'Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataContributor)\n"
             "    principalId: principalId\n"
-            "    description: 'byok-managed-hsm custodian: append KEK events"
+            "    description: 'byok-managed-hsm custodian: append signed KEK"
         ),
-        "custodianPrincipalIds holds Storage Blob Data Contributor on byok-audit",
+        "custodianPrincipalIds holds Storage Blob Data Contributor on byok-audit-people",
+    ),
+    # The audit trail: each writer appends to its own container only (AUDIT_WRITERS).
+    (
+        "custodian-writes-audit",
+        "modules/roles.bicep",
+        (
+            "name: guid(auditPeopleContainer.id, principalId, blobWriterRole.id)\n"
+            "  scope: auditPeopleContainer\n"
+            "  properties: {\n"
+            "    roleDefinitionId: blobWriterRoleId\n"
+            "    principalId: principalId\n"
+            "    description: 'byok-managed-hsm custodian:"
+        ),
+        (
+            "name: guid(auditContainer.id, principalId, blobWriterRole.id)\n"
+            "  scope: auditContainer\n"
+            "  properties: {\n"
+            "    roleDefinitionId: blobWriterRoleId\n"
+            "    principalId: principalId\n"
+            "    description: 'byok-managed-hsm custodian:"
+        ),
+        "custodianPrincipalIds can write byok-audit:",
+    ),
+    (
+        "custodian-reads-and-writes-audit",
+        "modules/roles.bicep",
+        (
+            "name: guid(statusContainer.id, principalId, roleIds.storageBlobDataReader)\n"
+            "  scope: statusContainer\n"
+            "  properties: {\n"
+            "    roleDefinitionId: subscriptionResourceId("
+            "'Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataReader)\n"
+            "    principalId: principalId\n"
+            "    description: 'byok-managed-hsm custodian:"
+        ),
+        (
+            "name: guid(auditContainer.id, principalId, roleIds.storageBlobDataReader)\n"
+            "  scope: auditContainer\n"
+            "  properties: {\n"
+            "    roleDefinitionId: blobWriterRoleId\n"
+            "    condition: noDeleteCondition\n"
+            "    conditionVersion: '2.0'\n"
+            "    principalId: principalId\n"
+            "    description: 'byok-managed-hsm custodian:"
+        ),
+        "custodianPrincipalIds can write byok-audit:",
+    ),
+    (
+        "uploader-writes-audit",
+        "modules/roles.bicep",
+        (
+            "name: guid(approvalsContainer.id, principalId, blobWriterRole.id)\n"
+            "  scope: approvalsContainer\n"
+            "  properties: {\n"
+            "    roleDefinitionId: blobWriterRoleId\n"
+            "    principalId: principalId\n"
+            "    description: 'byok-managed-hsm uploader: write signed approvals'"
+        ),
+        (
+            "name: guid(auditContainer.id, principalId, blobWriterRole.id)\n"
+            "  scope: auditContainer\n"
+            "  properties: {\n"
+            "    roleDefinitionId: blobWriterRoleId\n"
+            "    principalId: principalId\n"
+            "    description: 'byok-managed-hsm uploader: write signed approvals'"
+        ),
+        "uploaderPrincipalIds can write byok-audit:",
+    ),
+    (
+        "admin-writes-audit",
+        "modules/roles.bicep",
+        (
+            "name: guid(auditPeopleContainer.id, principalId, blobWriterRole.id)\n"
+            "  scope: auditPeopleContainer\n"
+            "  properties: {\n"
+            "    roleDefinitionId: blobWriterRoleId\n"
+            "    principalId: principalId\n"
+            "    description: 'byok-managed-hsm policy administrator:"
+        ),
+        (
+            "name: guid(auditContainer.id, principalId, blobWriterRole.id)\n"
+            "  scope: auditContainer\n"
+            "  properties: {\n"
+            "    roleDefinitionId: blobWriterRoleId\n"
+            "    principalId: principalId\n"
+            "    description: 'byok-managed-hsm policy administrator:"
+        ),
+        "policyAdminPrincipalIds can write byok-audit:",
+    ),
+    (
+        "function-writes-people-audit",
+        "modules/roles.bicep",
+        "name: guid(auditContainer.id, functionPrincipalId, blobWriterRole.id)\n  scope: auditContainer\n",
+        (
+            "name: guid(auditPeopleContainer.id, functionPrincipalId, blobWriterRole.id)\n"
+            "  scope: auditPeopleContainer\n"
+        ),
+        "functionPrincipalId can write byok-audit-people",
+    ),
+    (
+        "function-contributor-on-people-audit",
+        "modules/roles.bicep",
+        "  quarantineContainerName\n  'azure-webjobs-hosts'\n",
+        "  quarantineContainerName\n  auditPeopleContainerName\n  'azure-webjobs-hosts'\n",
+        "functionPrincipalId can write byok-audit-people",
+    ),
+    (
+        "function-audit-contributor",
+        "modules/roles.bicep",
+        "  quarantineContainerName\n  'azure-webjobs-hosts'\n",
+        "  quarantineContainerName\n  auditContainerName\n  'azure-webjobs-hosts'\n",
+        "functionPrincipalId writes byok-audit with Storage Blob Data Contributor",
+    ),
+    (
+        "function-audit-may-delete",
+        "modules/roles.bicep",
+        (
+            "    description: 'byok-managed-hsm function: create and append its signed audit chains'\n"
+            "    condition: noDeleteCondition\n"
+        ),
+        "    description: 'byok-managed-hsm function: create and append its signed audit chains'\n",
+        (
+            "functionPrincipalId writes byok-audit with the custom blob writer role on byok-audit "
+            "without the no-delete condition"
+        ),
+    ),
+    (
+        "people-audit-writer-may-delete",
+        "modules/roles.bicep",
+        (
+            "    description: 'byok-managed-hsm policy administrator: append signed policy events "
+            "to the people audit container'\n"
+            "    condition: noDeleteCondition\n"
+        ),
+        (
+            "    description: 'byok-managed-hsm policy administrator: append signed policy events "
+            "to the people audit container'\n"
+        ),
+        (
+            "policyAdminPrincipalIds writes byok-audit-people with the custom blob writer role on "
+            "byok-audit-people without the no-delete condition"
+        ),
+    ),
+    (
+        "people-audit-writer-contributor",
+        "modules/roles.bicep",
+        (
+            "    roleDefinitionId: blobWriterRoleId\n"
+            "    principalId: principalId\n"
+            "    description: 'byok-managed-hsm policy administrator: append signed policy"
+        ),
+        (
+            "    roleDefinitionId: subscriptionResourceId("
+            "'Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataContributor)\n"
+            "    principalId: principalId\n"
+            "    description: 'byok-managed-hsm policy administrator: append signed policy"
+        ),
+        "policyAdminPrincipalIds writes byok-audit-people with Storage Blob Data Contributor",
+    ),
+    (
+        "custodian-cannot-write-people-audit",
+        "modules/roles.bicep",
+        (
+            "name: guid(auditPeopleContainer.id, principalId, blobWriterRole.id)\n"
+            "  scope: auditPeopleContainer\n"
+            "  properties: {\n"
+            "    roleDefinitionId: blobWriterRoleId\n"
+            "    principalId: principalId\n"
+            "    description: 'byok-managed-hsm custodian:"
+        ),
+        (
+            "name: guid(approvalsContainer.id, principalId, roleIds.storageBlobDataReader)\n"
+            "  scope: approvalsContainer\n"
+            "  properties: {\n"
+            "    roleDefinitionId: blobWriterRoleId\n"
+            "    principalId: principalId\n"
+            "    description: 'byok-managed-hsm custodian:"
+        ),
+        "custodianPrincipalIds cannot write byok-audit-people",
+    ),
+    (
+        "auditor-cannot-read-people-audit",
+        "modules/roles.bicep",
+        (
+            "name: guid(auditPeopleContainer.id, principalId, roleIds.storageBlobDataReader)\n"
+            "  scope: auditPeopleContainer\n"
+        ),
+        (
+            "name: guid(statusContainer.id, principalId, roleIds.storageBlobDataReader)\n"
+            "  scope: statusContainer\n"
+        ),
+        "auditorPrincipalIds must hold exactly Storage Blob Data Reader on byok-audit-people",
+    ),
+    (
+        "auditor-writes-people-audit",
+        "modules/roles.bicep",
+        (
+            "    roleDefinitionId: subscriptionResourceId("
+            "'Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataReader)\n"
+            "    principalId: principalId\n"
+            "    description: 'byok-managed-hsm auditor: read the people audit chains'"
+        ),
+        (
+            "    roleDefinitionId: blobWriterRoleId\n"
+            "    condition: noDeleteCondition\n"
+            "    conditionVersion: '2.0'\n"
+            "    principalId: principalId\n"
+            "    description: 'byok-managed-hsm auditor: read the people audit chains'"
+        ),
+        "auditorPrincipalIds can write byok-audit-people",
+    ),
+    (
+        "people-audit-container-missing",
+        "main.bicep",
+        (
+            "    auditPeopleContainerName: containerNames.auditPeople\n    configContainerName: "
+            "containerNames.config\n    approvalsContainerName: containerNames.approvals\n"
+            "    deadletterContainerName"
+        ),
+        (
+            "    auditPeopleContainerName: containerNames.config\n    configContainerName: "
+            "containerNames.config\n    approvalsContainerName: containerNames.approvals\n"
+            "    deadletterContainerName"
+        ),
+        "not created: ['byok-audit-people']",
+    ),
+    (
+        "people-audit-public",
+        "modules/storage.bicep",
+        "  name: auditPeopleContainerName\n  properties: {\n    publicAccess: 'None'",
+        "  name: auditPeopleContainerName\n  properties: {\n    publicAccess: 'Blob'",
+        "byok-audit-people must have publicAccess 'None'",
+    ),
+    (
+        "people-audit-not-immutable",
+        "modules/storage.bicep",
+        "parent: auditPeopleContainer\n  name: 'default'",
+        "parent: auditContainer\n  name: 'default'",
+        "byok-audit-people has no immutability policy",
+    ),
+    (
+        "people-audit-no-appends",
+        "modules/storage.bicep",
+        (
+            "parent: auditPeopleContainer\n  name: 'default'\n  properties: {\n"
+            "    immutabilityPeriodSinceCreationInDays: auditRetentionDays\n"
+            "    allowProtectedAppendWrites: true"
+        ),
+        (
+            "parent: auditPeopleContainer\n  name: 'default'\n  properties: {\n"
+            "    immutabilityPeriodSinceCreationInDays: auditRetentionDays\n"
+            "    allowProtectedAppendWrites: false"
+        ),
+        "allowProtectedAppendWrites(All) must be true on byok-audit-people",
+    ),
+    (
+        "people-audit-shorter-retention",
+        "modules/storage.bicep",
+        (
+            "parent: auditPeopleContainer\n  name: 'default'\n  properties: {\n"
+            "    immutabilityPeriodSinceCreationInDays: auditRetentionDays\n"
+        ),
+        (
+            "parent: auditPeopleContainer\n  name: 'default'\n  properties: {\n"
+            "    immutabilityPeriodSinceCreationInDays: 1\n"
+        ),
+        "same retention",
+    ),
+    (
+        "people-policy-redeployed-when-locked",
+        "modules/storage.bicep",
+        " = if (!auditPeoplePolicyLocked) {",
+        " = {",
+        "if (!auditPeoplePolicyLocked)",
+    ),
+    (
+        "people-policy-on-the-other-switch",
+        "modules/storage.bicep",
+        " = if (!auditPeoplePolicyLocked) {",
+        " = if (!auditPolicyLocked) {",
+        "if (!auditPeoplePolicyLocked)",
+    ),
+    (
+        "signing-kid-literal",
+        "modules/functionapp.bicep",
+        "name: 'BYOK_AUDIT_SIGNING_KID'\n          value: auditSigningKid",
+        "name: 'BYOK_AUDIT_SIGNING_KID'\n          value: ''",
+        "must come from main.bicep's parameter auditSigningKid",
+    ),
+    (
+        "signing-kid-other-parameter",
+        "main.bicep",
+        "    auditSigningKid: auditSigningKid\n",
+        "    auditSigningKid: kekKid\n",
+        "must come from main.bicep's parameter auditSigningKid, not kekKid",
+    ),
+    (
+        "signing-kid-setting-missing",
+        "modules/functionapp.bicep",
+        "name: 'BYOK_AUDIT_SIGNING_KID'\n",
+        "name: 'BYOK_AUDIT_SIGNING_KEY'\n",
+        "no BYOK_AUDIT_SIGNING_KID setting",
+    ),
+    (
+        "signing-kid-default",
+        "main.bicep",
+        "param auditSigningKid string = ''",
+        "param auditSigningKid string = 'https://contoso.managedhsm.azure.net/keys/byok-audit-signer'",
+        "default ''",
     ),
     (
         "approvals-may-delete",
@@ -1970,7 +2438,9 @@ def test_config_container_exists_and_only_policy_admins_write_it(
     }
     admin = [g for g in grants if g.principal == "policyAdminPrincipalIds"]
     assert admin
-    assert all(g.conditioned and g.target == CONFIG_CONTAINER for g in admin)
+    assert all(g.conditioned and g.role == ROLE_BLOB_WRITER for g in admin)
+    # The policy, and their own signed audit chains (byok policy set records them); nothing else.
+    assert sorted(g.target for g in admin) == sorted([CONFIG_CONTAINER, AUDIT_PEOPLE_CONTAINER])
 
 
 def test_approvals_are_written_by_uploaders_and_custodians_only(
@@ -2022,6 +2492,86 @@ def test_nobody_holds_contributor_or_owner_on_config_or_approvals(grants: list[G
     for container in (CONFIG_CONTAINER, APPROVALS_CONTAINER):
         for principal, roles in _holders(grants, container).items():
             assert not roles & CONTAINER_CONTROL_ROLES, (principal, container)
+
+
+# --------------------------------------------------------------------------- tests: audit trail
+# Each writer appends its signed chains to its own container (AUDIT_WRITERS); asserted directly
+# here, by check_audit_trail_roles and check_audit_immutability in BICEP_CHECKS, and shown failing
+# on weakened copies in MUTATIONS.
+
+
+def test_only_the_function_writes_the_audit_container(grants: list[Grant]) -> None:
+    assert _holders(grants, AUDIT_CONTAINER) == {
+        FUNCTION_PRINCIPAL: {ROLE_BLOB_WRITER},
+        "auditorPrincipalIds": {ROLE_BLOB_DATA_READER},
+    }
+    (function,) = [
+        g
+        for g in grants
+        if g.principal == FUNCTION_PRINCIPAL
+        and _reaches(g, AUDIT_CONTAINER)
+        and g.role not in NON_BLOB_ROLES
+    ]
+    assert function.target == AUDIT_CONTAINER
+    assert function.conditioned, "the Function must not be able to delete its audit chains"
+    for principal in ("custodianPrincipalIds", "uploaderPrincipalIds", "policyAdminPrincipalIds"):
+        assert principal not in _holders(grants, AUDIT_CONTAINER), principal
+
+
+def test_only_custodians_and_policy_admins_write_the_people_audit_container(
+    deployment: Deployment, grants: list[Grant]
+) -> None:
+    assert AUDIT_PEOPLE_CONTAINER in container_names(deployment)
+    assert _holders(grants, AUDIT_PEOPLE_CONTAINER) == {
+        "custodianPrincipalIds": {ROLE_BLOB_WRITER},
+        "policyAdminPrincipalIds": {ROLE_BLOB_WRITER},
+        "auditorPrincipalIds": {ROLE_BLOB_DATA_READER},
+    }
+    writers = [
+        g for g in grants if _reaches(g, AUDIT_PEOPLE_CONTAINER) and g.role == ROLE_BLOB_WRITER
+    ]
+    assert len(writers) == 2
+    assert all(g.conditioned and g.target == AUDIT_PEOPLE_CONTAINER for g in writers)
+    assert FUNCTION_PRINCIPAL not in _holders(grants, AUDIT_PEOPLE_CONTAINER)
+
+
+def test_auditors_read_both_audit_containers(grants: list[Grant]) -> None:
+    for container in (AUDIT_CONTAINER, AUDIT_PEOPLE_CONTAINER):
+        assert _holders(grants, container)["auditorPrincipalIds"] == {ROLE_BLOB_DATA_READER}
+
+
+def test_both_audit_containers_are_immutable_with_protected_appends(
+    deployment: Deployment,
+) -> None:
+    policies, findings = audit_policies(deployment)
+    assert findings == []
+    assert set(policies) == {AUDIT_CONTAINER, AUDIT_PEOPLE_CONTAINER}
+    people = policies[AUDIT_PEOPLE_CONTAINER]
+    assert people.body["properties"]["allowProtectedAppendWrites"] is True
+    assert deployment.resolve(
+        people.file, people.body["properties"]["immutabilityPeriodSinceCreationInDays"]
+    ) == deployment.resolve(
+        policies[AUDIT_CONTAINER].file,
+        policies[AUDIT_CONTAINER].body["properties"]["immutabilityPeriodSinceCreationInDays"],
+    )
+    assert people.condition == {
+        "operator": {"type": "not", "operands": {"bool_value": "auditPeoplePolicyLocked"}}
+    }
+    container = container_names(deployment)[AUDIT_PEOPLE_CONTAINER]
+    assert container.body["properties"]["publicAccess"] == "None"
+
+
+def test_audit_signing_kid_setting_comes_from_its_parameter(deployment: Deployment) -> None:
+    (site,) = _function_sites(deployment)
+    raw = _app_settings_raw(site)
+    assert _main_parameter(deployment, site.file, raw[SIGNING_KID_SETTING]) == "auditSigningKid"
+    assert _app_settings(deployment, site)[SIGNING_KID_SETTING] == ""
+    declared = deployment.files["main.bicep"]["parameters"]["auditSigningKid"]
+    assert declared["type"] == "string"
+    assert declared["default"] == ""
+    example = json.loads(PARAMETERS_EXAMPLE.read_text(encoding="utf-8"))
+    assert example["parameters"]["auditSigningKid"] == {"value": ""}
+    assert example["parameters"]["auditPeoplePolicyLocked"] == {"value": False}
 
 
 def test_authorization_settings_are_set_with_their_defaults(deployment: Deployment) -> None:
@@ -2158,12 +2708,16 @@ IMPORTER_DATA_ACTIONS = {
     f"{HSM_KEYS}/encrypt/action",
 }
 CUSTODIAN_DATA_ACTIONS = {f"{HSM_KEYS}/create", f"{HSM_KEYS}/read/action"}
+# The Function's audit signing key (byok audit init): sign with it and read it, nothing else.
+AUDIT_SIGNER_DATA_ACTIONS = {f"{HSM_KEYS}/sign/action", f"{HSM_KEYS}/read/action"}
+AUDIT_SIGNER_ROLE = "BYOK Audit Signer"
+DEFAULT_AUDIT_KEY = "byok-audit-signer"
 FUNCTION_OID = "11111111-2222-3333-4444-555555555555"
 CUSTODIAN_OID = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
 
 
 def run_role_script(
-    args: list[str], tmp_path: Path, existing: int = 0
+    args: list[str], tmp_path: Path, existing: int = 0, script: Path = ROLE_SCRIPT
 ) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -2179,7 +2733,7 @@ def run_role_script(
         "FAKE_AZ_EXISTING": str(existing),
     }
     proc = subprocess.run(
-        ["bash", str(ROLE_SCRIPT), *args],
+        ["bash", str(script), *args],
         capture_output=True,
         text=True,
         check=False,
@@ -2233,6 +2787,37 @@ def test_role_script_help(tmp_path: Path) -> None:
             "--custodian-object-id",
             CUSTODIAN_OID,
         ],
+        ["--hsm-name", "contoso-mhsm", "--function-principal-id", FUNCTION_OID, "--audit-key"],
+        [
+            "--hsm-name",
+            "contoso-mhsm",
+            "--function-principal-id",
+            FUNCTION_OID,
+            "--audit-key",
+            "keys/../all",
+        ],
+        [
+            "--hsm-name",
+            "contoso-mhsm",
+            "--function-principal-id",
+            FUNCTION_OID,
+            "--custodian-object-id",
+            CUSTODIAN_OID,
+            "--kek-name",
+            DEFAULT_AUDIT_KEY,
+        ],
+        [
+            "--hsm-name",
+            "contoso-mhsm",
+            "--function-principal-id",
+            FUNCTION_OID,
+            "--custodian-object-id",
+            CUSTODIAN_OID,
+            "--kek-name",
+            "KEKforBYOK",
+            "--audit-key",
+            "kekforbyok",
+        ],
     ],
     ids=[
         "nothing",
@@ -2244,6 +2829,10 @@ def test_role_script_help(tmp_path: Path) -> None:
         "missing-value",
         "bad-custodian",
         "custodian-without-kek",
+        "audit-key-missing-value",
+        "bad-audit-key",
+        "kek-is-the-audit-key",
+        "kek-is-the-audit-key-in-another-case",
     ],
 )
 def test_role_script_rejects_bad_arguments(tmp_path: Path, args: list[str]) -> None:
@@ -2267,10 +2856,16 @@ CUSTODIAN_ARGS = [
 def test_hsm_custom_roles_grant_only_what_the_pipeline_uses() -> None:
     importer = json.loads((HSM_ROLE_DIR / "byok-importer.json").read_text(encoding="utf-8"))
     custodian = json.loads((HSM_ROLE_DIR / "byok-kek-custodian.json").read_text(encoding="utf-8"))
+    signer = json.loads((HSM_ROLE_DIR / "byok-audit-signer.json").read_text(encoding="utf-8"))
     assert set(importer["dataActions"]) == IMPORTER_DATA_ACTIONS
     assert set(custodian["dataActions"]) == CUSTODIAN_DATA_ACTIONS
-    script = ROLE_SCRIPT.read_text(encoding="utf-8")
+    assert set(signer["dataActions"]) == AUDIT_SIGNER_DATA_ACTIONS
+    assert signer["roleName"] == AUDIT_SIGNER_ROLE
+    # Only the audit signer signs: neither the importer (at /keys) nor the custodians.
     for role in (importer, custodian):
+        assert not any("sign" in action for action in role["dataActions"]), role["roleName"]
+    script = ROLE_SCRIPT.read_text(encoding="utf-8")
+    for role in (importer, custodian, signer):
         assert role["actions"] == []
         assert role["notActions"] == []
         assert role["notDataActions"] == []
@@ -2285,13 +2880,18 @@ def test_role_script_creates_custom_roles_and_assigns_them(tmp_path: Path) -> No
     assert definitions == [
         f"keyvault role definition create --hsm-name contoso-mhsm --role-definition "
         f"@{HSM_ROLE_DIR / name} --output none"
-        for name in ("byok-importer.json", "byok-kek-custodian.json")
+        for name in ("byok-importer.json", "byok-audit-signer.json", "byok-kek-custodian.json")
     ]
     creates = [c for c in calls if c.startswith("keyvault role assignment create")]
-    assert len(creates) == 2, calls
+    assert len(creates) == 3, calls
     # Definitions before the assignments that use them.
     assert calls.index(definitions[-1]) < calls.index(creates[0])
-    function_call, custodian_call = creates
+    function_call, audit_call, custodian_call = creates
+    assert audit_call == (
+        f"keyvault role assignment create --hsm-name contoso-mhsm --role {AUDIT_SIGNER_ROLE} "
+        f"--scope /keys/{DEFAULT_AUDIT_KEY} --assignee-object-id {FUNCTION_OID} --output none "
+        "--assignee-principal-type ServicePrincipal"
+    )
     for expected in (
         "--hsm-name contoso-mhsm",
         "--role BYOK Importer",
@@ -2311,9 +2911,10 @@ def test_role_script_builtin_role_is_opt_in(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert not any(c.startswith("keyvault role definition") for c in calls)
     creates = [c for c in calls if c.startswith("keyvault role assignment create")]
-    assert len(creates) == 2
+    assert len(creates) == 3
     assert all("--role Managed HSM Crypto User" in c for c in creates)
-    assert "--scope /keys/KEKforBYOK" in creates[1]
+    assert f"--scope /keys/{DEFAULT_AUDIT_KEY} " in creates[1]
+    assert "--scope /keys/KEKforBYOK" in creates[2]
 
 
 def test_role_script_is_idempotent(tmp_path: Path) -> None:
@@ -2329,7 +2930,156 @@ def test_role_script_dry_run_calls_nothing(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert calls == []
     assert "role definition 'BYOK Importer'" in proc.stdout
+    assert "role definition 'BYOK Audit Signer'" in proc.stdout
     assert "role 'BYOK KEK Custodian' at scope '/keys/KEKforBYOK'" in proc.stdout
+    assert (
+        f"role 'BYOK Audit Signer' at scope '/keys/{DEFAULT_AUDIT_KEY}' for {FUNCTION_OID}"
+        in proc.stdout
+    )
+
+
+ASSIGNMENT_RE = re.compile(
+    r"keyvault role assignment create --hsm-name \S+ --role (.+?) --scope (\S+) "
+    r"--assignee-object-id (\S+)"
+)
+
+
+def audit_signer_findings(infra: Path, tmp_path: Path) -> Findings:
+    """The Function signs with its audit key only: the role file of `infra` grants sign and read
+    and nothing else, the importer (at /keys) cannot sign, and the role script, run against a
+    stand-in az with --audit-key, creates the role and assigns it to the Function at exactly
+    /keys/<that key>, nowhere else."""
+    findings: Findings = []
+    roles = infra / "hsm-roles"
+    signer = json.loads((roles / "byok-audit-signer.json").read_text(encoding="utf-8"))
+    if signer.get("roleName") != AUDIT_SIGNER_ROLE:
+        findings.append(f"hsm roles: the audit signer role must be named {AUDIT_SIGNER_ROLE!r}")
+    actions = signer.get("dataActions", [])
+    if sorted(actions) != sorted(AUDIT_SIGNER_DATA_ACTIONS):
+        findings.append(
+            f"hsm roles: {AUDIT_SIGNER_ROLE} must have exactly the data actions "
+            f"{sorted(AUDIT_SIGNER_DATA_ACTIONS)}, has {actions}"
+        )
+    if any(signer.get(k) for k in ("actions", "notActions", "notDataActions")):
+        findings.append(f"hsm roles: {AUDIT_SIGNER_ROLE} has actions beyond its data actions")
+    for name in ("byok-importer.json", "byok-kek-custodian.json"):
+        other = json.loads((roles / name).read_text(encoding="utf-8"))
+        signing = [a for a in other.get("dataActions", []) if "sign" in a or "*" in a]
+        if signing:
+            findings.append(f"hsm roles: {other.get('roleName')} may sign: {signing}")
+    key = "audit-key-under-test"
+    script = infra / "assign-hsm-roles.sh"
+    args = ["--hsm-name", "contoso-mhsm", "--function-principal-id", FUNCTION_OID]
+    proc, calls = run_role_script([*args, "--audit-key", key], tmp_path, script=script)
+    if proc.returncode != 0:
+        return [*findings, f"hsm roles: the role script failed: {proc.stderr[-500:]}"]
+    definition = (
+        f"keyvault role definition create --hsm-name contoso-mhsm --role-definition "
+        f"@{roles / 'byok-audit-signer.json'} --output none"
+    )
+    if definition not in calls:
+        findings.append(f"hsm roles: the script does not create {AUDIT_SIGNER_ROLE} from its file")
+    assigned = [m.groups() for m in map(ASSIGNMENT_RE.match, calls) if m]
+    signer_scopes = sorted(
+        (scope, principal) for role, scope, principal in assigned if role == AUDIT_SIGNER_ROLE
+    )
+    if signer_scopes != [(f"/keys/{key}", FUNCTION_OID)]:
+        findings.append(
+            f"hsm roles: {AUDIT_SIGNER_ROLE} must be assigned to the Function at /keys/{key} "
+            f"only (--audit-key), is at {signer_scopes}"
+        )
+    return findings
+
+
+def test_audit_signer_role_is_sign_and_read_on_the_audit_key_only(tmp_path: Path) -> None:
+    assert audit_signer_findings(INFRA_DIR, tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("relative", "old", "new", "phrase"),
+    [
+        (
+            "hsm-roles/byok-audit-signer.json",
+            f'"{HSM_KEYS}/sign/action",',
+            f'"{HSM_KEYS}/sign/action",\n    "{HSM_KEYS}/encrypt/action",',
+            "exactly the data actions",
+        ),
+        (
+            "hsm-roles/byok-audit-signer.json",
+            f'"{HSM_KEYS}/read/action"',
+            f'"{HSM_KEYS}/*"',
+            "exactly the data actions",
+        ),
+        (
+            "hsm-roles/byok-importer.json",
+            f'"{HSM_KEYS}/encrypt/action"',
+            f'"{HSM_KEYS}/encrypt/action",\n    "{HSM_KEYS}/sign/action"',
+            "BYOK Importer may sign",
+        ),
+        (
+            "assign-hsm-roles.sh",
+            '"$audit_role" "/keys/$audit_key"',
+            '"$audit_role" "/keys"',
+            "at /keys/audit-key-under-test only",
+        ),
+        (
+            "assign-hsm-roles.sh",
+            '      audit_key="$2"\n',
+            '      : "$2"\n',
+            "at /keys/audit-key-under-test only",
+        ),
+        (
+            "assign-hsm-roles.sh",
+            (
+                'ensure_assignment "$function_principal_id" "$audit_role" "/keys/$audit_key" '
+                '"ServicePrincipal"\n'
+            ),
+            "",
+            "at /keys/audit-key-under-test only",
+        ),
+        (
+            "assign-hsm-roles.sh",
+            'readonly AUDIT_SIGNER_ROLE_FILE="$script_dir/hsm-roles/byok-audit-signer.json"',
+            'readonly AUDIT_SIGNER_ROLE_FILE="$script_dir/hsm-roles/byok-importer.json"',
+            "does not create BYOK Audit Signer from its file",
+        ),
+    ],
+    ids=[
+        "signer-encrypts",
+        "signer-wildcard",
+        "importer-signs",
+        "signer-on-every-key",
+        "audit-key-ignored",
+        "signer-not-assigned",
+        "signer-from-importer-file",
+    ],
+)
+def test_audit_signer_check_catches_a_weakened_copy(
+    tmp_path: Path, relative: str, old: str, new: str, phrase: str
+) -> None:
+    root = tmp_path / "infra"
+    shutil.copytree(INFRA_DIR, root)
+    target = root / relative
+    text = target.read_text(encoding="utf-8")
+    assert text.count(old) == 1, f"{old!r} must occur once in {relative}"
+    target.write_text(text.replace(old, new), encoding="utf-8")
+    findings = audit_signer_findings(root, tmp_path)
+    assert any(phrase in f for f in findings), findings
+
+
+def test_role_script_audit_key_is_idempotent(tmp_path: Path) -> None:
+    args = [*CUSTODIAN_ARGS, "--audit-key", "signer-2"]
+    proc, calls = run_role_script(args, tmp_path, existing=1)
+    assert proc.returncode == 0, proc.stderr
+    assert [c for c in calls if " create " in f" {c} "] == []
+    assert any(
+        c.startswith("keyvault role assignment list")
+        and "--scope /keys/signer-2 --role BYOK Audit Signer" in c
+        for c in calls
+    ), calls
+    assert any(
+        c.startswith("keyvault role definition list") and "'BYOK Audit Signer'" in c for c in calls
+    ), calls
 
 
 # --------------------------------------------------------------------------- tests: README
@@ -2350,6 +3100,14 @@ def test_readme_covers_the_runbook() -> None:
         "byok-config",
         "byok-approvals",
         "BYOK_POLICY_BLOB",
+        "byok-audit-people",
+        "auditSigningKid",
+        "BYOK_AUDIT_SIGNING_KID",
+        "byok audit init",
+        "--audit-key",
+        "BYOK Audit Signer",
+        "auditPeoplePolicyLocked",
+        "Monitoring Metrics Publisher",
     ):
         assert phrase in text, phrase
 

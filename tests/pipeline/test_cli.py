@@ -14,15 +14,40 @@ import pytest
 from pipeline_support import Stack
 
 from byok_pipeline.cli.main import main
+from managed_hsm_emulator.testing import EmulatorHandle
 from offline_packager.cli import main as package_main
 
 pytestmark = pytest.mark.azurite
 
 
+@pytest.fixture(scope="session")
+def audit_keys(hsm: EmulatorHandle, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The audit signers the CLI needs: the pipeline's key in the emulator (`byok watch`) and
+    a person's key file (`byok kek`, `byok policy set`, `byok import`)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = hsm.key_client().create_ec_key(
+        "cli-audit-signer", curve="P-256", key_operations=["sign", "verify"],
+        hardware_protected=True,
+    )  # fmt: skip
+    person = tmp_path_factory.mktemp("person") / "person.key.pem"
+    person.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return {"BYOK_AUDIT_SIGNING_KID": str(key.id), "BYOK_AUDIT_PERSON_KEY": str(person)}
+
+
 @pytest.fixture
-def cli_env(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
+def cli_env(stack: Stack, monkeypatch: pytest.MonkeyPatch, audit_keys: dict[str, str]) -> Stack:
     s = stack.settings
     for key, value in {
+        **audit_keys,
+        "BYOK_AUDIT_PEOPLE_CONTAINER": s.audit_people_container,
         "BYOK_HSM_URL": stack.hsm.url,
         "BYOK_HSM_CA_BUNDLE": str(stack.hsm.ca),
         "BYOK_HSM_EMULATOR_DIR": str(stack.hsm.data_dir),
@@ -382,3 +407,26 @@ def test_dual_control_through_the_cli(
     done = run_json(capsys, "status", name)
     assert (done["state"], done["fingerprint_result"]) == ("imported", "match")
     assert sorted(g["approver_id"] for g in done["approvals"]["given"]) == ["alice", "carol"]
+
+
+def test_audit_init_creates_a_sign_only_key_and_its_trust_entry(
+    cli_env: Stack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import secrets
+
+    stack = cli_env
+    name = f"audit-signer-{secrets.token_hex(3)}"
+    created = run_json(capsys, "audit", "init", "--name", name)
+    key = stack.hsm.key_client().get_key(name)
+    assert created["kid"] == str(key.id)
+    assert sorted(str(getattr(o, "value", o)) for o in key.key_operations or []) == [
+        "sign", "verify",
+    ]  # fmt: skip
+    entry = created["trust_entry"]
+    assert (entry["kid"], entry["role"]) == (str(key.id), "pipeline")
+    assert entry["public_key_pem"].startswith("-----BEGIN PUBLIC KEY-----")
+    assert run_json(capsys, "audit", "init", "--name", name, expect=2)["reason"] == (
+        "audit_key_exists"
+    )
+    rotated = run_json(capsys, "audit", "init", "--name", name, "--new-version")
+    assert rotated["kid"] != created["kid"]
