@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
 
-def _lint(cwd: Path) -> subprocess.CompletedProcess[str]:
+def _lint(cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(LINT_IMPORTS), "--no-cache"],
         cwd=cwd,
@@ -21,6 +21,7 @@ def _lint(cwd: Path) -> subprocess.CompletedProcess[str]:
         text=True,
         check=False,
         timeout=300,
+        env=env,
     )
 
 
@@ -39,20 +40,17 @@ def _copy(tmp: Path) -> Path:
     return root
 
 
+def _lint_copy(root: Path) -> subprocess.CompletedProcess[str]:
+    """lint-imports over the copy at ``root`` (its packages first on the path)."""
+    return _lint(root, {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+
+
 def test_a_core_module_importing_azure_breaks_a_contract(tmp_path: Path) -> None:
     """The check can fail: an Azure import in the core (even inside a function) is caught."""
     root = _copy(tmp_path)
     status = root / "byok_pipeline" / "core" / "status.py"
     status.write_text(status.read_text() + "\n\ndef _late() -> None:\n    import azure.core\n")
-    result = subprocess.run(
-        [str(LINT_IMPORTS), "--no-cache"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
-    )
+    result = _lint_copy(root)
     assert result.returncode != 0
     assert "The pure core imports no Azure SDK BROKEN" in result.stdout
 
@@ -61,15 +59,7 @@ def test_an_upward_import_breaks_the_layers(tmp_path: Path) -> None:
     root = _copy(tmp_path)
     target = root / "byok_pipeline" / "adapters" / "blobstore.py"
     target.write_text(target.read_text() + "\nfrom byok_pipeline.processing import runtime\n")
-    result = subprocess.run(
-        [str(LINT_IMPORTS), "--no-cache"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
-    )
+    result = _lint_copy(root)
     assert result.returncode != 0
     assert "byok_pipeline layers" in result.stdout
     assert "BROKEN" in result.stdout
