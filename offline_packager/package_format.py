@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -115,6 +116,13 @@ def _reject_constant(name: str) -> None:
     raise PackageFormatError(f"invalid JSON constant {name}")
 
 
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 is Infinity spelled differently
+        raise PackageFormatError("a JSON number is out of range")
+    return value
+
+
 def _parse_int(text: str) -> int:
     if len(text.lstrip("-")) > _MAX_INT_DIGITS:
         raise PackageFormatError(f"a JSON number has more than {_MAX_INT_DIGITS} digits")
@@ -123,7 +131,8 @@ def _parse_int(text: str) -> int:
 
 @refuses(_malformed)
 def load_json_strict(data: bytes, *, what: str = "package") -> Any:
-    """Parse UTF-8 JSON strictly: no duplicate keys, no NaN/Infinity, no huge integers.
+    """Parse UTF-8 JSON strictly: no duplicate keys, no NaN/Infinity (nor 1e999), no huge
+    integers.
 
     Raises:
         PackageFormatError: reason ``malformed_package``.
@@ -138,6 +147,7 @@ def load_json_strict(data: bytes, *, what: str = "package") -> Any:
             object_pairs_hook=_reject_duplicates,
             parse_constant=_reject_constant,
             parse_int=_parse_int,
+            parse_float=_parse_float,
         )
     except json.JSONDecodeError as exc:
         raise PackageFormatError(

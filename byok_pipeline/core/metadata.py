@@ -41,6 +41,7 @@ _KCV = re.compile(r"[0-9A-F]{6}")
 _MAX_TAGS_TEXT = 8192  # ten tags of 256 + 256 characters, JSON-quoted, fit easily
 _RESERVED_TAGS = frozenset({"byok-package-sha256", "byok-kek-kid"})
 MAX_TAGS = 10
+_KNOWN_KEY_OPS = frozenset(op for t in TARGET_TYPES.values() for op in t.allowed_key_ops)
 
 
 @dataclass(frozen=True)
@@ -165,10 +166,13 @@ def parse_metadata(meta: Mapping[str, str]) -> ImportOptions:
     key_ops: tuple[str, ...] | None = None
     if META_KEY_OPS in lower:
         key_ops = tuple(
-            dict.fromkeys(o.strip() for o in lower[META_KEY_OPS].split(",") if o.strip())
+            dict.fromkeys(o.strip(" ") for o in lower[META_KEY_OPS].split(",") if o.strip(" "))
         )
         if not key_ops:
             raise _bad("key ops is empty")
+        unknown_ops = [o for o in key_ops if o not in _KNOWN_KEY_OPS]
+        if unknown_ops:
+            raise _bad(f"unknown key operations {shown(unknown_ops)}")
         if target is not None:
             bad = [o for o in key_ops if o not in target.allowed_key_ops]
             if bad:
