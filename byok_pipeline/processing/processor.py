@@ -293,6 +293,7 @@ class _Run:
         earlier, or taken over from a record that was refused).
 
         Raises:
+            InProgress: other drops of the same package kept taking the identity over.
             TransientError: storage failed.
         """
         doc, store = self.doc, self.deps.store
@@ -571,7 +572,11 @@ def _redrop(first: _Run, sha: str | None) -> StatusDoc | Outcome:
 
 def _keep_name_on(retired: str, doc: StatusDoc, path: str, store: BlobStore) -> None:
     """A retired record keeps its name: ``byok status`` of the name it was refused under shows
-    that refusal, not the record of a later drop of the same bytes under another name."""
+    that refusal, not the record of a later drop of the same bytes under another name.
+
+    Raises:
+        TransientError: storage failed.
+    """
     if store.indexed_path(doc.blob_name) == path:
         store.index_name(doc, retired)
 
