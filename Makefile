@@ -9,12 +9,13 @@ PY := $(VENV)/bin/python
 INFRA_VENV := .venv-infra
 APT_PACKAGES := softhsm2 openssl
 
-.PHONY: help test demo lint typecheck unit deps system-deps node-deps infra-deps bench clean package
+.PHONY: help test demo lint typecheck unit deps system-deps node-deps infra-deps bench clean package fuzz
 
 help:
 	@echo "make test   - install dependencies, run ruff, mypy and pytest"
 	@echo "make demo   - end-to-end BYOK walk-through on local services"
 	@echo "make bench  - print benchmark figures (not part of the tests)"
+	@echo "make fuzz   - the mutation campaign: 100,000 hostile packages (not part of the tests)"
 	@echo "make package - build dist/function-app.zip, the Function's deployment package"
 
 # System packages: SoftHSM2 (the PKCS#11 HSM for tests) and the OpenSSL CLI (independent
@@ -78,6 +79,10 @@ bench: deps
 	$(PY) benchmarks/packager_bench.py
 	$(PY) benchmarks/pipeline_bench.py
 	$(PY) benchmarks/emulator_bench.py
+
+# The mutation campaign (README "Reliability"); `make test` runs a fixed-seed sample of it.
+fuzz: deps
+	$(PY) scripts/fuzz.py
 
 clean:
 	-[ -f .byok-dev/stack.json ] && $(VENV)/bin/byok dev down --dir .byok-dev

@@ -374,14 +374,7 @@ class KeyVaultHandler(BaseHTTPRequestHandler):
         r: Route = route(self.command, path)
         entry["operation"] = r.operation
         api_version = check_api_version(query.get("api-version"))
-        body: Any = None
-        if body_bytes:
-            try:
-                body = json.loads(body_bytes, parse_constant=_reject_constant)
-            except (ValueError, RecursionError):
-                raise BadParameterError(
-                    "the request body is not valid JSON", reason="bad_body"
-                ) from None
+        body = parse_request_body(body_bytes)
         return self.server.service.handle(
             ServiceRequest(
                 route=r,
@@ -492,6 +485,21 @@ class KeyVaultHandler(BaseHTTPRequestHandler):
                 raise PathNotFoundError("no such fault rule")
             return 204, None
         raise PathNotFoundError(f"no admin operation {method} {path}")
+
+
+def parse_request_body(body_bytes: bytes) -> Any:
+    """A request body as JSON (None when empty).
+
+    Raises:
+        BadParameterError: reason ``bad_body``: not JSON (or nested too deeply, or a number
+            too long for Python's int-string limit).
+    """
+    if not body_bytes:
+        return None
+    try:
+        return json.loads(body_bytes, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise BadParameterError("the request body is not valid JSON", reason="bad_body") from None
 
 
 def _reject_constant(name: str) -> None:

@@ -8,6 +8,7 @@ layer turns into Key Vault's error shape. Clock and randomness are injectable.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +21,7 @@ from offline_packager.package_format import b64url_decode, b64url_encode
 
 from . import crypto_ops
 from .byok import Kek, check_kek, import_byok, kek_not_found
-from .errors import BadParameterError, ConflictError, KeyNotFoundError
+from .errors import BadParameterError, ConflictError, EmulatorError, KeyNotFoundError
 from .material import KeyMaterial, family_of, hsm_kty
 from .model import (
     DeletedInfo,
@@ -40,6 +41,20 @@ MAX_RESULTS = 25
 DEFAULT_RETENTION_DAYS = 7
 MAX_RANDOM_BYTES = 128
 _DAY = 86400
+LOG = logging.getLogger("managed_hsm_emulator")
+# What a body of an unexpected shape makes an operation raise (a number where a string was
+# expected, a list for an object, a huge integer, deep nesting): a 400, not a 500. OSError and
+# the like stay 500s: they are the emulator's own failures.
+_BODY_ERRORS = (
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    OverflowError,
+    RecursionError,
+    UnicodeError,
+)
 
 
 @dataclass(frozen=True)
@@ -88,7 +103,7 @@ def check_api_version(value: str | None) -> str:
 
 
 def _check_name(name: str | None) -> str:
-    if name is None or not KEY_NAME_RE.match(name):
+    if name is None or not KEY_NAME_RE.fullmatch(name):
         raise BadParameterError(
             "key names are 1-127 characters: letters, digits and dashes", reason="bad_key_name"
         )
@@ -145,7 +160,22 @@ class KeyVaultService:
         handler: Callable[[ServiceRequest], ServiceResponse] = getattr(
             self, f"_op_{req.route.operation}"
         )
-        return handler(req)
+        if req.body is None:
+            return handler(req)
+        try:
+            return handler(req)
+        except EmulatorError:
+            raise
+        except _BODY_ERRORS as exc:
+            # A request body is untrusted input: whatever shape of it an operation could not
+            # handle is the client's error (400 with a reason), never a 500.
+            LOG.warning(
+                "refused a body %s could not handle (%s)", req.route.operation, type(exc).__name__
+            )
+            raise BadParameterError(
+                f"the request body could not be processed ({type(exc).__name__})",
+                reason="bad_body",
+            ) from None
 
     # --- shaping ------------------------------------------------------------------------------
 

@@ -93,6 +93,31 @@ def _infer_kek_size(report: PackageReport, total: int, stated: TargetType | None
     return False
 
 
+def _made_for_another_kek_size(
+    report: PackageReport, total: int, stated: TargetType | None, kwp_len: int
+) -> bool:
+    """The kid names a real KEK, but the ciphertext's layout fits only a KEK of another size:
+    the package was wrapped under another KEK (a KEK refusal, not a length or type one)."""
+    assert report.kek_size is not None  # noqa: S101  # the caller set it from the KEK
+    fits_this = kwp_len >= 16 and kwp_len % 8 == 0
+    if fits_this and (
+        kwp_length_plausible(stated, kwp_len)
+        if stated is not None
+        else infer_from_kwp_length(kwp_len) is not None
+    ):
+        return False
+    others = sorted({bits for bits, _ in _candidate_kek_sizes(total, stated)} - {report.kek_size})
+    if not others:
+        return False
+    sizes = " or ".join(f"RSA-{bits}" for bits in others)
+    report.add(
+        "kek_mismatch",
+        f"the ciphertext's layout fits an {sizes} KEK, not the RSA-{report.kek_size} KEK the "
+        "kid names: the package was wrapped under another KEK",
+    )
+    return True
+
+
 def check_package(
     data: bytes,
     *,
@@ -141,6 +166,8 @@ def check_package(
     k = report.kek_size // 8
     report.rsa_block_bytes = min(k, total)
     kwp_len = total - k
+    if kek is not None and _made_for_another_kek_size(report, total, stated, kwp_len):
+        return report
     if kwp_len < 16 or kwp_len % 8:
         report.add(
             "ciphertext_length_mismatch",

@@ -7,13 +7,23 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from .errors import KidError
+from .guard import refuses
 
-KEY_NAME_RE = re.compile(r"^[0-9a-zA-Z-]{1,127}$")
-_VERSION_RE = re.compile(r"^[0-9a-f]{32}$")
+# Match these with fullmatch only: ``$`` also matches before a final newline.
+KEY_NAME_RE = re.compile(r"[0-9a-zA-Z-]{1,127}")
+_VERSION_RE = re.compile(r"[0-9a-f]{32}")
 _HOST_RE = re.compile(
-    r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+    r"(?=.{1,253}\Z)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
 )
+# The documented grammar's alphabet: printable ASCII without spaces (urlsplit silently drops
+# tabs and newlines, and NFKC-normalises other characters: they must never reach it).
+_KID_CHARS_RE = re.compile(r"[\x21-\x7e]+")
 _MAX_KID = 512
+
+
+def is_key_name(name: object) -> bool:
+    """True if ``name`` is a Managed HSM key name (1-127 of 0-9 a-z A-Z -), exactly."""
+    return isinstance(name, str) and KEY_NAME_RE.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)
@@ -33,6 +43,11 @@ class KeyId:
         return self.kid
 
 
+def _bad_kid(message: str) -> KidError:
+    return KidError(message)
+
+
+@refuses(_bad_kid)
 def parse_kid(kid: str, *, expected_host: str | None = None) -> KeyId:
     """Parse a versioned kid.
 
@@ -42,7 +57,12 @@ def parse_kid(kid: str, *, expected_host: str | None = None) -> KeyId:
     """
     if not isinstance(kid, str) or not kid or len(kid) > _MAX_KID:
         raise KidError("kid must be a non-empty string of at most 512 characters")
-    parts = urlsplit(kid)
+    if not _KID_CHARS_RE.fullmatch(kid):
+        raise KidError("kid has a character outside printable ASCII (a space, tab or control)")
+    try:
+        parts = urlsplit(kid)
+    except ValueError:  # an unclosed "[", an invalid IPv6 literal
+        raise KidError("kid is not a well-formed https URL") from None
     if parts.scheme != "https":
         raise KidError("kid must be an https URL (https://<host>/keys/<name>/<version>)")
     if parts.query or parts.fragment or parts.username or parts.password:
@@ -52,7 +72,7 @@ def parse_kid(kid: str, *, expected_host: str | None = None) -> KeyId:
         port = parts.port
     except ValueError:
         raise KidError("kid has an invalid port") from None
-    if not _HOST_RE.match(host):
+    if not _HOST_RE.fullmatch(host):
         raise KidError("kid has an invalid host name")
     netloc = f"{host}:{port}" if port is not None else host
     segments = parts.path.split("/")
@@ -62,11 +82,11 @@ def parse_kid(kid: str, *, expected_host: str | None = None) -> KeyId:
         raise KidError("kid has no version: the KEK must be named with its exact version")
     else:
         raise KidError("kid path must be /keys/<name>/<version>")
-    if not KEY_NAME_RE.match(name):
+    if not KEY_NAME_RE.fullmatch(name):
         raise KidError("kid key name must match ^[0-9a-zA-Z-]{1,127}$")
     if not version:
         raise KidError("kid has no version: the KEK must be named with its exact version")
-    if not _VERSION_RE.match(version):
+    if not _VERSION_RE.fullmatch(version):
         raise KidError("kid version must be 32 lower-case hex digits")
     key_id = KeyId(f"https://{netloc}", netloc, name, version)
     if expected_host is not None and netloc != expected_host.lower():

@@ -12,11 +12,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import PackageFormatError
+from .guard import refuses
 
 SCHEMA_VERSION = "1.0.0"
 ALG = "dir"
@@ -24,8 +26,17 @@ ENC = "CKM_RSA_AES_KEY_WRAP"
 MAX_PACKAGE_BYTES = 64 * 1024
 _TOP_FIELDS = frozenset({"schema_version", "header", "ciphertext", "generator"})
 _HEADER_FIELDS = frozenset({"kid", "alg", "enc"})
-_B64URL_RE = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
+_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*={0,2}")
 _MAX_GENERATOR = 1024
+_MAX_INT_DIGITS = 64  # no field of a package is a number: a long one is only ever an attack
+
+
+def _malformed(message: str) -> PackageFormatError:
+    return PackageFormatError(message)
+
+
+def _bad_base64(message: str) -> PackageFormatError:
+    return PackageFormatError(message, reason="bad_base64")
 
 
 def b64url_encode(data: bytes) -> str:
@@ -33,13 +44,19 @@ def b64url_encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+@refuses(_bad_base64)
 def b64url_decode(text: str) -> bytes:
-    """Decode base64url with or without ``=`` padding; reject anything else.
+    """Decode base64url with or without ``=`` padding; reject anything else (whitespace, a
+    trailing newline, characters outside the alphabet).
 
     Raises:
         PackageFormatError: reason ``bad_base64``.
     """
-    if not _B64URL_RE.match(text) or len(text.rstrip("=")) % 4 == 1:
+    if (
+        not isinstance(text, str)
+        or not _B64URL_RE.fullmatch(text)
+        or len(text.rstrip("=")) % 4 == 1
+    ):
         raise PackageFormatError("ciphertext is not valid base64url", reason="bad_base64")
     stripped = text.rstrip("=")
     if text != stripped and len(text) % 4:
@@ -99,8 +116,23 @@ def _reject_constant(name: str) -> None:
     raise PackageFormatError(f"invalid JSON constant {name}")
 
 
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 is Infinity spelled differently
+        raise PackageFormatError("a JSON number is out of range")
+    return value
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise PackageFormatError(f"a JSON number has more than {_MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+@refuses(_malformed)
 def load_json_strict(data: bytes, *, what: str = "package") -> Any:
-    """Parse UTF-8 JSON strictly: no duplicate keys, no NaN/Infinity.
+    """Parse UTF-8 JSON strictly: no duplicate keys, no NaN/Infinity (nor 1e999), no huge
+    integers.
 
     Raises:
         PackageFormatError: reason ``malformed_package``.
@@ -111,7 +143,11 @@ def load_json_strict(data: bytes, *, what: str = "package") -> Any:
         raise PackageFormatError(f"the {what} is not UTF-8 text") from None
     try:
         return json.loads(
-            text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
+            text,
+            object_pairs_hook=_reject_duplicates,
+            parse_constant=_reject_constant,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
         )
     except json.JSONDecodeError as exc:
         raise PackageFormatError(
@@ -121,6 +157,7 @@ def load_json_strict(data: bytes, *, what: str = "package") -> Any:
         raise PackageFormatError(f"the {what} JSON is nested too deeply") from None
 
 
+@refuses(_malformed)
 def parse_package(data: bytes, *, max_bytes: int = MAX_PACKAGE_BYTES) -> ByokPackage:
     """Parse a .byok file strictly (pretty-printed, CRLF and padded base64url accepted).
 

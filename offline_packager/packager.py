@@ -18,7 +18,7 @@ from .manifest import build_manifest
 from .package_format import encode_package
 from .target_keys import TargetPublic
 
-_OUT_RE = re.compile(r"^(?P<name>.+)\.byok$")
+_OUT_RE = re.compile(r"(?P<name>.+)\.byok")
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,8 @@ def key_name_from_output(out: Path) -> str:
     Raises:
         ByokError: reason ``bad_output_name``.
     """
-    match = _OUT_RE.match(out.name)
-    if match is None or not KEY_NAME_RE.match(match["name"]):
+    match = _OUT_RE.fullmatch(out.name)
+    if match is None or not KEY_NAME_RE.fullmatch(match["name"]):
         raise ByokError(
             "the output must be named NAME.byok, NAME being the key name to import "
             "(1-127 of 0-9 a-z A-Z -)",

@@ -28,6 +28,7 @@ from byok_pipeline.adapters.transient import as_transient
 from byok_pipeline.core.errors import InProgress, PipelineError, TransientError
 from byok_pipeline.core.settings import Settings
 from byok_pipeline.core.status import StatusDoc
+from offline_packager.kid import is_key_name
 
 
 class BlobGone(PipelineError):
@@ -202,9 +203,13 @@ class BlobStore:
     def create_status(self, path: str, doc: StatusDoc) -> bool:
         """Create the document only if absent (``if_none_match='*'``): the claim. True if created.
 
+        The name index is written first, so a worker dying between the two leaves nothing
+        claimed that ``byok status NAME`` cannot find.
+
         Raises:
             TransientError: storage failed.
         """
+        self.index_name(doc, path)
         try:
             self._status_blob(path).upload_blob(
                 doc.to_json(), overwrite=False, metadata=_status_meta(doc)
@@ -217,7 +222,6 @@ class BlobStore:
             raise _transient_or_raise(exc, "creating status") from None
         except AzureError as exc:
             raise _transient_or_raise(exc, "creating status") from None
-        self.index_name(doc, path)
         return True
 
     def index_name(self, doc: StatusDoc, path: str) -> None:
@@ -229,6 +233,73 @@ class BlobStore:
             )
         except AzureError as exc:
             raise _transient_or_raise(exc, "indexing status") from None
+
+    def indexed_path(self, blob_name: str) -> str | None:
+        """The status document ``names/<blob name>`` points at, None when not indexed.
+
+        Raises:
+            TransientError: storage failed.
+        """
+        try:
+            raw = (
+                self._status_blob(f"names/{quote(blob_name, safe='')}.json")
+                .download_blob()
+                .readall()
+            )
+        except ResourceNotFoundError:
+            return None
+        except AzureError as exc:
+            raise _transient_or_raise(exc, "reading status index") from None
+        return str(json.loads(raw)["status"])
+
+    # -- canonical identities (exactly-once across reformatted copies) -------------------------
+    def claim_identity(self, package_id: str, path: str) -> tuple[str, str | None]:
+        """Make ``identities/<package_id>`` point at ``path`` unless it points elsewhere.
+
+        Returns (the path it points at, its etag for :meth:`take_identity`).
+
+        Raises:
+            TransientError: storage failed.
+        """
+        blob = self._status_blob(f"identities/{package_id}.json")
+        body = json.dumps({"status": path}).encode()
+        try:
+            result = blob.upload_blob(body, overwrite=False)
+            return path, str(result["etag"])
+        except ResourceExistsError:
+            pass
+        except HttpResponseError as exc:
+            if exc.status_code not in (409, 412):
+                raise _transient_or_raise(exc, "claiming identity") from None
+        except AzureError as exc:
+            raise _transient_or_raise(exc, "claiming identity") from None
+        try:
+            downloader = blob.download_blob()
+            raw = downloader.readall()
+        except AzureError as exc:
+            raise _transient_or_raise(exc, "reading identity") from None
+        return str(json.loads(raw)["status"]), downloader.properties.etag
+
+    def take_identity(self, package_id: str, path: str, etag: str | None) -> bool:
+        """Re-point an identity whose record was refused at ``path``, if nobody else did first
+        (``etag`` condition). True if taken.
+
+        Raises:
+            TransientError: storage failed.
+        """
+        blob = self._status_blob(f"identities/{package_id}.json")
+        body = json.dumps({"status": path}).encode()
+        try:
+            blob.upload_blob(body, overwrite=True, etag=etag, match_condition=_if_match())
+        except ResourceModifiedError:
+            return False
+        except HttpResponseError as exc:
+            if exc.status_code == 412:
+                return False
+            raise _transient_or_raise(exc, "claiming identity") from None
+        except AzureError as exc:
+            raise _transient_or_raise(exc, "claiming identity") from None
+        return True
 
     def load_status(self, path: str) -> StatusDoc | None:
         try:
@@ -322,18 +393,25 @@ class BlobStore:
             raise _transient_or_raise(exc, "listing statuses") from None
 
     def status_by_name(self, blob_name: str) -> StatusDoc | None:
-        """The latest status of the package dropped as ``blob_name``."""
-        try:
-            raw = (
-                self._status_blob(f"names/{quote(blob_name, safe='')}.json")
-                .download_blob()
-                .readall()
-            )
-        except ResourceNotFoundError:
-            return None
-        except AzureError as exc:
-            raise _transient_or_raise(exc, "reading status index") from None
-        return self.load_status(json.loads(raw)["status"])
+        """The latest status of the package dropped as exactly ``blob_name``.
+
+        Raises:
+            TransientError: storage failed.
+        """
+        path = self.indexed_path(blob_name)
+        return None if path is None else self.load_status(path)
+
+    def status_by_blob_or_key_name(self, name: str) -> StatusDoc | None:
+        """``byok status NAME``: the blob named exactly ``name`` first; else, when ``name`` is a
+        key name (no ``.byok``), the drop ``NAME.byok``. Nothing else is guessed.
+
+        Raises:
+            TransientError: storage failed.
+        """
+        doc = self.status_by_name(name)
+        if doc is None and is_key_name(name):
+            doc = self.status_by_name(f"{name}.byok")
+        return doc
 
 
 def _if_match() -> Any:

@@ -26,7 +26,7 @@ from byok_pipeline.core.reasons import REASONS
 from byok_pipeline.core.settings import Settings
 from offline_packager.atomic import write_files_atomically
 from offline_packager.errors import ByokError
-from offline_packager.kid import parse_kid
+from offline_packager.kid import is_key_name, parse_kid
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
 
@@ -113,7 +113,7 @@ def cmd_kek_create(args: argparse.Namespace) -> int:
     from byok_pipeline.audit.events import cli_event
     from offline_packager.kid import KEY_NAME_RE
 
-    if not KEY_NAME_RE.match(args.name):
+    if not KEY_NAME_RE.fullmatch(args.name):
         raise Rejected("bad_key_name", "a key name is 1-127 of 0-9 a-z A-Z -")
     settings = _settings(args)
     sink = _audit_sink(settings)
@@ -437,10 +437,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args, require_hsm=False)
     store = _store(settings)
     if args.name:
-        blob_name = args.name if args.name.endswith(".byok") else f"{args.name}.byok"
-        doc = store.status_by_name(blob_name)
+        doc = store.status_by_blob_or_key_name(args.name)
         if doc is None:
-            if blob_name in store.list_incoming():
+            waiting = store.list_incoming()
+            blob_name = args.name
+            if blob_name not in waiting and is_key_name(args.name):
+                blob_name = f"{args.name}.byok"
+            if blob_name in waiting:
                 _out(
                     args,
                     {"blob_name": blob_name, "state": "waiting"},

@@ -9,7 +9,9 @@ from typing import Any
 from byok_pipeline.core.errors import PipelineError
 
 BLOB_CREATED = "Microsoft.Storage.BlobCreated"
-_SUBJECT = re.compile(r"^/blobServices/default/containers/(?P<container>[^/]+)/blobs/(?P<blob>.+)$")
+_SUBJECT = re.compile(
+    r"/blobServices/default/containers/(?P<container>[^/]+)/blobs/(?P<blob>.+)", re.DOTALL
+)
 
 
 class EventError(PipelineError):
@@ -42,7 +44,8 @@ class BlobCreatedEvent:
         etype = event.get("eventType") or event.get("type")
         if etype != BLOB_CREATED:
             raise EventError(f"not a BlobCreated event: {etype!r}")
-        match = _SUBJECT.match(str(event.get("subject", "")))
+        # fullmatch: a name ending in a newline stays that name (``$`` would cut the newline)
+        match = _SUBJECT.fullmatch(str(event.get("subject", "")))
         if match is None:
             raise EventError("BlobCreated subject does not name a blob")
         data = event.get("data") or {}

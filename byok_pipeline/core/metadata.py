@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from byok_pipeline.core.errors import Rejected
+from offline_packager.guard import refuses
 from offline_packager.keytypes import TARGET_TYPES, TargetType
 from offline_packager.package_format import shown
 from offline_packager.target_keys import Fingerprint
@@ -34,10 +35,13 @@ KNOWN = frozenset(
         META_KEK_SHA256,
     }
 )
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_KCV = re.compile(r"^[0-9A-F]{6}$")
+# fullmatch only (``$`` matches before a final newline)
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_KCV = re.compile(r"[0-9A-F]{6}")
+_MAX_TAGS_TEXT = 8192  # ten tags of 256 + 256 characters, JSON-quoted, fit easily
 _RESERVED_TAGS = frozenset({"byok-package-sha256", "byok-kek-kid"})
 MAX_TAGS = 10
+_KNOWN_KEY_OPS = frozenset(op for t in TARGET_TYPES.values() for op in t.allowed_key_ops)
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,25 @@ def _bad(message: str) -> Rejected:
     return Rejected("bad_metadata", message)
 
 
+def _flat_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object of the tags JSON; a tag named twice is refused (not silently the last)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _bad("tags name a tag twice")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> None:
+    raise _bad(f"tags hold the invalid JSON constant {name}")
+
+
+def _no_number(_text: str) -> None:
+    raise _bad("tag values must be strings, not numbers")
+
+
+@refuses(_bad)
 def parse_fingerprint(text: str) -> Fingerprint:
     """``spki-sha256:<64 hex>`` or ``kcv:<6 hex>``.
 
@@ -86,22 +109,31 @@ def parse_fingerprint(text: str) -> Fingerprint:
         Rejected: reason ``bad_metadata``.
     """
     kind, _, value = text.partition(":")
-    if kind == "spki-sha256" and _HEX64.match(value.lower()):
+    if kind == "spki-sha256" and _HEX64.fullmatch(value.lower()):
         return Fingerprint(kind, value.lower())
-    if kind == "kcv" and _KCV.match(value.upper()):
+    if kind == "kcv" and _KCV.fullmatch(value.upper()):
         return Fingerprint(kind, value.upper())
     raise _bad("fingerprint must be spki-sha256:<64 hex> or kcv:<6 hex>")
 
 
+@refuses(_bad)
 def parse_tags(text: str) -> dict[str, str]:
     """A JSON object of at most 10 string tags, none of the pipeline's reserved names.
 
     Raises:
         Rejected: reason ``bad_metadata``.
     """
+    if len(text) > _MAX_TAGS_TEXT:
+        raise _bad(f"tags are over {_MAX_TAGS_TEXT} characters")
     try:
-        tags: Any = json.loads(text)
-    except ValueError:
+        tags: Any = json.loads(
+            text,
+            object_pairs_hook=_flat_object,
+            parse_constant=_no_constant,
+            parse_int=_no_number,
+            parse_float=_no_number,
+        )
+    except (ValueError, RecursionError):
         raise _bad("tags must be a JSON object") from None
     if not isinstance(tags, dict) or not all(
         isinstance(k, str) and isinstance(v, str) and 0 < len(k) <= 256 and len(v) <= 256
@@ -115,6 +147,7 @@ def parse_tags(text: str) -> dict[str, str]:
     return tags
 
 
+@refuses(_bad)
 def parse_metadata(meta: Mapping[str, str]) -> ImportOptions:
     """Parse blob metadata (case-insensitive names; unknown ``byok_`` names are refused).
 
@@ -133,16 +166,19 @@ def parse_metadata(meta: Mapping[str, str]) -> ImportOptions:
     key_ops: tuple[str, ...] | None = None
     if META_KEY_OPS in lower:
         key_ops = tuple(
-            dict.fromkeys(o.strip() for o in lower[META_KEY_OPS].split(",") if o.strip())
+            dict.fromkeys(o.strip(" ") for o in lower[META_KEY_OPS].split(",") if o.strip(" "))
         )
         if not key_ops:
             raise _bad("key ops is empty")
+        unknown_ops = [o for o in key_ops if o not in _KNOWN_KEY_OPS]
+        if unknown_ops:
+            raise _bad(f"unknown key operations {shown(unknown_ops)}")
         if target is not None:
             bad = [o for o in key_ops if o not in target.allowed_key_ops]
             if bad:
                 raise _bad(f"key ops {shown(bad)} not allowed for {target.name}")
     for name in (META_PACKAGE_SHA256, META_MANIFEST_SHA256, META_KEK_SHA256):
-        if name in lower and not _HEX64.match(lower[name]):
+        if name in lower and not _HEX64.fullmatch(lower[name]):
             raise _bad(f"{name} must be 64 lower-case hex digits")
     fingerprint = parse_fingerprint(lower[META_FINGERPRINT]) if META_FINGERPRINT in lower else None
     if fingerprint is not None and target is not None:
@@ -164,6 +200,7 @@ def parse_metadata(meta: Mapping[str, str]) -> ImportOptions:
     )
 
 
+@refuses(_bad)
 def options_from_manifest(
     manifest: Mapping[str, Any], manifest_sha256: str | None = None
 ) -> ImportOptions:

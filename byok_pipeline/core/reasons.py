@@ -28,7 +28,7 @@ REASONS: dict[str, str] = {
     "kek_not_rsa": "The KEK is not an RSA-HSM key.",
     "kek_wrong_size": "The KEK is not RSA 2048, 3072 or 4096.",
     "kek_not_import_only": "The KEK's key operations are not exactly ['import'].",
-    "kek_mismatch": "The manifest's KEK fingerprint differs from the HSM's KEK named by the kid.",
+    "kek_mismatch": "The package was not made for the HSM's KEK named by the kid: the manifest's KEK fingerprint differs, or the ciphertext fits only a KEK of another size.",
     # ciphertext vs KEK and target
     "ciphertext_length_mismatch": "The ciphertext is not an RSA block of the KEK's size plus an AES-KWP block.",
     "rsa_block_out_of_range": "The RSA block's integer is not below the KEK modulus.",

@@ -70,6 +70,7 @@ class StatusDoc:
     message: str | None = None
     service_code: str | None = None
     duplicate_of: str | None = None
+    package_id: str | None = None  # canonical identity (core.identity): exactly-once is by it
     uploader: str | None = None
     manifest_sha256: str | None = None
     policy_sha256: str | None = None  # the import policy the package was checked against

@@ -31,6 +31,7 @@ from byok_pipeline.adapters.keyvault import HsmAdapter, ImportedKey
 from byok_pipeline.adapters.telemetry import PackageSpan, package_span
 from byok_pipeline.audit.events import AuditSink, event_for_state, utc_now, verified_event
 from byok_pipeline.core.errors import InProgress, Rejected, TransientError
+from byok_pipeline.core.identity import package_id
 from byok_pipeline.core.metadata import ImportOptions, parse_fingerprint, parse_metadata
 from byok_pipeline.core.policy import ImportPolicy, PolicyInvalid
 from byok_pipeline.core.settings import Settings
@@ -43,11 +44,13 @@ from byok_pipeline.processing.authorize import (
     check_existing,
 )
 from byok_pipeline.processing.importer import fingerprint_result, import_validated, validate
+from offline_packager.guard import refuses
 from offline_packager.kid import KEY_NAME_RE
 
 log = logging.getLogger("byok_pipeline")
 
-_BLOB_NAME_RE = re.compile(r"^(?P<name>.+)\.byok$")
+# fullmatch only: ``$`` would match before a final newline ("x.byok\n" is not NAME.byok)
+_BLOB_NAME_RE = re.compile(r"(?P<name>[0-9a-zA-Z-]{1,127})\.byok")
 Fault = Callable[[str], None]
 
 
@@ -95,14 +98,20 @@ class Outcome:
         return self.doc.reason_code if self.doc else None
 
 
+def _bad_key_name(message: str) -> Rejected:
+    return Rejected("bad_key_name", message)
+
+
+@refuses(_bad_key_name)
 def key_name_of(blob_name: str) -> str:
-    """``NAME.byok`` → ``NAME``.
+    """``NAME.byok`` → ``NAME``, the whole blob name matched (no control character, no
+    trailing newline, nothing outside the grammar).
 
     Raises:
         Rejected: reason ``bad_key_name``.
     """
-    match = _BLOB_NAME_RE.match(blob_name)
-    if match is None or not KEY_NAME_RE.match(match["name"]):
+    match = _BLOB_NAME_RE.fullmatch(blob_name)
+    if match is None or not KEY_NAME_RE.fullmatch(match["name"]):
         raise Rejected(
             "bad_key_name", "blob must be named NAME.byok, NAME matching ^[0-9a-zA-Z-]{1,127}$"
         )
@@ -129,8 +138,33 @@ def _fresh_doc(blob: IncomingBlob, sha: str | None, deps: Deps) -> StatusDoc:
 
 
 def _ascii(text: str, limit: int = 512) -> str:
-    """Blob metadata values must be ASCII: a safe rendering of an attacker-chosen name."""
-    return text.encode("ascii", "backslashreplace").decode()[:limit]
+    """Blob metadata values are HTTP header values: printable ASCII only. A safe rendering of
+    an attacker-chosen name: non-ASCII, CR, LF, tabs and other controls become escapes."""
+    return text.encode("unicode_escape").decode("ascii")[:limit]
+
+
+def check_drop(
+    blob: IncomingBlob, sha: str | None, settings: Settings
+) -> tuple[str, ImportOptions]:
+    """The drop's own checks, in the documented order: size, blob name, upload metadata and
+    the manifest's package SHA-256. They come before any duplicate check, so a drop is
+    refused for what it is, whatever was dropped before.
+
+    Raises:
+        Rejected: ``too_large``, ``bad_key_name``, ``bad_metadata``, ``manifest_mismatch``.
+    """
+    if blob.data is None:
+        raise Rejected(
+            "too_large",
+            f"package is {blob.size} bytes, over the {settings.max_package_bytes}-byte limit",
+        )
+    key_name = key_name_of(blob.name)
+    options = parse_metadata(blob.metadata)
+    if options.package_sha256 and options.package_sha256 != sha:
+        raise Rejected(
+            "manifest_mismatch", "the package differs from the one its manifest describes"
+        )
+    return key_name, options
 
 
 def _parse_utc(text: str) -> datetime:
@@ -232,8 +266,12 @@ class _Run:
             TransientError: a dependency failed; the attempt may be repeated.
         """
         data, options = self._check_drop()
-        _, kid = read_package(data, self.deps.settings)
+        package, kid = read_package(data, self.deps.settings)
         self.doc.kek_kid = kid.kid
+        first = self._claim_identity(package_id(package, kid))
+        if first is not None:
+            self._finish_duplicate(*first)
+            return
         imported = self._earlier_import()
         if imported is None:
             auth = self._authorize(options)
@@ -243,24 +281,51 @@ class _Run:
 
     def _check_drop(self) -> tuple[bytes, ImportOptions]:
         """The blob's size, name and upload metadata (the manifest it was uploaded with)."""
-        doc, deps = self.doc, self.deps
-        if self.blob.data is None:
-            raise Rejected(
-                "too_large",
-                f"package is {self.blob.size} bytes, over the "
-                f"{deps.settings.max_package_bytes}-byte limit",
-            )
-        doc.key_name = key_name_of(self.blob.name)
-        options = parse_metadata(self.blob.metadata)
+        doc = self.doc
+        doc.key_name, options = check_drop(self.blob, doc.package_sha256, self.deps.settings)
         doc.manifest_sha256 = options.manifest_sha256
-        if options.package_sha256 and options.package_sha256 != doc.package_sha256:
-            raise Rejected(
-                "manifest_mismatch", "the package differs from the one its manifest describes"
-            )
         if options.fingerprint is not None and not doc.reached("validated"):
             # frozen once validated: a resumed run verifies against what was authorized
             doc.fingerprint_expected = f"{options.fingerprint.kind}:{options.fingerprint.value}"
+        assert self.blob.data is not None  # noqa: S101  # check_drop refused an oversize blob
         return self.blob.data, options
+
+    def _claim_identity(self, identity: str) -> tuple[str, StatusDoc] | None:
+        """Exactly-once is by canonical identity (core.identity), not by the file's bytes: the
+        first record of this identity owns it. Returns that record (path, document) when it is
+        another one this drop duplicates; None when this record owns the identity (claimed now,
+        earlier, or taken over from a record that was refused).
+
+        Raises:
+            InProgress: other drops of the same package kept taking the identity over.
+            TransientError: storage failed.
+        """
+        doc, store = self.doc, self.deps.store
+        if doc.package_id == identity:
+            return None  # claimed by an earlier attempt of this record
+        for _ in range(3):
+            owner, etag = store.claim_identity(identity, self.path)
+            if owner == self.path:
+                break
+            first = store.load_status(owner)
+            if first is not None and first.state not in _RETRYABLE_REFUSALS:
+                return owner, first
+            if store.take_identity(identity, self.path, etag):
+                break
+        else:
+            raise InProgress("another drop of the same package is claiming it; retry later")
+        doc.package_id = identity
+        return None
+
+    def _finish_duplicate(self, first_path: str, first: StatusDoc) -> None:
+        """A reformatted copy of a package already claimed: ``duplicate`` of its first record."""
+        doc = self.doc
+        doc.package_id = first.package_id
+        doc.duplicate_of = first_path
+        doc.imported_kid = first.imported_kid
+        doc.target_type = first.target_type
+        doc.message = _same_package_message(first)
+        self.finish("duplicate")
 
     def _earlier_import(self) -> ImportedKey | None:
         """After a crash past ``importing`` the import may have happened: the version tagged
@@ -415,6 +480,17 @@ class _Run:
         return f"; the imported version {doc.imported_kid} was disabled"
 
 
+# A record in one of these states gives up its identity to a new drop of the same package (as a
+# re-drop of the same bytes retires it and starts over).
+_RETRYABLE_REFUSALS = frozenset({"rejected", "failed", "verification_failed"})
+
+
+def _same_package_message(first: StatusDoc) -> str:
+    return f"same package as {first.blob_name[:200]!r} ({first.state}" + (
+        f", imported as {first.imported_kid})" if first.imported_kid else ")"
+    )
+
+
 def emit_or_retry(audit: AuditSink, *events: dict[str, object]) -> None:
     """Emit audit events as one batch; any sink failure becomes a TransientError (never
     skipped).
@@ -491,18 +567,34 @@ def _redrop(first: _Run, sha: str | None) -> StatusDoc | Outcome:
     if doc.unaudited():
         first.flush_audit()
         first.save()
-    if doc.state in ("rejected", "failed", "verification_failed"):
+    if doc.state in _RETRYABLE_REFUSALS:
         retired = f"history/{sha}/{_drop_hash(blob)}-{doc.etag.strip(chr(34))}.json"
         store.put_status(retired, doc, index=False)
+        _keep_name_on(retired, doc, path, store)
         doc = _fresh_doc(blob, sha, deps)
     elif not doc.terminal:
         # e.g. its worker died and the custodian re-uploaded: this drop finishes the record
         doc.etag, doc.blob_name = blob.etag, blob.name
     else:
+        try:  # this drop's own checks come before the duplicate check (README: check order)
+            check_drop(blob, sha, deps.settings)
+        except Rejected as refused:
+            return _duplicate(blob, path, doc, deps, refused=refused)
         return _duplicate(blob, path, doc, deps)
+    store.index_name(doc, path)  # first: a crash between the two writes leaves it findable
     store.save_status(path, doc, first.lease)
-    store.index_name(doc, path)
     return doc
+
+
+def _keep_name_on(retired: str, doc: StatusDoc, path: str, store: BlobStore) -> None:
+    """A retired record keeps its name: ``byok status`` of the name it was refused under shows
+    that refusal, not the record of a later drop of the same bytes under another name.
+
+    Raises:
+        TransientError: storage failed.
+    """
+    if store.indexed_path(doc.blob_name) == path:
+        store.index_name(doc, retired)
 
 
 def complete_audit(path: str, deps: Deps) -> bool:
@@ -594,39 +686,52 @@ def _internal(exc: Exception) -> TransientError:
     return TransientError(f"internal error: {type(exc).__name__}", reason="internal_error")
 
 
-def _duplicate(blob: IncomingBlob, first_path: str, first: StatusDoc, deps: Deps) -> Outcome:
-    """A new drop of bytes already claimed: record ``duplicate`` pointing at the first result."""
+def _duplicate(
+    blob: IncomingBlob,
+    first_path: str,
+    first: StatusDoc,
+    deps: Deps,
+    *,
+    refused: Rejected | None = None,
+) -> Outcome:
+    """A new drop of bytes already claimed: record ``duplicate`` pointing at the first result,
+    or, when the drop fails its own checks (``refused``), ``rejected`` with that reason."""
     path = f"duplicates/{first.package_sha256}/{_drop_hash(blob)}.json"
     doc = deps.store.load_status(path)
     if doc is None:
         doc = _fresh_doc(blob, first.package_sha256, deps)
-        doc.key_name = first.key_name
         doc.target_type = first.target_type
         doc.kek_kid = first.kek_kid
-        doc.imported_kid = first.imported_kid
-        doc.duplicate_of = first_path
-        doc.message = f"same bytes as {first.blob_name[:200]!r} ({first.state}" + (
-            f", imported as {first.imported_kid})" if first.imported_kid else ")"
-        )
+        doc.package_id = first.package_id
         doc.attempts = 1
-        doc.advance("duplicate", deps.clock())
+        if refused is None:
+            doc.key_name = first.key_name
+            doc.imported_kid = first.imported_kid
+            doc.duplicate_of = first_path
+            doc.message = f"same bytes as {first.blob_name[:200]!r} ({first.state}" + (
+                f", imported as {first.imported_kid})" if first.imported_kid else ")"
+            )
+            doc.advance("duplicate", deps.clock())
+        else:
+            doc.reason_code, doc.message = refused.reason, refused.message
+            doc.advance("rejected", deps.clock())
         deps.store.put_status(path, doc)
     for entry in doc.unaudited():
         emit_or_retry(deps.audit, event_for_state(doc, entry.state, entry.attempt, entry.time))
         entry.audited = True
     deps.store.put_status(path, doc)
-    dest = (
-        f"{doc.key_name or '_invalid-name'}/{doc.package_sha256}.duplicate-{_drop_hash(blob)}.byok"
-    )
+    s = deps.settings
+    container = s.archive_container if doc.state == "duplicate" else s.quarantine_container
+    dest = f"{doc.key_name or '_invalid-name'}/{doc.package_sha256}.{doc.state}-{_drop_hash(blob)}.byok"
     doc.disposition = deps.store.dispose(
         blob,
-        deps.settings.archive_container,
+        container,
         dest,
         {
             "original_name": _ascii(blob.name),
-            "state": "duplicate",
+            "state": doc.state or "",
             "correlation_id": doc.correlation_id,
         },
     )
     deps.store.put_status(path, doc)
-    return Outcome("duplicate", path, doc)
+    return Outcome(doc.state or "", path, doc)

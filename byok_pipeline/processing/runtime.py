@@ -131,7 +131,7 @@ def list_packages(state: str | None) -> tuple[int, bytes]:
 def get_package(name: str) -> tuple[int, bytes]:
     """``GET /api/packages/{name}``: the latest status of the package dropped as ``name``."""
     try:
-        doc = get_deps().store.status_by_name(name)
+        doc = get_deps().store.status_by_blob_or_key_name(name)
     except (TransientError, ConfigError) as exc:
         return http_json(503, {"error": exc.reason, "message": exc.message})
     if doc is None:

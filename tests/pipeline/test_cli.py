@@ -430,3 +430,31 @@ def test_audit_init_creates_a_sign_only_key_and_its_trust_entry(
     )
     rotated = run_json(capsys, "audit", "init", "--name", name, "--new-version")
     assert rotated["kid"] != created["kid"]
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda d: d["header"].update(kid=d["header"]["kid"].replace("https://", "https://[")),
+        lambda d: d["header"].update(kid=d["header"]["kid"].replace("/keys/", "/keys/p\t")),
+        lambda d: d.update(extra=None),  # replaced by a 5,000-digit number in the text
+    ],
+    ids=["kid-bracket", "kid-tab", "huge-int"],
+)
+def test_byok_import_refuses_hostile_packages_with_exit_2(  # issue 15, cases 1 and 3
+    cli_env: Stack, capsys: pytest.CaptureFixture[str], tmp_path: Path, spoil: Any
+) -> None:
+    pkg = cli_env.package("oct-256", "cli-hostile")
+    doc = json.loads(pkg.data)
+    spoil(doc)
+    path = tmp_path / "cli-hostile.byok"
+    text = (
+        json.dumps(doc)
+        if "extra" not in doc
+        else pkg.data.decode()[:-1] + ',"x":' + "9" * 5000 + "}"
+    )
+    path.write_text(text)
+    assert main(["import", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "[bad_kid]" in err or "[malformed_package]" in err

@@ -172,19 +172,23 @@ def test_redrop_while_the_first_record_is_stuck_takes_it_over(stack: Stack) -> N
     assert stack.blobs(stack.settings.incoming_container) == []
 
 
-def test_duplicate_under_a_non_ascii_name_is_recorded(stack: Stack) -> None:
+def test_imported_bytes_under_a_non_ascii_name_are_refused_by_name(stack: Stack) -> None:
+    """Name before duplicate (README, check order): the drop is refused for its own name and
+    recorded, with the name escaped in the quarantined copy's metadata."""
     pkg = stack.package("ec-p256k", "ascii-first")
     stack.drop_package(pkg)
     assert stack.deliver(pkg.name).state == "imported"
     stack.drop("ключ.byok", pkg.data, pkg.options.to_metadata())
     outcome = stack.deliver("ключ.byok")
-    assert outcome.state == "duplicate"
-    archived = stack.blobs(stack.settings.archive_container)
-    assert len(archived) == 2  # the duplicate has its own archive entry
-    dup = next(a for a in archived if "duplicate" in a)
+    assert (outcome.state, outcome.reason_code) == ("rejected", "bad_key_name")
+    assert len(stack.blobs(stack.settings.archive_container)) == 1  # only the import
+    (refused,) = stack.blobs(stack.settings.quarantine_container)
     meta = (
-        stack.service.get_blob_client(stack.settings.archive_container, dup)
+        stack.service.get_blob_client(stack.settings.quarantine_container, refused)
         .get_blob_properties()
         .metadata
     )
     assert meta["original_name"].startswith("\\u043a")
+    doc = stack.deps.store.status_by_name("ключ.byok")
+    assert doc is not None
+    assert doc.state == "rejected"
