@@ -66,6 +66,7 @@ ROLE_EVENTS = {
         "byok.verified",
         "byok.rejected",
         "byok.verification_failed",
+        "byok.duplicate",
     },
 }
 NAME = re.compile(
@@ -236,11 +237,11 @@ class Chain:
                 )
             if self.signer["spki"] != record.get("signer_spki_sha256"):
                 raise Broken(1, "unknown_signer", f"{self.kid}: not the key pinned")
-            if self.signer["role"] != self.role:
+            if self.signer["role"] != self.role or not self.chain.startswith(f"{self.role}-"):
                 raise Broken(
                     1, "wrong_role", f"a {self.signer['role']} key writes a {self.role} chain"
                 )
-        elif record.get("event") not in ROLE_EVENTS.get(str(self.role), set()) | {SEAL}:
+        elif str(record.get("event")) not in ROLE_EVENTS.get(str(self.role), set()) | {SEAL}:
             raise Broken(
                 seq, "wrong_role", f"{where}: {record.get('event')} in a {self.role} chain"
             )
@@ -289,16 +290,25 @@ def main(argv: list[str] | None = None) -> int:
     for path in sorted(args.folder.rglob("*.jsonl")):
         match = NAME.search(path.as_posix())
         if match:
-            day = date(int(match[2]), int(match[3]), int(match[4]))
+            try:
+                day = date(int(match[2]), int(match[3]), int(match[4]))
+            except ValueError:  # not a date: not a trail file
+                print(f"ignored (not a day folder): {path}", file=sys.stderr)
+                continue
             chains.setdefault(match[5], []).append((match[1], day, path))
     first_bad: dict[str, tuple[int, str]] = {}
     foreign: dict[str, int] = {}
     for chain, files in sorted(chains.items()):
         files.sort(key=lambda f: (f[1], f[0]))
+        walker = Chain(chain, trust, foreign)
         try:
-            seen = Chain(chain, trust, foreign).walk(files)
+            seen = walker.walk(files)
         except Broken as exc:
             first_bad[chain] = (exc.sequence, str(exc))
+            continue
+        except Exception as exc:  # noqa: BLE001  # hostile bytes: a finding, never a crash
+            seq = walker.expect
+            first_bad[chain] = (seq, f"sequence {seq}: malformed: {type(exc).__name__}")
             continue
         pin = heads.get(chain)
         if pin is not None and seen.get(pin["sequence"]) != pin["record_sha256"]:

@@ -94,6 +94,7 @@ ROLE_EVENTS: dict[str, frozenset[str]] = {
             "byok.verified",
             "byok.rejected",
             "byok.verification_failed",
+            "byok.duplicate",  # `byok import` of a package imported before
         }
     ),
 }
@@ -270,6 +271,9 @@ def parse_line(raw: bytes) -> dict[str, Any]:
     sequence = record.get("sequence")
     if not _positive_int(sequence):
         raise MalformedRecord("no valid sequence")
+    for name in ("event", "recorded"):
+        if not isinstance(record.get(name), str):
+            raise MalformedRecord(f"no valid {name}")
     for name in ("prev_sha256", "record_sha256"):
         if not isinstance(record.get(name), str) or not _HEX64.fullmatch(record[name]):
             raise MalformedRecord(f"no valid {name}")

@@ -7,16 +7,21 @@ one signature. Appends carry an append-position condition (the length this write
 so nothing of someone else's lands under this writer's records unnoticed:
 
 - a request whose response was lost (timeout, connection reset) is looked up at the position it
-  was sent for before anything is sent again: found, it counts as written (never twice);
+  was sent for; not found, the very same bytes are sent again at that position, so a late
+  original and its resend can never both land (the loser gets 412 and finds its own bytes);
 - anything else found at that position is foreign: the writer leaves that chain (the verifier
   reports the foreign bytes, which no signature covers) and starts a new chain, so an attacker
   who can append cannot stop the pipeline's auditing;
 - at a new UTC day, or when a blob nears the append-blob block limit, the chain continues in a
   new blob after a signed seal record naming it.
 
-Every append is bounded by ``deadline`` seconds (retries included, under half the package's
-lease); past it the caller gets a :class:`TransientError` (``outcome_unknown`` when a request
-may still have landed: a redelivery looks it up again, as above).
+Every append is bounded by ``deadline`` seconds (retries, request timeouts and the wait for the
+lock included, under half the package's lease); past it the caller gets a
+:class:`TransientError` (``outcome_unknown`` when a request may still have landed). The next
+append looks that batch up first: if it landed the chain goes on after it (the redelivered
+package then records its events again: copies, which ``byok audit export`` skips, never gaps);
+if it did not, or that cannot be told, the writer leaves the chain for a new one, so a late
+landing never meets its next records. A chain never gets a seal before its start record.
 """
 
 from __future__ import annotations
@@ -131,6 +136,8 @@ class AuditTrail:
         self._monotonic = monotonic
         self._lock = threading.Lock()
         self._head: _Head | None = None
+        self._unsettled: tuple[_Head, bytes, list[dict[str, Any]]] | None = None
+        self._deadline_at = 0.0
         self.stats = TrailStats()
 
     @property
@@ -178,6 +185,13 @@ class AuditTrail:
 
     # -- internals --------------------------------------------------------------------------
     def _append_locked(self, fields: list[dict[str, Any]], deadline: float) -> list[dict[str, Any]]:
+        self._deadline_at = deadline
+        if self._monotonic() >= deadline:
+            raise TransientError(
+                f"the audit trail lock was free only after {self._deadline:g} s",
+                reason="audit_trail",
+            )
+        self._settle_earlier()
         pending: tuple[_Head, bytes, list[dict[str, Any]]] | None = None  # sent, outcome unknown
         why = "no attempt made"
         for attempt in range(self._max_attempts):
@@ -187,13 +201,15 @@ class AuditTrail:
                     break
                 self._sleep(min(self._backoff * 2 ** (attempt - 1), left))
             try:
-                if pending is not None:
+                if pending is not None:  # its response was lost: look, else send the same bytes
                     head, data, records = pending
                     if self._landed(head, data):
                         self.stats.settled += 1
-                        self._advance(head, data, records)
-                        return self._events_of(records)
-                    pending = None  # not there: build again (the head may have moved on)
+                    else:
+                        self._append_block(head, data)  # a late original meets a 412: settled
+                    pending = None
+                    self._advance(head, data, records)
+                    return self._events_of(records)
                 now = self._clock()  # one reading: the blob's day and `recorded` agree
                 head = self._ready_head(now)
                 batch = self._batch(head, fields, now)
@@ -211,20 +227,49 @@ class AuditTrail:
                 self._leave_chain(str(exc))
             except HttpResponseError as exc:  # answered: the request did not land
                 pending = None
-                why = f"{exc.status_code} {getattr(exc, 'error_code', '') or ''}".strip()
-                if exc.status_code in (400, 401, 403, 404, 405):
+                code = getattr(exc, "error_code", "") or ""
+                why = f"{exc.status_code} {code}".strip()
+                if exc.status_code == 409 or code == "BlobNotFound":
+                    self._leave_chain(f"its blob answers {why}")  # deleted, sealed, retyped
+                elif exc.status_code in (400, 401, 403, 404, 405):
                     raise TransientError(
                         f"audit trail append to {self.container_name} refused: {why}",
                         reason="audit_trail",
                     ) from None
             except AzureError as exc:
                 why = type(exc).__name__
+        if pending is not None:
+            self._unsettled = pending  # looked up first by the next append
         raise TransientError(
             f"audit trail append to {self.container_name} failed ({why})"
             + ("; a request whose response was lost may have been recorded" if pending else ""),
             reason="audit_trail",
             outcome_unknown=pending is not None,
         )
+
+    def _settle_earlier(self) -> None:
+        """A batch of an earlier append whose outcome stayed unknown: if it is in the chain the
+        chain goes on after it (a redelivery may record its events again: copies, never gaps);
+        otherwise, or if that cannot be told, this writer leaves the chain, so a late landing
+        can never meet this writer's next records."""
+        unsettled, self._unsettled = self._unsettled, None
+        if unsettled is None:
+            return
+        head, data, records = unsettled
+        try:
+            if self._landed(head, data):
+                self.stats.settled += 1
+                self._advance(head, data, records)
+                return
+        except (_Lost, _Foreign, AzureError):
+            pass
+        self._leave_chain("an earlier append's outcome is unknown")
+
+    def _opts(self) -> dict[str, Any]:
+        """Per-request keywords: no hidden SDK retries (this loop retries, after looking),
+        timeouts within the append's deadline."""
+        left = max(self._deadline_at - self._monotonic(), 1.0)
+        return {"retry_total": 0, "connection_timeout": min(left, 5.0), "read_timeout": left}
 
     @staticmethod
     def _events_of(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -249,6 +294,9 @@ class AuditTrail:
             return head
         if head.day == today and head.blocks < MAX_BLOCKS:
             return head
+        if head.last is None:  # nothing written yet (its first append failed): start afresh
+            self._head = None
+            return self._ready_head(now)
         part = head.part + 1 if head.day == today else 0
         nxt = blob_name(today, head.chain_id, part)
         seal = build_batch(
@@ -323,7 +371,7 @@ class AuditTrail:
             self._create(blob)
         try:
             self.stats.requests += 1
-            blob.append_block(data, appendpos_condition=head.offset, retry_total=0)
+            blob.append_block(data, appendpos_condition=head.offset, **self._opts())
         except HttpResponseError as exc:
             if exc.status_code == 412:
                 self.stats.conflicts += 1
@@ -338,7 +386,7 @@ class AuditTrail:
     def _create(self, blob: Any) -> None:
         try:
             self.stats.requests += 1
-            blob.create_append_blob(if_none_match="*", retry_total=0)
+            blob.create_append_blob(if_none_match="*", **self._opts())
             self.stats.created += 1
         except ResourceExistsError:
             # created by our own earlier attempt (a lost response), or by someone else: an
@@ -360,12 +408,12 @@ class AuditTrail:
         blob = self._container.get_blob_client(head.blob)
         try:
             self.stats.requests += 1
-            size = blob.get_blob_properties(retry_total=0).size
+            size = blob.get_blob_properties(**self._opts()).size
             if size <= head.offset:
                 return False
             self.stats.requests += 1
             found = blob.download_blob(
-                offset=head.offset, length=min(len(data), size - head.offset), retry_total=0
+                offset=head.offset, length=min(len(data), size - head.offset), **self._opts()
             ).readall()
         except HttpResponseError as exc:
             if exc.status_code == 404:

@@ -624,6 +624,21 @@ def verify_blobs(
     records: list[TrailRecord] = []
     by_chain: dict[str, list[tuple[TrailBlob, bytes]]] = {}
     for blob, data in blobs:
+        role = (container_roles or {}).get(blob.container)
+        if role is not None and not blob.chain_id.startswith(f"{role}-"):
+            # a blob named for another role's chain, in this container: reported on its own,
+            # never merged into the real chain of that id (it could only add noise there)
+            report.breaks.append(
+                Break(
+                    blob.chain_id,
+                    "wrong_role",
+                    1,
+                    blob.where,
+                    None,
+                    f"a blob of a chain that is not a {role} chain, in {blob.container}",
+                )
+            )
+            continue
         by_chain.setdefault(blob.chain_id, []).append((blob, data))
     foreign: dict[str, list[_Entry]] = {}
     checkers: dict[str, _Checker] = {}

@@ -366,10 +366,13 @@ def history(
         packages = {
             r["package_sha256"]
             for r in events
-            if r.get("key_name") == key and r.get("package_sha256")
+            if r.get("key_name") == key and isinstance(r.get("package_sha256"), str)
         }
         chosen = [
-            r for r in events if r.get("key_name") == key or r.get("package_sha256") in packages
+            r
+            for r in events
+            if r.get("key_name") == key
+            or (isinstance(r.get("package_sha256"), str) and r["package_sha256"] in packages)
         ]
     else:
         chosen = [r for r in events if r.get("package_sha256") == package]

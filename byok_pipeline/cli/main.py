@@ -765,6 +765,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_REFUSED
     except KeyboardInterrupt:
         return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001  # no traceback ever reaches a user: one line, exit 1
+        _fail(
+            args,
+            "internal_error",
+            f"unexpected {type(exc).__name__}; please report it with the command you ran",
+            refused=False,
+        )
+        return EXIT_FAILED
 
 
 def _fail(args: argparse.Namespace, reason: str, message: str, *, refused: bool = True) -> None:

@@ -83,14 +83,16 @@ def audit_keys(emulator: Any, directory: Path) -> dict[str, str]:
     ).public_key()
     person = ec.generate_private_key(ec.SECP256R1())
     person_file = directory / "audit-person.key.pem"
-    person_file.write_bytes(
-        person.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
+    # created readable by its owner only, never through a planted link
+    fd = os.open(person_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(
+            person.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
         )
-    )
-    person_file.chmod(0o600)
     from byok_pipeline.audit.signers import FileSigner
 
     signer = FileSigner.from_pem(person_file)

@@ -716,8 +716,11 @@ def _duplicate(
             doc.reason_code, doc.message = refused.reason, refused.message
             doc.advance("rejected", deps.clock())
         deps.store.put_status(path, doc)
-    for entry in doc.unaudited():
-        emit_or_retry(deps.audit, event_for_state(doc, entry.state, entry.attempt, entry.time))
+    entries = doc.unaudited()
+    emit_or_retry(  # one batch: one signed append
+        deps.audit, *(event_for_state(doc, e.state, e.attempt, e.time) for e in entries)
+    )
+    for entry in entries:
         entry.audited = True
     deps.store.put_status(path, doc)
     s = deps.settings

@@ -141,12 +141,10 @@ def audit_signer(
         )
     if not ref.startswith("https://"):
         return FileSigner.from_pem(ref)
-    return hsm_signer(settings, ref, credential or default_credential(), ca_bundle=ca_bundle)
+    return hsm_signer(ref, credential or default_credential(), ca_bundle=ca_bundle)
 
 
-def hsm_signer(
-    settings: Settings, kid: str, credential: TokenCredential, *, ca_bundle: str | None = None
-) -> Any:
+def hsm_signer(kid: str, credential: TokenCredential, *, ca_bundle: str | None = None) -> Any:
     """An :class:`~byok_pipeline.audit.signers.HsmSigner` for ``kid`` (read once).
 
     Raises:
@@ -159,7 +157,8 @@ def hsm_signer(
     from byok_pipeline.adapters.keyvault import translate
     from byok_pipeline.audit.signers import HsmSigner
 
-    kwargs = _retry_kwargs(settings)
+    # a signature is inside an audit append's deadline: one quick retry, short timeouts
+    kwargs: dict[str, Any] = {"retry_total": 1, "connection_timeout": 3, "read_timeout": 5}
     if _is_loopback(kid):
         kwargs["verify_challenge_resource"] = False
     if ca_bundle:

@@ -243,7 +243,7 @@ def chain_of_an_unknown_signer(world: World) -> Expected:
 
 
 def person_writes_a_pipeline_event(world: World) -> Expected:
-    world.d.append([event("byok.duplicate", LATE, duplicate_of="x")], LATE)
+    world.d.append([event("byok.awaiting_approval", LATE)], LATE)
     return Expected(world.d.chain_id, "wrong_role", 6)
 
 
@@ -357,4 +357,4 @@ def test_a_chain_in_the_other_roles_container_is_reported(
     upload(service, world.trail)
     report = verify_stored(service, world)
     assert kinds(report) == {(e.chain_id, "wrong_role", 1)}
-    assert "in the pipeline container" in report.breaks[0].detail
+    assert "is not a pipeline chain" in report.breaks[0].detail

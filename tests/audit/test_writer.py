@@ -262,7 +262,6 @@ def test_the_pipeline_signs_inside_the_hsm(
 ) -> None:
     """The HSM signer through the real SDK (the emulator's sign operation): batches verify with
     the key's public half read from the HSM."""
-    from byok_pipeline.core.settings import Settings
     from byok_pipeline.processing.wiring import hsm_signer
 
     key = hsm.key_client().create_ec_key(
@@ -271,11 +270,43 @@ def test_the_pipeline_signs_inside_the_hsm(
         key_operations=["sign", "verify"],
         hardware_protected=True,
     )
-    settings = Settings(hsm_url=hsm.url)
-    hsm_key = hsm_signer(settings, str(key.id), hsm.credential(), ca_bundle=str(hsm.ca))
+    hsm_key = hsm_signer(str(key.id), hsm.credential(), ca_bundle=str(hsm.ca))
     trail = AuditTrail(service, container, signer=hsm_key, role="pipeline", writer="t")
     trail.append_many([event(0), event(1)])
     (only,) = chains(service, container).values()
     check_chain(only, hsm_key.public_key())
     assert only[-1]["signature"]["kid"] == str(key.id)
     assert "audit-signer-test" in repr(hsm_key)
+
+
+def test_a_first_append_that_never_lands_leaves_no_headless_chain(
+    service: BlobServiceClient, container: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chain's first append fails (its blob already created), the next comes on a new UTC
+    day: the writer starts a chain with its start record; it never seals a chain that has none."""
+    clock = Clock(datetime(2026, 1, 2, 23, 59, tzinfo=UTC))
+    key = signer()
+    times = iter(x * 0.5 for x in range(10_000))
+    trail = AuditTrail(
+        service, container, signer=key, role="pipeline", writer="t", clock=clock,
+        monotonic=lambda: next(times), sleep=lambda _: None, deadline=2.0,
+    )  # fmt: skip
+    original = AuditTrail._append_block
+
+    def lost(self: AuditTrail, head: Any, data: bytes) -> None:
+        if head.offset == 0 and head.blocks == 0:
+            self._create(self._container.get_blob_client(head.blob))
+        raise trail_module._Lost("connection reset")
+
+    monkeypatch.setattr(AuditTrail, "_append_block", lost)
+    with pytest.raises(TransientError) as err:
+        trail.append(event(0))
+    assert err.value.outcome_unknown
+    monkeypatch.setattr(AuditTrail, "_append_block", original)
+    clock.now += timedelta(minutes=2)
+    trail.append(event(1))
+    found = chains(service, container)
+    (only,) = [records for records in found.values() if records]
+    check_chain(only, key.public_key())
+    assert [r["event"] for r in only] == [START_EVENT, "byok.received"]
+    assert not [r for r in only if r["event"] == SEAL_EVENT]
