@@ -95,7 +95,8 @@ class AuthorizationStore:
         """The configured policy (None: no policy blob, the safe defaults apply).
 
         Raises:
-            PolicyInvalid: the configured policy is invalid: nothing may be imported.
+            PolicyInvalid: the configured policy is invalid, or missing while
+                BYOK_POLICY_REQUIRED is set: nothing may be imported.
             TransientError: storage failed.
         """
         with self._lock:
@@ -106,6 +107,12 @@ class AuthorizationStore:
         if found is None:
             with self._lock:
                 self._cached = self._cached_sha256 = None
+            if self.settings.policy_required:  # deleted or never set: never the defaults
+                raise PolicyInvalid(
+                    f"BYOK_POLICY_REQUIRED is set but {self.settings.config_container}/"
+                    f"{self.settings.policy_blob} does not exist: a policy administrator sets "
+                    "it with `byok policy set FILE`"
+                )
             return None
         data, etag = found
         loaded: ImportPolicy | PolicyInvalid

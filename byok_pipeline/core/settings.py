@@ -49,6 +49,7 @@ SETTINGS_DOC: dict[str, str] = {
     "BYOK_AUDIT_PERSON_KEY": "CLI only: the person's audit signing key, an EC P-256 PEM file or a versioned HSM kid",
     "BYOK_CONFIG_CONTAINER": "Container of the import policy (written by policy administrators only)",
     "BYOK_POLICY_BLOB": "Blob name of the import policy in BYOK_CONFIG_CONTAINER; absent: safe defaults",
+    "BYOK_POLICY_REQUIRED": "true: a missing policy blob stops every import (policy_invalid) instead of falling back to the safe defaults (Azure: true)",
     "BYOK_APPROVALS_CONTAINER": "Container of packages' manifests and signed approvals (<package sha256>/...)",
     "BYOK_AUDIT_LOG": "Local JSON-lines audit file (local runs); optional",
     "BYOK_TELEMETRY_LOG": "Local JSON-lines telemetry file when Application Insights is not set "
@@ -76,6 +77,20 @@ N = TypeVar("N", int, float)
 
 def _csv(value: str | None) -> frozenset[str]:
     return frozenset(v.strip() for v in (value or "").split(",") if v.strip())
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    """``true``/``1``/``yes`` or ``false``/``0``/``no``/empty.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    raw = (env.get(name) or "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise ConfigError(f"{name} must be true or false, not {raw!r}")
 
 
 def _number(env: Mapping[str, str], name: str, low: N, high: N) -> N:
@@ -112,6 +127,7 @@ class Settings:
     audit_person_key: str | None = None
     config_container: str = DEFAULTS["BYOK_CONFIG_CONTAINER"]
     policy_blob: str = DEFAULTS["BYOK_POLICY_BLOB"]
+    policy_required: bool = False
     approvals_container: str = DEFAULTS["BYOK_APPROVALS_CONTAINER"]
     max_package_bytes: int = 65536
     max_attempts: int = 5
@@ -181,6 +197,7 @@ class Settings:
             config_container=merged.get("BYOK_CONFIG_CONTAINER")
             or DEFAULTS["BYOK_CONFIG_CONTAINER"],
             policy_blob=merged.get("BYOK_POLICY_BLOB") or DEFAULTS["BYOK_POLICY_BLOB"],
+            policy_required=_flag(merged, "BYOK_POLICY_REQUIRED"),
             approvals_container=merged.get("BYOK_APPROVALS_CONTAINER")
             or DEFAULTS["BYOK_APPROVALS_CONTAINER"],
             max_package_bytes=_number(merged, "BYOK_MAX_PACKAGE_BYTES", 1024, 1024 * 1024),

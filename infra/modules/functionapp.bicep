@@ -179,6 +179,11 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
           value: policyBlobName
         }
         {
+          // a deleted or missing policy stops imports instead of falling back to the defaults
+          name: 'BYOK_POLICY_REQUIRED'
+          value: 'true'
+        }
+        {
           name: 'BYOK_APPROVALS_CONTAINER'
           value: approvalsContainerName
         }

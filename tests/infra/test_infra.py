@@ -2579,6 +2579,8 @@ def test_authorization_settings_are_set_with_their_defaults(deployment: Deployme
     settings = _app_settings(deployment, site)
     assert settings["BYOK_CONFIG_CONTAINER"] == "byok-config"
     assert settings["BYOK_POLICY_BLOB"] == "import-policy.json"
+    # in Azure a deleted policy stops imports; it never falls back to the safe defaults
+    assert settings["BYOK_POLICY_REQUIRED"] == "true"
     assert settings["BYOK_APPROVALS_CONTAINER"] == "byok-approvals"
     # The containers the settings name are the ones the Bicep creates and grants on.
     declared = deployment.resolve("main.bicep", "containerNames")

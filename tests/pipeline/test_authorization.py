@@ -734,3 +734,16 @@ def test_many_long_refused_file_names_stay_bounded(
     rejected = [e for e in stack.audit.events if e["event"] == "byok.rejected"]
     assert len(rejected) == 1
     assert len(json.dumps(rejected[0])) < 8000
+
+
+def test_a_required_policy_that_is_missing_stops_every_import(stack: Stack, uid: str) -> None:
+    """BYOK_POLICY_REQUIRED (set in Azure): a deleted or never-set policy is policy_invalid,
+    never the safe defaults."""
+    stack.deps.settings = replace(stack.settings, policy_required=True)
+    stack.deps.authorization.settings = stack.deps.settings
+    pkg = stack.package("oct-256", f"x-{uid}")
+    stack.drop_package(pkg)
+    outcome = _deliver(stack, pkg.name)
+    assert (outcome.state, outcome.reason_code) == ("rejected", "policy_invalid")
+    assert outcome.doc is not None
+    assert "BYOK_POLICY_REQUIRED" in (outcome.doc.message or "")
