@@ -56,6 +56,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # handlers first: a stop asked for while starting (e.g. right after endpoint.json appears)
+    # is honoured once the start is done, instead of killing the process half-way
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:  # noqa: ARG001  # signal API
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     try:
         rules = load_fault_rules(args.faults) if args.faults else []
         emulator = Emulator.start(
@@ -71,13 +80,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as exc:
         print(f"managed_hsm_emulator: cannot start ({exc.reason}): {exc}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-
-    def _on_signal(signum: int, frame: FrameType | None) -> None:  # noqa: ARG001  # signal API
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
     emulator.serve_in_thread()
     print(emulator.url, flush=True)
     stop.wait()

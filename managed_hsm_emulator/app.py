@@ -16,6 +16,7 @@ from typing import IO, Any, Self
 
 from offline_packager.secret import SecretBytes
 
+from .attestation import AttestationAuthority
 from .datadir import DataDir, atomic_write, load_or_create_secret
 from .errors import EmulatorError, StartupError
 from .faults import FaultInjector
@@ -132,7 +133,19 @@ class Emulator:
                 faults.add(rule)
             except EmulatorError as exc:
                 raise StartupError(exc.message, reason=exc.reason) from None
-        service = KeyVaultService(store, clock=config.clock, retention_days=config.retention_days)
+        try:
+            attestation = AttestationAuthority.ensure(paths)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot write the attestation TEST PKI in {paths.root}: {exc.strerror}",
+                reason="data_dir",
+            ) from None
+        service = KeyVaultService(
+            store,
+            clock=config.clock,
+            retention_days=config.retention_days,
+            attestation=attestation,
+        )
         persisted = load_port(paths)
         port = config.port or persisted or 0
         try:

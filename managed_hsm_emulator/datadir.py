@@ -80,6 +80,19 @@ class DataDir:
     def lock(self) -> Path:
         return self.root / "emulator.lock"
 
+    @property
+    def attestation_test_root(self) -> Path:
+        """The TEST root that signs the emulator's key attestations (``--trust-test-root``)."""
+        return self.root / "attestation-test-root.pem"
+
+    @property
+    def attestation_chain(self) -> Path:
+        return self.root / "attestation-chain.pem"
+
+    @property
+    def attestation_partition_key(self) -> Path:
+        return self.root / "attestation-partition.key"
+
     def create(self) -> None:
         """Create the directory tree (mode 0700 for new directories).
 

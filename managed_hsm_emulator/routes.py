@@ -62,6 +62,11 @@ def route(method: str, path: str) -> Route:
             )
             return Route(op, name=name)
         second = rest[1]
+        if rest[-1] == "attestation" and len(rest) in (2, 3):  # /keys/{n}[/{v}]/attestation
+            version = second if len(rest) == 3 else None
+            return Route(
+                _pick(method, {"GET": "get_key_attestation"}, path), name=name, version=version
+            )
         if len(rest) == 2:  # /keys/{name}/{x}
             if second == "create":
                 return Route(_pick(method, {"POST": "create_key"}, path), name=name)

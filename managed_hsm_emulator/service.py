@@ -20,6 +20,7 @@ from offline_packager.kid import KEY_NAME_RE, KeyId
 from offline_packager.package_format import b64url_decode, b64url_encode
 
 from . import crypto_ops
+from .attestation import AttestationAuthority
 from .byok import Kek, check_kek, import_byok, kek_not_found
 from .errors import BadParameterError, ConflictError, EmulatorError, KeyNotFoundError
 from .material import KeyMaterial, family_of, hsm_kty
@@ -35,7 +36,8 @@ from .model import (
 from .routes import Route
 from .store import KeyStore
 
-API_VERSIONS = ("7.2", "7.3", "7.4", "7.5", "7.6", "2025-07-01")
+# 7.6-preview.1 is the api-version Microsoft's key attestation instructions use
+API_VERSIONS = ("7.2", "7.3", "7.4", "7.5", "7.6-preview.1", "7.6-preview.2", "7.6", "2025-07-01")
 LATEST_API_VERSION = "2025-07-01"
 MAX_RESULTS = 25
 DEFAULT_RETENTION_DAYS = 7
@@ -140,9 +142,11 @@ class KeyVaultService:
         clock: Callable[[], float] = time.time,
         randbytes: Callable[[int], bytes] = os.urandom,
         retention_days: int = DEFAULT_RETENTION_DAYS,
+        attestation: AttestationAuthority | None = None,
     ) -> None:
         if not 7 <= retention_days <= 90:  # Key Vault's soft-delete range
             raise ValueError("retention_days must be 7-90")
+        self._attestation = attestation
         self._store = store
         self._clock = clock
         self._randbytes = randbytes
@@ -401,6 +405,32 @@ class KeyVaultService:
         return ServiceResponse(
             200, self.key_bundle(req.host, self._version(req.route.name, req.route.version))
         )
+
+    def _op_get_key_attestation(self, req: ServiceRequest) -> ServiceResponse:
+        """The key bundle with ``attributes.attestation``, signed by the emulator's TEST PKI.
+
+        Raises:
+            KeyNotFoundError: no such key or version.
+            BadParameterError: reason ``attestation_unavailable`` (no TEST PKI configured).
+        """
+        v = self._version(req.route.name, req.route.version)
+        if self._attestation is None:
+            raise BadParameterError(
+                "this emulator has no attestation signer", reason="attestation_unavailable"
+            )
+        material = self._store.material(v)
+        bundle = self.key_bundle(req.host, v)
+        bundle["attributes"]["attestation"] = self._attestation.attestation(
+            family=v.family,
+            kid=bundle["key"]["kid"],
+            key_ops=v.key_ops,
+            rsa_public=(
+                material.rsa_key.public_key().public_numbers() if material.rsa_key else None
+            ),
+            key_bytes=len(material.aes_key) if material.aes_key is not None else None,
+            local=v.origin == "generated",
+        )
+        return ServiceResponse(200, bundle)
 
     def _op_list_keys(self, req: ServiceRequest) -> ServiceResponse:
         items = [

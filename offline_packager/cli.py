@@ -34,11 +34,18 @@ from .approval import (
     verify_approval,
 )
 from .atomic import check_writable, write_files_atomically
+from .attestation import (
+    AttestationResult,
+    TrustAnchor,
+    load_test_root,
+    pinned_roots,
+    verify_kek_attestation,
+)
 from .checks import PackageReport, check_package
-from .errors import ByokError, OutputError
+from .errors import AttestationError, ByokError, OutputError
 from .kek import Kek, load_kek_pem, verify_fingerprint
 from .keytypes import TARGET_TYPES, TYPE_NAMES
-from .kid import KEY_NAME_RE, parse_kid
+from .kid import KEY_NAME_RE, KeyId, parse_kid
 from .manifest import parse_manifest
 from .package_format import load_json_strict
 from .packager import build_package, key_name_from_output, resolve_key_ops
@@ -63,6 +70,21 @@ examples:
 it is for tests and demos. In production the key comes from --key (a file held by the custodian)
 or from an HSM (--pkcs11-module), where the plaintext never leaves the token.
 Writes NAME.byok and NAME.manifest.json atomically; refuses to overwrite without --force.
+"""
+
+
+_VERIFY_EPILOG = """\
+checks, with no network:
+  the certificates chain to a pinned Marvell LiquidSecurity root (LS1 or LS2; see
+  offline_packager/roots/README.md), the blob's signature verifies under the partition
+  certificate, the attested RSA key is exactly the KEK PEM (SubjectPublicKeyInfo), and the
+  attested attributes say: generated in the HSM, not extractable. Anything not understood is
+  refused (attestation_format_unsupported). Format and sources: docs/kek-attestation.md.
+
+examples:
+  byok-package verify-kek-attestation KEK.attestation.json --kek KEK.pem --kek-kid KID
+  byok-package verify-kek-attestation KEK.attestation.json --kek KEK.pem \\
+      --trust-test-root .byok-dev/hsm/attestation-test-root.pem     # the emulator's only
 """
 
 
@@ -144,6 +166,53 @@ def _load_kek(args: argparse.Namespace) -> Kek:
     return kek
 
 
+def _anchors(args: argparse.Namespace) -> tuple[TrustAnchor, ...]:
+    """The pinned Marvell roots, plus the test root named by ``--trust-test-root`` (with a test
+    root, vendor roots that are not installed are left out: an emulator's attestation).
+
+    Raises:
+        AttestationError: ``attestation_chain_invalid`` (a vendor root not installed, altered;
+            an unusable test root).
+        ByokError: ``unreadable_input``.
+    """
+    anchors = pinned_roots(require_all=not args.trust_test_root)
+    if args.trust_test_root:
+        root = load_test_root(_read_file(args.trust_test_root, "test root", limit=64 * 1024))
+        print(
+            f"{TOOL_NAME}: warning: trusting the TEST root {args.trust_test_root} "
+            f"(SHA-256 {root.sha256}): an emulator's attestation, never a real HSM's",
+            file=sys.stderr,
+        )
+        anchors = (*anchors, root)
+    return anchors
+
+
+def _verify_attestation(
+    args: argparse.Namespace, kek: Kek, kek_kid: KeyId | None, clock: Clock
+) -> AttestationResult:
+    """Verify ``--kek-attestation`` against the KEK, offline.
+
+    Raises:
+        AttestationError: the five ``attestation_*`` reasons.
+        ByokError: ``unreadable_input``.
+    """
+    data = _read_file(args.kek_attestation, "KEK attestation")
+    return verify_kek_attestation(data, kek, now=clock(), kek_kid=kek_kid, anchors=_anchors(args))
+
+
+def _attestation_lines(att: dict[str, Any]) -> str:
+    """Human lines for a verified attestation (its manifest record)."""
+    attrs = att["attributes"]
+    test = " (a TEST root: emulator only)" if att["trust_anchor"] == "test-root" else ""
+    return (
+        f"  KEK attestation verified: chain to {att['trust_anchor']}{test}, root SHA-256 "
+        f"{att['trust_anchor_sha256']}\n"
+        f"    attested key {att['attested_key_id'] or '(no key id in the attestation)'}\n"
+        f"    generated in the HSM: {attrs['local']}, extractable: {attrs['extractable']}\n"
+        f"    attestation SHA-256 {att['sha256']}"
+    )
+
+
 def cmd_wrap(args: argparse.Namespace, clock: Clock) -> dict[str, Any]:
     """Wrap one target key into NAME.byok + NAME.manifest.json."""
     out = Path(args.out)
@@ -154,6 +223,11 @@ def cmd_wrap(args: argparse.Namespace, clock: Clock) -> dict[str, Any]:
     check_writable([out, manifest_path], force=args.force)
     kek_kid = parse_kid(args.kek_kid)
     kek = _load_kek(args)
+    attestation: AttestationResult | None = None
+    if args.kek_attestation:
+        attestation = _verify_attestation(args, kek, kek_kid, clock)
+    elif args.trust_test_root:
+        raise ByokError("--trust-test-root needs --kek-attestation", reason="bad_arguments")
 
     source: dict[str, str]
     target: TargetPublic
@@ -214,6 +288,7 @@ def cmd_wrap(args: argparse.Namespace, clock: Clock) -> dict[str, Any]:
         key_source=source,
         package_name=out.name,
         created=clock(),
+        kek_attestation=attestation.to_manifest() if attestation else None,
     )
     manifest_bytes = (json.dumps(built.manifest, indent=2) + "\n").encode()
     write_files_atomically(
@@ -230,6 +305,22 @@ def cmd_wrap(args: argparse.Namespace, clock: Clock) -> dict[str, Any]:
         "fingerprint": built.manifest["target"]["fingerprint"],
         "kek_kid": kek_kid.kid,
         "kek_spki_sha256": kek.fingerprint,
+        "kek_attestation": attestation.to_manifest() if attestation else None,
+    }
+
+
+def cmd_verify_attestation(args: argparse.Namespace, clock: Clock) -> dict[str, Any]:
+    """Verify a KEK attestation file against the KEK PEM, offline."""
+    kek = _load_kek(args)
+    kek_kid = parse_kid(args.kek_kid) if args.kek_kid else None
+    result = _verify_attestation(args, kek, kek_kid, clock)
+    return {
+        "status": "verified",
+        "attestation": args.kek_attestation,
+        "kek": args.kek,
+        "kek_kid": kek_kid.kid if kek_kid else None,
+        "kek_spki_sha256": kek.fingerprint,
+        **result.to_manifest(),
     }
 
 
@@ -264,6 +355,7 @@ def _approval_facts(
         "key_ops": target.get("key_ops"),
         "kek_kid": kek.get("kid"),
         "kek_spki_sha256": kek.get("spki_sha256"),
+        "kek_attestation": kek.get("attestation"),
         "created": manifest.get("created"),
         "package_checked": False,
     }
@@ -297,6 +389,14 @@ def _print_facts(facts: dict[str, Any], approver_id: str, not_after: datetime) -
     print(f"  target:            {facts['target_type']}, {fp.get('kind')} {fp.get('value')}")
     print(f"  KEK:               {facts['kek_kid']}")
     print(f"  KEK SPKI SHA-256:  {facts['kek_spki_sha256']}")
+    att = facts["kek_attestation"]
+    if isinstance(att, dict):
+        print(
+            f"  KEK attestation:   {att.get('result')} at wrap time, chain to "
+            f"{att.get('trust_anchor')}, SHA-256 {att.get('sha256')}"
+        )
+    else:
+        print("  KEK attestation:   none (nothing proves the KEK lives in the HSM)")
     print(f"  key ops:           {','.join(ops) if isinstance(ops, list) else ops}")
     print(f"  wrapped at:        {facts['created']}")
     print(f"  not after:         {format_time(not_after)}")
@@ -475,6 +575,9 @@ def cmd_inspect(args: argparse.Namespace, clock: Clock) -> tuple[dict[str, Any],
     kek_kid = args.kek_kid or (manifest["kek"]["kid"] if manifest else None)
     stated = args.type or (manifest["target"]["type"] if manifest else None)
     report = check_package(data, kek=kek, kek_kid=kek_kid, stated_type=stated)
+    attestation = _inspect_attestation(
+        args, kek, kid_text=kek_kid, manifest=manifest, report=report, clock=clock
+    )
     if manifest is not None:
         import hashlib
 
@@ -488,11 +591,44 @@ def cmd_inspect(args: argparse.Namespace, clock: Clock) -> tuple[dict[str, Any],
     result = _report_dict(args.package, report)
     result["manifest"] = str(manifest_path) if manifest is not None else None
     result["approvers_file"] = args.approvers
+    result["kek_attestation"] = attestation
     result["approvals"] = approvals
     result["approved_by"] = sorted(
         {a["claims"]["kid"] for a in approvals if a["status"] == "valid"}
     )
     return result, report.valid
+
+
+def _inspect_attestation(
+    args: argparse.Namespace,
+    kek: Kek | None,
+    *,
+    kid_text: str | None,
+    manifest: dict[str, Any] | None,
+    report: PackageReport,
+    clock: Clock,
+) -> dict[str, Any] | None:
+    """With ``--kek-attestation``: verify it (a refusal is a finding) and compare it with the
+    manifest's record. Without: the manifest's record, as written at wrap time."""
+    recorded = manifest["kek"].get("attestation") if manifest else None
+    if not args.kek_attestation:
+        if args.trust_test_root:
+            raise ByokError("--trust-test-root needs --kek-attestation", reason="bad_arguments")
+        return {"status": "recorded", **recorded} if isinstance(recorded, dict) else None
+    if kek is None:
+        raise ByokError("--kek-attestation needs --kek KEK.pem", reason="bad_arguments")
+    try:
+        kek_kid = parse_kid(kid_text) if kid_text else None
+        result = _verify_attestation(args, kek, kek_kid, clock)
+    except AttestationError as exc:
+        report.add(exc.reason, exc.message)
+        return {"status": "refused", "reason": exc.reason, "message": exc.message}
+    if isinstance(recorded, dict) and recorded.get("sha256") != result.sha256:
+        report.add(
+            "manifest_mismatch",
+            "the KEK attestation file is not the one the manifest records (SHA-256 differs)",
+        )
+    return {"status": "verified", **result.to_manifest()}
 
 
 def _package_stem(package: Path) -> str:
@@ -558,6 +694,15 @@ def _print_inspect(result: dict[str, Any]) -> None:
         print(f"manifest:     {result['manifest']}")
     for note in result["notes"]:
         print(f"note:         {note}")
+    att = result.get("kek_attestation")
+    if att:
+        if att["status"] == "refused":
+            print(f"KEK attest.:  REFUSED [{att['reason']}]")
+        else:
+            print(
+                f"KEK attest.:  {att['status']}, chain to {att['trust_anchor']}, "
+                f"SHA-256 {att['sha256']}"
+            )
     _print_approvals(result)
     if result["valid"]:
         print("result:       VALID")
@@ -654,6 +799,21 @@ def cmd_types() -> dict[str, Any]:
     }
 
 
+def _add_attestation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kek-attestation",
+        metavar="FILE",
+        help="the KEK's attestation (byok kek download --attestation): verified offline against "
+        "the pinned Marvell roots and the KEK PEM; refuse on any doubt",
+    )
+    p.add_argument(
+        "--trust-test-root",
+        metavar="FILE",
+        help="also trust this TEST root (the emulator's attestation-test-root.pem); never in "
+        "production",
+    )
+
+
 def _add_pkcs11_options(group: Any, *, key_label_help: str) -> None:
     """The token options, shared by ``wrap`` (HSM mode) and ``approve`` (token signer)."""
     group.add_argument(
@@ -732,6 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--manifest", metavar="PATH", help="manifest path (default NAME.manifest.json beside --out)"
     )
+    _add_attestation_options(w)
     w.add_argument("--force", action="store_true", help="replace existing output files")
     w.add_argument("--json", action="store_true", help="print a JSON result on stdout")
     _add_pkcs11_options(
@@ -762,7 +923,28 @@ def build_parser() -> argparse.ArgumentParser:
         'approvers file ({"approvers": [{"id", "public_key_pem", "expires"?}]}); needs the '
         "manifest; without it the approvals are listed unverified",
     )
+    _add_attestation_options(i)
     i.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    v = sub.add_parser(
+        "verify-kek-attestation",
+        help="verify a KEK's attestation (byok kek attest) against its PEM, offline",
+        epilog=_VERIFY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    v.add_argument("kek_attestation", metavar="ATTESTATION.json")
+    v.add_argument("--kek", required=True, metavar="KEK.pem", help="the KEK public key (PEM)")
+    v.add_argument("--kek-kid", metavar="KID", help="the KEK's kid: the attestation must name it")
+    v.add_argument(
+        "--kek-sha256", metavar="HEX", help="SHA-256 of the KEK's SPKI as shown when downloaded"
+    )
+    v.add_argument(
+        "--trust-test-root",
+        metavar="FILE",
+        help="also trust this TEST root (the emulator's attestation-test-root.pem); never in "
+        "production",
+    )
+    v.add_argument("--json", action="store_true", help="print a JSON result on stdout")
 
     a = sub.add_parser(
         "approve",
@@ -855,6 +1037,15 @@ def main(argv: Sequence[str] | None = None, *, clock: Clock | None = None) -> in
 
 
 def _run(args: argparse.Namespace, now: Clock, *, as_json: bool) -> int:
+    if args.command == "verify-kek-attestation":
+        result = cmd_verify_attestation(args, now)
+        if as_json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(f"KEK {result['kek']} (SPKI SHA-256 {result['kek_spki_sha256']})")
+            print(_attestation_lines(result))
+            print("result: VERIFIED")
+        return EXIT_OK
     if args.command == "wrap":
         result = cmd_wrap(args, now)
         if as_json:
@@ -865,6 +1056,8 @@ def _run(args: argparse.Namespace, now: Clock, *, as_json: bool) -> int:
             print(f"  target {result['target_type']}, {fp['kind']} {fp['value']}")
             print(f"  package SHA-256 {result['package_sha256']}")
             print(f"  KEK {result['kek_kid']} (SPKI SHA-256 {result['kek_spki_sha256']})")
+            if result["kek_attestation"]:
+                print(_attestation_lines(result["kek_attestation"]) + " (in the manifest)")
         return EXIT_OK
     if args.command == "approve":
         result = cmd_approve(args, now, as_json=as_json)

@@ -82,3 +82,17 @@ class SignerKeyError(ByokError):
     """The key an approver signs with cannot be used (wrong type or size, unreadable)."""
 
     reason = "bad_signer_key"
+
+
+class AttestationError(ByokError):
+    """A KEK attestation is refused.
+
+    ``reason`` is one of ``attestation_chain_invalid`` (no chain from a trusted root to the
+    certificate that signs the attestation), ``attestation_signature_invalid`` (the blob's
+    signature does not verify: altered bytes), ``attestation_key_mismatch`` (the attested key is
+    not this KEK), ``attestation_key_extractable`` (the attested attributes allow export, or the
+    key was not generated inside the HSM) and ``attestation_format_unsupported`` (a layout,
+    version or attribute this verifier does not understand; it refuses rather than guesses).
+    """
+
+    reason = "attestation_format_unsupported"

@@ -30,8 +30,10 @@ def build_manifest(
     key_source: Mapping[str, str],
     package_name: str,
     package_bytes: bytes,
+    kek_attestation: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assemble the manifest document for one package."""
+    """Assemble the manifest document for one package (``kek_attestation``: the verified
+    attestation's record, :meth:`~.attestation.AttestationResult.to_manifest`)."""
     t = target.type
     target_doc: dict[str, Any] = {"type": t.name, "kty": t.kty}
     if t.key_size is not None:
@@ -43,11 +45,18 @@ def build_manifest(
     pem = target.public_pem()
     if pem is not None:
         target_doc["public_key_pem"] = pem
+    kek_doc: dict[str, Any] = {
+        "kid": kek_kid.kid,
+        "spki_sha256": kek.fingerprint,
+        "key_size": kek.key_size,
+    }
+    if kek_attestation is not None:
+        kek_doc["attestation"] = dict(kek_attestation)
     return {
         "schema_version": MANIFEST_VERSION,
         "created": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "generator": {"tool": TOOL_NAME, "version": __version__, "key_source": dict(key_source)},
-        "kek": {"kid": kek_kid.kid, "spki_sha256": kek.fingerprint, "key_size": kek.key_size},
+        "kek": kek_doc,
         "target": target_doc,
         "package": {
             "file_name": package_name,

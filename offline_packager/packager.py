@@ -90,6 +90,7 @@ def build_package(
     key_source: Mapping[str, str],
     package_name: str,
     created: datetime,
+    kek_attestation: Mapping[str, Any] | None = None,
 ) -> BuiltPackage:
     """Encode the package and describe it in a manifest."""
     package_bytes = encode_package(kek_kid.kid, ciphertext, generator_text(key_source))
@@ -102,5 +103,6 @@ def build_package(
         key_source=key_source,
         package_name=package_name,
         package_bytes=package_bytes,
+        kek_attestation=kek_attestation,
     )
     return BuiltPackage(package_bytes, manifest)

@@ -239,6 +239,21 @@ def protected_names(
     return statuses
 
 
+def verify_attestation(
+    pkg: list[str], offline: Path, kid: str, test_root: Path, env: dict[str, str]
+) -> None:
+    """The custodian checks the KEK's attestation offline: the pinned Marvell roots alone
+    refuse the emulator's (signed by its TEST root); naming the TEST root accepts it."""
+    check = [*pkg, "verify-kek-attestation", str(offline / "kek.attestation.json"),
+             "--kek", str(offline / "kek.pem"), "--kek-kid", kid]  # fmt: skip
+    print("$ " + shlex.join(check) + "   # pinned Marvell roots only: must refuse the emulator")
+    refused = subprocess.run(check, env=env, text=True, capture_output=True, check=False)
+    print(refused.stderr, end="")
+    if refused.returncode != 2 or "attestation_chain_invalid" not in refused.stderr:
+        raise SystemExit("demo: the emulator's attestation passed without its TEST root")
+    run([*check, "--trust-test-root", str(test_root)], env)
+
+
 def main() -> int:
     work = REPO / ".demo"  # kept after the run for a look (git-ignored); cleared at each start
     shutil.rmtree(work, ignore_errors=True)
@@ -284,6 +299,8 @@ def main() -> int:
                     created["kid"],
                     "--out",
                     str(offline / "kek.pem"),
+                    "--attestation",
+                    str(offline / "kek.attestation.json"),
                     "--json",
                 ],
                 env,
@@ -291,8 +308,12 @@ def main() -> int:
             )
         )
         print(f"  KEK SPKI SHA-256 (read it aloud at the ceremony): {info['spki_sha256']}")
+        print(f"  KEK attestation saved, SHA-256 {info['attestation_sha256']}")
+        # the emulator signs attestations under a TEST root of its own, never a Marvell root
+        test_root = stack_dir / "hsm" / "attestation-test-root.pem"
 
-        banner("Step 2 (offline machine): wrap target keys under the KEK with the packager")
+        banner("Step 2 (offline machine): verify the KEK's attestation, then wrap target keys")
+        verify_attestation(pkg, offline, created["kid"], test_root, env)
         kek_args = [
             "--kek",
             str(offline / "kek.pem"),
@@ -300,6 +321,10 @@ def main() -> int:
             created["kid"],
             "--kek-sha256",
             info["spki_sha256"],
+            "--kek-attestation",
+            str(offline / "kek.attestation.json"),
+            "--trust-test-root",
+            str(test_root),
         ]
         # an existing EC key held by the custodian (made here with OpenSSL for the demo)
         run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384",

@@ -7,12 +7,14 @@ the AES check value), which infra/assign-hsm-roles.sh creates and assigns.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from azure.core.exceptions import AzureError, HttpResponseError, ResourceNotFoundError
+from azure.core.rest import HttpRequest
 from azure.keyvault.keys import JsonWebKey, KeyClient, KeyVaultKey
 from azure.keyvault.keys.crypto import CryptographyClient, EncryptionAlgorithm
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -26,6 +28,11 @@ from offline_packager.kid import KeyId
 
 TAG_PACKAGE_SHA256 = "byok-package-sha256"
 TAG_KEK_KID = "byok-kek-kid"
+# Key attestation: the api-version of Microsoft's instructions (az rest ... attestation?
+# api-version=7.6-preview.1). azure-keyvault-keys 4.11 also has KeyClient.get_key_attestation,
+# but it returns the parsed model; the custodian needs the HSM's answer byte for byte.
+ATTESTATION_API_VERSION = "7.6-preview.1"
+MAX_ATTESTATION_BYTES = 1024 * 1024
 _CBC = {
     128: EncryptionAlgorithm.a128_cbc,
     192: EncryptionAlgorithm.a192_cbc,
@@ -294,6 +301,42 @@ class HsmAdapter:
         except AzureError as exc:
             raise translate(exc, "computing the AES check value") from None
         return result.ciphertext[:3].hex().upper()
+
+    def key_attestation(self, kid: KeyId, *, request_id: str) -> bytes:
+        """``GET /keys/{name}/{version}/attestation``: the HSM's answer, exactly as sent (the
+        key bundle with ``attributes.attestation``), through the SDK's pipeline (auth, retries).
+
+        Raises:
+            Rejected: ``kek_missing`` (404), ``hsm_refused`` (another 4xx, an answer over 1 MiB
+                or without an ``attestation`` object).
+            TransientError: 401/403, 429/5xx or connection failures after the SDK's retries.
+        """
+        request = HttpRequest(
+            "GET",
+            f"/keys/{kid.name}/{kid.version}/attestation",
+            params={"api-version": ATTESTATION_API_VERSION},
+        )
+        what = "reading the KEK attestation"
+        try:
+            response = self.client.send_request(request, request_id=request_id)
+            if response.status_code == 404:
+                raise Rejected(
+                    "kek_missing", f"no key {kid.name} version {kid.version} in this HSM"
+                )
+            response.raise_for_status()
+            body = response.read()
+        except AzureError as exc:
+            raise translate(exc, what) from None
+        if len(body) > MAX_ATTESTATION_BYTES:
+            raise Rejected("hsm_refused", f"{what}: the answer is over 1 MiB")
+        try:
+            doc = json.loads(body)
+            attestation = doc["attributes"]["attestation"]
+        except (ValueError, KeyError, TypeError):
+            attestation = None
+        if not isinstance(attestation, dict):
+            raise Rejected("hsm_refused", f"{what}: the answer holds no attestation object")
+        return bytes(body)
 
     def get_key(self, name: str, version: str | None = None, **kwargs: Any) -> KeyVaultKey:
         return self.client.get_key(name, version, **kwargs)

@@ -168,25 +168,52 @@ def _exists(hsm: Any, name: str) -> bool:
     return True
 
 
+def _kek_kid_arg(args: argparse.Namespace, settings: Settings, hsm: Any) -> str:
+    """The KEK's kid from --kid, $BYOK_KEK_KID or the latest version of --name.
+
+    Raises:
+        Rejected: ``bad_kid`` (none given), ``not_found`` (no key of that name).
+        TransientError: the HSM call failed.
+    """
+    from azure.core.exceptions import AzureError, ResourceNotFoundError
+
+    from byok_pipeline.adapters.keyvault import translate
+
+    kid_text: str | None = args.kid or settings.kek_kid
+    if not kid_text and args.name:
+        try:
+            kid_text = str(hsm.client.get_key(args.name).id)
+        except ResourceNotFoundError:
+            raise Rejected("not_found", f"no key named {args.name} in this HSM") from None
+        except AzureError as exc:
+            raise translate(exc, "reading the KEK") from None
+    if not kid_text:
+        raise Rejected("bad_kid", "give --kid, --name or set BYOK_KEK_KID")
+    return kid_text
+
+
 def cmd_kek_download(args: argparse.Namespace) -> int:
+    """``byok kek download``: the KEK's public PEM, and with ``--attestation`` its attestation
+    (both written atomically, both audited in one ``byok.kek.downloaded`` record)."""
     from byok_pipeline.audit.events import cli_event
-    from byok_pipeline.processing.kek_info import kek_info
+    from byok_pipeline.processing.kek_info import kek_attestation, kek_info
 
     settings = _settings(args)
     sink = _audit_sink(settings)
     hsm = _hsm(settings)
-    kid_text = args.kid or settings.kek_kid
-    if not kid_text and args.name:
-        try:
-            kid_text = str(hsm.client.get_key(args.name).id)
-        except Exception as exc:  # noqa: BLE001  # translated into exit codes
-            return _sdk_failure(exc, "reading the KEK")
-    if not kid_text:
-        raise Rejected("bad_kid", "give --kid, --name or set BYOK_KEK_KID")
+    kid = parse_kid(_kek_kid_arg(args, settings, hsm), expected_host=settings.hsm_host)
     cid = uuid.uuid4().hex
-    info = kek_info(hsm, parse_kid(kid_text, expected_host=settings.hsm_host), request_id=cid)
-    out = Path(args.out)
-    write_files_atomically([(out, info["public_key_pem"].encode())], force=args.force)
+    info = kek_info(hsm, kid, request_id=cid)
+    attestation_out = getattr(args, "attestation", None)
+    pem_out = getattr(args, "out", None)
+    files: list[tuple[Path, bytes]] = []
+    if pem_out:
+        files.append((Path(pem_out), info["public_key_pem"].encode()))
+    attestation: dict[str, Any] | None = None
+    if attestation_out:
+        attestation = kek_attestation(hsm, parse_kid(info["kid"]), request_id=cid)
+        files.append((Path(attestation_out), attestation["bytes"]))
+    write_files_atomically(files, force=args.force)
     _audit(
         sink,
         cli_event(
@@ -195,16 +222,36 @@ def cmd_kek_download(args: argparse.Namespace) -> int:
             kek_kid=info["kid"],
             key_name=parse_kid(info["kid"]).name,
             kek_spki_sha256=info["spki_sha256"],
+            attestation_sha256=attestation["sha256"] if attestation else None,
         ),
     )
-    result = {k: v for k, v in info.items() if k != "public_key_pem"} | {"pem": str(out)}
-    _out(
-        args,
-        result,
-        f"wrote {out}\n  kid:         {info['kid']}\n"
-        f"  SPKI SHA-256: {info['spki_sha256']}\n  Carry both to the offline machine: "
-        f"byok-package wrap --kek {out} --kek-kid {info['kid']} --kek-sha256 {info['spki_sha256']} ...",
+    result = {k: v for k, v in info.items() if k != "public_key_pem"}
+    lines = []
+    if pem_out:
+        result["pem"] = pem_out
+        lines.append(f"wrote {pem_out}")
+    if attestation is not None:
+        result |= {"attestation": attestation_out, "attestation_sha256": attestation["sha256"]}
+        lines.append(f"wrote {attestation_out} (attestation SHA-256 {attestation['sha256']})")
+    lines += [f"  kid:          {info['kid']}", f"  SPKI SHA-256: {info['spki_sha256']}"]
+    if attestation_out:
+        check = f" --kek-attestation {attestation_out}"
+        lines.append(
+            "  On the offline machine, verify the attestation first: byok-package "
+            f"verify-kek-attestation {attestation_out} --kek {pem_out or 'KEK.pem'} "
+            f"--kek-kid {info['kid']} --kek-sha256 {info['spki_sha256']}"
+        )
+    else:
+        check = ""
+        lines.append(
+            "  No attestation downloaded: add --attestation FILE so the custodian can check the "
+            "KEK lives in the HSM"
+        )
+    lines.append(
+        f"  Carry them to the offline machine: byok-package wrap --kek {pem_out or 'KEK.pem'} "
+        f"--kek-kid {info['kid']} --kek-sha256 {info['spki_sha256']}{check} ..."
     )
+    _out(args, result, "\n".join(lines))
     return EXIT_OK
 
 
@@ -590,22 +637,9 @@ def _positive(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--hsm-url", help="Managed HSM URL (default: $BYOK_HSM_URL)")
-    add_storage_option(common)
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-
-    parser = argparse.ArgumentParser(
-        prog="byok",
-        description="Connected side of BYOK into Azure Managed HSM. Settings come from the "
-        "environment (see README); `byok dev up` writes them for a local stack. "
-        "Exit codes: 0 ok, 2 refused (reason code on stderr), 1 failure.",
-    )
-    parser.add_argument("--version", action="version", version=f"byok {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    kek = sub.add_parser("kek", help="create or download a Key Exchange Key")
+def _add_kek_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``byok kek create|download|attest``."""
+    kek = sub.add_parser("kek", help="create or download a Key Exchange Key, or its attestation")
     kek_sub = kek.add_subparsers(dest="kek_command", required=True)
     kc = kek_sub.add_parser(
         "create", parents=[common], help="create an import-only RSA-HSM KEK; prints its kid"
@@ -631,7 +665,40 @@ def build_parser() -> argparse.ArgumentParser:
     kd.add_argument("--kid", help="the KEK's kid with version (default: $BYOK_KEK_KID)")
     kd.add_argument("--name", help="or the KEK's name (its latest version)")
     kd.add_argument("--out", required=True, metavar="KEK.pem")
-    kd.add_argument("--force", action="store_true", help="replace an existing file")
+    kd.add_argument(
+        "--attestation",
+        metavar="FILE",
+        help="also save the KEK's attestation (the HSM's JSON, verified offline with "
+        "byok-package verify-kek-attestation or wrap --kek-attestation)",
+    )
+    kd.add_argument("--force", action="store_true", help="replace existing files")
+    ka = kek_sub.add_parser(
+        "attest",
+        parents=[common],
+        help="save the KEK's attestation (the HSM's JSON); prints its SHA-256",
+    )
+    ka.add_argument("--kid", help="the KEK's kid with version (default: $BYOK_KEK_KID)")
+    ka.add_argument("--name", help="or the KEK's name (its latest version)")
+    ka.add_argument("--out", required=True, metavar="FILE", dest="attestation")
+    ka.add_argument("--force", action="store_true", help="replace an existing file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--hsm-url", help="Managed HSM URL (default: $BYOK_HSM_URL)")
+    add_storage_option(common)
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+
+    parser = argparse.ArgumentParser(
+        prog="byok",
+        description="Connected side of BYOK into Azure Managed HSM. Settings come from the "
+        "environment (see README); `byok dev up` writes them for a local stack. "
+        "Exit codes: 0 ok, 2 refused (reason code on stderr), 1 failure.",
+    )
+    parser.add_argument("--version", action="version", version=f"byok {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_kek_parsers(sub, common)
 
     up = sub.add_parser(
         "upload", parents=[common], help="drop a package into the incoming container"
@@ -748,7 +815,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "kek":
-            return cmd_kek_create(args) if args.kek_command == "create" else cmd_kek_download(args)
+            if args.kek_command == "create":
+                return cmd_kek_create(args)
+            return cmd_kek_download(args)  # download, or attest (the attestation alone)
         if args.command == "audit" and args.audit_command == "init":
             from byok_pipeline.cli.audit_init import cmd_init
 

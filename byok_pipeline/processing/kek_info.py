@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from byok_pipeline.adapters.keyvault import HsmAdapter
@@ -29,4 +31,20 @@ def kek_info(hsm: HsmAdapter, kid: KeyId, *, request_id: str) -> dict[str, Any]:
         "enabled": facts.enabled,
         "not_before": facts.not_before.isoformat() if facts.not_before else None,
         "expires_on": facts.expires_on.isoformat() if facts.expires_on else None,
+    }
+
+
+def kek_attestation(hsm: HsmAdapter, kid: KeyId, *, request_id: str) -> dict[str, Any]:
+    """The KEK's attestation as the HSM answered it (``bytes``) and its SHA-256, for custodians
+    to verify offline (``byok-package verify-kek-attestation``).
+
+    Raises:
+        Rejected: ``kek_missing``, ``hsm_refused``.
+        TransientError: the HSM call failed.
+    """
+    body = hsm.key_attestation(kid, request_id=request_id)
+    return {
+        "bytes": body,
+        "sha256": hashlib.sha256(body).hexdigest(),
+        "document": json.loads(body),
     }

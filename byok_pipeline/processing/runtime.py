@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from byok_pipeline.core.errors import ConfigError, InProgress, TransientError
+from byok_pipeline.core.errors import ConfigError, InProgress, Rejected, TransientError
 from byok_pipeline.core.reasons import REASONS
 from byok_pipeline.core.settings import Settings
 from byok_pipeline.core.status import STATES
@@ -143,19 +143,31 @@ def get_package(name: str) -> tuple[int, bytes]:
 
 
 def get_kek() -> tuple[int, bytes]:
-    """``GET /api/kek``: the configured KEK's kid, public PEM and SPKI SHA-256 (no secret)."""
-    from byok_pipeline.processing.kek_info import kek_info
+    """``GET /api/kek``: the configured KEK's kid, public PEM and SPKI SHA-256 (no secret), and
+    its attestation as the HSM answered it (``attestation``; null with ``attestation_error``
+    when the HSM gave none). Save ``attestation`` as JSON and verify it offline with
+    ``byok-package verify-kek-attestation``."""
+    from byok_pipeline.processing.kek_info import kek_attestation, kek_info
     from offline_packager.kid import parse_kid
 
     deps = get_deps()
     if not deps.settings.kek_kid:
         return http_json(404, {"error": "no_kek", "message": "BYOK_KEK_KID is not configured"})
+    kid = parse_kid(deps.settings.kek_kid)
     try:
-        info = kek_info(deps.hsm, parse_kid(deps.settings.kek_kid), request_id="api-kek")
+        info = kek_info(deps.hsm, kid, request_id="api-kek")
     except TransientError as exc:
         return http_json(503, {"error": exc.reason, "message": exc.message})
     except Exception as exc:  # noqa: BLE001  # any refusal maps to a 4xx with its reason
         return http_json(404, {"error": getattr(exc, "reason", "error"), "message": str(exc)})
+    try:
+        attestation = kek_attestation(deps.hsm, kid, request_id="api-kek")
+    except (Rejected, TransientError) as exc:  # the KEK's facts are still worth answering
+        info["attestation"] = None
+        info["attestation_error"] = {"error": exc.reason, "message": exc.message}
+    else:
+        info["attestation"] = attestation["document"]
+        info["attestation_sha256"] = attestation["sha256"]
     return http_json(200, info)
 
 

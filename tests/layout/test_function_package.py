@@ -31,6 +31,7 @@ NEVER = (
     "node_modules/",
     "byok_pipeline/cli/",
     "byok_pipeline/localdev/",
+    "offline_packager/roots/",
     ".venv",
     "benchmarks/",
     "scripts/",

@@ -238,6 +238,23 @@ def test_http_functions(wired: Stack, functions: dict[str, Callable[..., Any]]) 
 
     assert body["spki_sha256"] == load_kek_pem(stack.kek_pem).fingerprint
     assert body["key_ops"] == ["import"]
+    # the KEK's attestation, as the HSM answered it: it verifies offline (with the emulator's
+    # TEST root) against the PEM the same answer carries
+    from datetime import UTC, datetime
+
+    from offline_packager.attestation import load_test_root, verify_kek_attestation
+    from offline_packager.kid import parse_kid
+
+    assert len(body["attestation_sha256"]) == 64
+    root = load_test_root((stack.hsm.data_dir / "attestation-test-root.pem").read_bytes())
+    result = verify_kek_attestation(
+        json.dumps(body["attestation"]).encode(),
+        load_kek_pem(body["public_key_pem"].encode()),
+        now=datetime.now(UTC),
+        kek_kid=parse_kid(stack.kek_kid),
+        anchors=[root],
+    )
+    assert result.attested_key_id == stack.kek_kid
 
 
 def test_settings_are_documented_everywhere() -> None:
