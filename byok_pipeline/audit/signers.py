@@ -26,6 +26,19 @@ def spki_sha256(public_key: ec.EllipticCurvePublicKey) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+def p256_public_key(jwk: Any) -> ec.EllipticCurvePublicKey:
+    """The EC P-256 public key of a Key Vault JWK (its ``x`` and ``y``).
+
+    Raises:
+        ValueError: the coordinates are missing or not a point of P-256.
+    """
+    if not jwk.x or not jwk.y:
+        raise ValueError("the key has no EC coordinates")
+    return ec.EllipticCurvePublicNumbers(
+        int.from_bytes(jwk.x, "big"), int.from_bytes(jwk.y, "big"), ec.SECP256R1()
+    ).public_key()
+
+
 def verify_digest(public_key: Any, digest: bytes, value: bytes) -> bool:
     """Whether ``value`` (``r || s``, 64 bytes) is an ES256 signature of the SHA-256 ``digest``
     by ``public_key`` (an EC P-256 public key; any other key verifies nothing)."""

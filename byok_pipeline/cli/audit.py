@@ -192,9 +192,9 @@ def hsm_key_fetcher(
     def fetch(kid: str) -> ec.EllipticCurvePublicKey | None:
         from azure.core.exceptions import AzureError, ResourceNotFoundError
         from azure.keyvault.keys import KeyVaultKeyIdentifier
-        from cryptography.hazmat.primitives.asymmetric import ec
 
         from byok_pipeline.adapters.transient import as_transient
+        from byok_pipeline.audit.signers import p256_public_key
         from byok_pipeline.core.errors import TransientError
         from byok_pipeline.core.settings import Settings
         from byok_pipeline.processing.wiring import key_client
@@ -224,10 +224,7 @@ def hsm_key_fetcher(
         crv = str(getattr(jwk.crv, "value", jwk.crv))
         if crv != "P-256" or not jwk.x or not jwk.y:
             return None
-        numbers = ec.EllipticCurvePublicNumbers(
-            int.from_bytes(jwk.x, "big"), int.from_bytes(jwk.y, "big"), ec.SECP256R1()
-        )
-        return numbers.public_key()
+        return p256_public_key(jwk)
 
     return fetch
 

@@ -56,9 +56,9 @@ def trust_entry(kid: str, public_key: Any, role: str, name: str | None = None) -
 def cmd_init(args: argparse.Namespace, *, hsm: Any, out: Any) -> int:
     """Raises: Rejected (``kek_exists``-like ``audit_key_exists``), TransientError."""
     from azure.core.exceptions import AzureError, ResourceNotFoundError
-    from cryptography.hazmat.primitives.asymmetric import ec
 
     from byok_pipeline.adapters.keyvault import translate
+    from byok_pipeline.audit.signers import p256_public_key
 
     client = hsm.client
     try:
@@ -83,9 +83,7 @@ def cmd_init(args: argparse.Namespace, *, hsm: Any, out: Any) -> int:
     except AzureError as exc:
         raise translate(exc, "creating the audit signing key") from None
     jwk: Any = key.key  # JsonWebKey sets its fields dynamically
-    public = ec.EllipticCurvePublicNumbers(
-        int.from_bytes(jwk.x, "big"), int.from_bytes(jwk.y, "big"), ec.SECP256R1()
-    ).public_key()
+    public = p256_public_key(jwk)
     entry = trust_entry(str(key.id), public, "pipeline", "pipeline")
     out(
         args,

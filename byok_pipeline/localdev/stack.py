@@ -72,15 +72,14 @@ def audit_keys(emulator: Any, directory: Path) -> dict[str, str]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
+    from byok_pipeline.audit.signers import p256_public_key
     from byok_pipeline.cli.audit_init import DEFAULT_NAME, trust_entry
 
     key = emulator.key_client().create_ec_key(
         DEFAULT_NAME, curve="P-256", key_operations=["sign", "verify"], hardware_protected=True
     )
     jwk: Any = key.key  # JsonWebKey sets its fields dynamically
-    pipeline_public = ec.EllipticCurvePublicNumbers(
-        int.from_bytes(jwk.x, "big"), int.from_bytes(jwk.y, "big"), ec.SECP256R1()
-    ).public_key()
+    pipeline_public = p256_public_key(jwk)
     person = ec.generate_private_key(ec.SECP256R1())
     person_file = directory / "audit-person.key.pem"
     # created readable by its owner only, never through a planted link

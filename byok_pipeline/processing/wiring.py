@@ -152,10 +152,9 @@ def hsm_signer(kid: str, credential: TokenCredential, *, ca_bundle: str | None =
         TransientError: the HSM could not be read.
     """
     from azure.core.exceptions import AzureError
-    from cryptography.hazmat.primitives.asymmetric import ec
 
     from byok_pipeline.adapters.keyvault import translate
-    from byok_pipeline.audit.signers import HsmSigner
+    from byok_pipeline.audit.signers import HsmSigner, p256_public_key
 
     # a signature is inside an audit append's deadline: one quick retry, short timeouts
     kwargs: dict[str, Any] = {"retry_total": 1, "connection_timeout": 3, "read_timeout": 5}
@@ -184,9 +183,7 @@ def hsm_signer(kid: str, credential: TokenCredential, *, ca_bundle: str | None =
         raise ConfigError(f"the audit signing key {kid} is not an EC P-256 key")
     if "sign" not in [text(o) for o in (jwk.key_ops or [])]:
         raise ConfigError(f"the audit signing key {kid} may not sign (key_ops)")
-    public = ec.EllipticCurvePublicNumbers(
-        int.from_bytes(jwk.x, "big"), int.from_bytes(jwk.y, "big"), ec.SECP256R1()
-    ).public_key()
+    public = p256_public_key(jwk)
     return HsmSigner(client, str(key.id), public)
 
 
