@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
     AzureError,
     HttpResponseError,
     ResourceExistsError,
+    ResourceModifiedError,
     ResourceNotFoundError,
 )
 from azure.storage.blob import BlobServiceClient
@@ -142,17 +144,39 @@ class AuthorizationStore:
             raise _transient(exc, "reading the import policy") from None
         return True
 
-    def put_policy(self, data: bytes) -> str:
-        """Replace the policy blob (administrators). Returns the new ETag.
+    def put_policy(self, data: bytes, *, replaces: str | None = "*") -> str:
+        """Write the policy blob (administrators). Returns the new ETag.
+
+        ``replaces``: the ETag of the policy this one replaces (it is written only if the blob
+        still has it), None when there is none yet (written only if the blob does not exist),
+        ``"*"`` unconditionally. So two administrators setting a policy at once never record a
+        wrong predecessor.
 
         Raises:
+            Rejected: ``policy_invalid``: the policy changed since it was read (run again).
             TransientError: storage failed (a 403 says the caller is no policy administrator).
         """
         blob = self.service.get_blob_client(
             self.settings.config_container, self.settings.policy_blob
         )
+        conditions: dict[str, Any] = {}
+        if replaces is None:
+            conditions = {"overwrite": False}
+        elif replaces != "*":
+            conditions = {
+                "overwrite": True,
+                "etag": replaces,
+                "match_condition": MatchConditions.IfNotModified,
+            }
+        else:
+            conditions = {"overwrite": True}
         try:
-            result = blob.upload_blob(data, overwrite=True)
+            result = blob.upload_blob(data, **conditions)
+        except (ResourceExistsError, ResourceModifiedError):
+            raise Rejected(
+                "policy_invalid",
+                "the import policy was changed by someone else meanwhile: run the command again",
+            ) from None
         except AzureError as exc:
             raise _transient(exc, "writing the import policy") from None
         return str(result["etag"])

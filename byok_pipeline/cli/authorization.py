@@ -96,7 +96,7 @@ def cmd_policy(
     policy = load_policy(data)  # refuses an invalid file before anything is written
     found = authz.policy_bytes()
     old = hashlib.sha256(found[0]).hexdigest() if found else None
-    authz.put_policy(data)
+    authz.put_policy(data, replaces=found[1] if found else None)  # never a lost update
     from byok_pipeline.audit.events import cli_event
     from byok_pipeline.cli.upload import default_uploader
 

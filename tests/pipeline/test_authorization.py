@@ -747,3 +747,27 @@ def test_a_required_policy_that_is_missing_stops_every_import(stack: Stack, uid:
     assert (outcome.state, outcome.reason_code) == ("rejected", "policy_invalid")
     assert outcome.doc is not None
     assert "BYOK_POLICY_REQUIRED" in (outcome.doc.message or "")
+
+
+def test_setting_the_policy_never_loses_a_concurrent_change(
+    stack: Stack, uid: str, approver_keys: dict[str, Any]
+) -> None:
+    """`byok policy set` writes only over the policy it read: a policy set by someone else in
+    between is refused (run again), so the audit event's old SHA-256 is always the right one."""
+    from byok_pipeline.core.errors import Rejected
+
+    authz = stack.deps.authorization
+    first = json.dumps(_policy(approver_keys, {"name": f"a-{uid}"})).encode()
+    authz.put_policy(first, replaces=None)
+    with pytest.raises(Rejected):  # someone created it first
+        authz.put_policy(first, replaces=None)
+    found = authz.policy_bytes()
+    assert found is not None
+    read_etag = found[1]
+    authz.put_policy(json.dumps(_policy(approver_keys, {"name": f"b-{uid}"})).encode())
+    with pytest.raises(Rejected) as stale:
+        authz.put_policy(first, replaces=read_etag)
+    assert stale.value.reason == "policy_invalid"
+    current = authz.policy_bytes()
+    assert current is not None
+    assert f"b-{uid}".encode() in current[0]
