@@ -13,6 +13,7 @@ from types import FrameType
 
 from .app import Emulator, EmulatorConfig, load_fault_rules
 from .errors import StartupError
+from .limits import DEFAULT_MAX_KEYS, DEFAULT_MAX_VERSIONS_PER_KEY, PROFILES, LimitsConfig
 from .service import DEFAULT_RETENTION_DAYS
 
 
@@ -44,6 +45,31 @@ def _parser() -> argparse.ArgumentParser:
         metavar="7-90",
         help=f"soft-delete retention (default {DEFAULT_RETENTION_DAYS})",
     )
+    p.add_argument(
+        "--limits",
+        choices=PROFILES,
+        help="service-limits mode: Managed HSM's published rate limits per partition (429 with "
+        "Retry-After) and object limits (default: off)",
+    )
+    p.add_argument(
+        "--limits-scale",
+        type=float,
+        metavar="N",
+        help="with --limits: multiply every rate by N (default 1; e.g. 10 admits 10 creates or "
+        "imports per second per partition)",
+    )
+    p.add_argument(
+        "--max-keys",
+        type=int,
+        metavar="N",
+        help=f"with --limits: keys per HSM (default {DEFAULT_MAX_KEYS})",
+    )
+    p.add_argument(
+        "--max-versions-per-key",
+        type=int,
+        metavar="N",
+        help=f"with --limits: versions per key (default {DEFAULT_MAX_VERSIONS_PER_KEY})",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -67,6 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     try:
         rules = load_fault_rules(args.faults) if args.faults else []
+        limits = LimitsConfig.from_options(
+            args.limits,
+            scale=args.limits_scale,
+            max_keys=args.max_keys,
+            max_versions_per_key=args.max_versions_per_key,
+        )
         emulator = Emulator.start(
             EmulatorConfig(
                 data_dir=args.data_dir,
@@ -75,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 faults=rules,
                 fault_seed=args.fault_seed,
                 retention_days=args.retention_days,
+                limits=limits,
             )
         )
     except StartupError as exc:

@@ -22,6 +22,7 @@ from .errors import EmulatorError, StartupError
 from .faults import FaultInjector
 from .http_server import EmulatorHTTPServer
 from .identity import WILDCARD_HOSTS, host_for_authority, load_port, save_port
+from .limits import LimitsConfig, ServiceLimits
 from .requestlog import RequestLog
 from .sealing import MASTER_KEY_BYTES, Sealer
 from .service import DEFAULT_RETENTION_DAYS, KeyVaultService
@@ -42,6 +43,7 @@ class EmulatorConfig:
     faults: Sequence[Any] = ()
     fault_seed: int | None = None
     retention_days: int = DEFAULT_RETENTION_DAYS
+    limits: LimitsConfig | None = None  # the service-limits mode (None: off)
     clock: Callable[[], float] = field(default=time.time, compare=False)
 
 
@@ -145,6 +147,7 @@ class Emulator:
             clock=config.clock,
             retention_days=config.retention_days,
             attestation=attestation,
+            limits=None if config.limits is None else ServiceLimits(config.limits),
         )
         persisted = load_port(paths)
         port = config.port or persisted or 0
@@ -200,6 +203,14 @@ class Emulator:
             paths.root,
             len(list(store.records())),
         )
+        if config.limits is not None:
+            LOG.info(
+                "service limits: %s x%g (%d keys, %d versions per key)",
+                config.limits.profile,
+                config.limits.scale,
+                config.limits.max_keys,
+                config.limits.max_versions_per_key,
+            )
         return emulator
 
     def serve_forever(self) -> None:

@@ -7,7 +7,18 @@ Every refusal the emulator answers with is one of these. ``code`` is what Key Va
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+# Error codes of the service-limits mode (see README "Service limits mode"). "Throttled" and the
+# message prefix are what Key Vault sends with a 429 (confirmed); the two quota codes are this
+# emulator's choice: the service's own codes for them are not public.
+THROTTLED_CODE = "Throttled"
+THROTTLED_MESSAGE = "Request was not processed because too many requests were received."
+HSM_KEY_LIMIT_CODE = "HsmKeyLimitExceeded"
+KEY_VERSION_LIMIT_CODE = "KeyVersionLimitExceeded"
+HSM_KEY_LIMIT_REASON = "hsm_key_limit"
+KEY_VERSION_LIMIT_REASON = "key_version_limit"
 
 
 class EmulatorError(Exception):
@@ -25,6 +36,10 @@ class EmulatorError(Exception):
     @property
     def message(self) -> str:
         return str(self.args[0]) if self.args else self.reason
+
+    def headers(self) -> dict[str, str]:
+        """Response headers this refusal adds (none, unless a subclass says otherwise)."""
+        return {}
 
     def to_body(self) -> dict[str, Any]:
         """The JSON body Key Vault sends for this error."""
@@ -99,6 +114,46 @@ class PayloadTooLargeError(EmulatorError):
     status = 413
     code = "RequestEntityTooLarge"
     reason = "too_large"
+
+
+class ThrottledError(EmulatorError):
+    """429: over a rate limit of the service-limits mode; nothing was done.
+
+    The body is Key Vault's throttling body (``code`` and ``message`` only, no ``innererror``);
+    ``retry_after`` (seconds, exact) becomes ``Retry-After`` (whole seconds, rounded up) and
+    ``x-ms-retry-after-ms`` (milliseconds, rounded up).
+    """
+
+    status = 429
+    code = THROTTLED_CODE
+    reason = "throttled"
+
+    def __init__(self, detail: str, *, retry_after: float) -> None:
+        super().__init__(f"{THROTTLED_MESSAGE} ({detail})")
+        self.retry_after = retry_after
+
+    def to_body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+    def headers(self) -> dict[str, str]:
+        millis = max(1, math.ceil(self.retry_after * 1000))
+        return {"Retry-After": str(math.ceil(millis / 1000)), "x-ms-retry-after-ms": str(millis)}
+
+
+class HsmKeyLimitError(EmulatorError):
+    """403: a create or import of a new key name would exceed the keys per HSM."""
+
+    status = 403
+    code = HSM_KEY_LIMIT_CODE
+    reason = HSM_KEY_LIMIT_REASON
+
+
+class KeyVersionLimitError(EmulatorError):
+    """403: a create or import would give a key more versions than allowed."""
+
+    status = 403
+    code = KEY_VERSION_LIMIT_CODE
+    reason = KEY_VERSION_LIMIT_REASON
 
 
 class StartupError(Exception):

@@ -7,7 +7,8 @@ is closed after the reply); then the body framing is checked (``Transfer-Encodin
 repeated or non-numeric ``Content-Length``: ``400`` and the connection is closed; over 1 MiB:
 ``413`` and closed) and the body read; then the token is checked; then ``Host`` (only the
 names in :mod:`.identity`: anything else is ``400 bad_host``); then faults apply (phase
-``before``); then the route and api-version are validated and the operation runs; then
+``before``); then the route and api-version are validated, the service-limits mode (if on,
+:mod:`.limits`) admits the request or answers ``429``, and the operation runs; then
 phase-``after`` faults replace or delay the reply.
 
 Admin endpoints (``/_admin/...``, loopback clients only, no token, never faulted or logged):
@@ -16,6 +17,8 @@ Admin endpoints (``/_admin/...``, loopback clients only, no token, never faulted
 - ``GET /_admin/requests?since=SEQ``: request log entries after ``SEQ``
 - ``GET /_admin/faults``, ``POST /_admin/faults`` (a rule, see :mod:`.faults`),
   ``DELETE /_admin/faults`` (all), ``DELETE /_admin/faults/{id}``
+- ``GET /_admin/limits``: the service-limits mode's configuration and counters (see
+  :mod:`.limits`), ``POST /_admin/limits/reset``: refill its buckets, zero its counters
 """
 
 from __future__ import annotations
@@ -293,7 +296,9 @@ class KeyVaultHandler(BaseHTTPRequestHandler):
         except EmulatorError as exc:
             status = exc.status
             entry["reason"] = exc.reason
-            extra = {"WWW-Authenticate": CHALLENGE} if exc.status == 401 else None  # HTTP status
+            extra = exc.headers()
+            if exc.status == 401:  # HTTP status
+                extra["WWW-Authenticate"] = CHALLENGE
             self._send(exc.status, exc.to_body(), request_id=request_id, extra=extra)
         except (ConnectionError, TimeoutError, ssl.SSLError):
             status = 499
@@ -476,6 +481,12 @@ class KeyVaultHandler(BaseHTTPRequestHandler):
             if method == "DELETE":
                 faults.clear()
                 return 204, None
+        if path == "/_admin/limits" and method == "GET":
+            return 200, self.server.service.limits_status()
+        if path == "/_admin/limits/reset" and method == "POST":
+            if self.server.service.limits is not None:
+                self.server.service.limits.reset()
+            return 204, None
         if path.startswith("/_admin/faults/") and method == "DELETE":
             try:
                 rule_id = int(path.rsplit("/", 1)[1])

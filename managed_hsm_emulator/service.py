@@ -23,6 +23,7 @@ from . import crypto_ops
 from .attestation import AttestationAuthority
 from .byok import Kek, check_kek, import_byok, kek_not_found
 from .errors import BadParameterError, ConflictError, EmulatorError, KeyNotFoundError
+from .limits import ServiceLimits
 from .material import KeyMaterial, family_of, hsm_kty
 from .model import (
     DeletedInfo,
@@ -143,10 +144,12 @@ class KeyVaultService:
         randbytes: Callable[[int], bytes] = os.urandom,
         retention_days: int = DEFAULT_RETENTION_DAYS,
         attestation: AttestationAuthority | None = None,
+        limits: ServiceLimits | None = None,
     ) -> None:
         if not 7 <= retention_days <= 90:  # Key Vault's soft-delete range
             raise ValueError("retention_days must be 7-90")
         self._attestation = attestation
+        self.limits = limits
         self._store = store
         self._clock = clock
         self._randbytes = randbytes
@@ -164,6 +167,9 @@ class KeyVaultService:
         handler: Callable[[ServiceRequest], ServiceResponse] = getattr(
             self, f"_op_{req.route.operation}"
         )
+        if self.limits is not None and req.route.operation != "key_operation":
+            # crypto operations are admitted once their key's type is known
+            self.limits.admit(req.route.operation, req.route.name)
         if req.body is None:
             return handler(req)
         try:
@@ -319,6 +325,7 @@ class KeyVaultService:
                     )
                 self._store.remove(record.name)
                 record = None
+            self._check_object_limits(name, record, now)
             v = KeyVersion(
                 name=record.name if record is not None else name,
                 version=version,
@@ -338,6 +345,33 @@ class KeyVaultService:
                 record = KeyRecord(name=record.name, versions=[*record.versions, v])
             self._store.save(record)
         return ServiceResponse(200, self.key_bundle(req.host, v))
+
+    def _check_object_limits(self, name: str, record: KeyRecord | None, now: int) -> None:
+        """In the service-limits mode: refuse a key over the HSM's keys, or a version over the
+        key's versions. Soft-deleted keys count until purged. Called under the store lock.
+
+        Raises:
+            HsmKeyLimitError, KeyVersionLimitError: see :mod:`.limits`.
+        """
+        if self.limits is not None:
+            self.limits.check_new_version(
+                record.name if record is not None else name,
+                versions=None if record is None else len(record.versions),
+                keys_held=lambda: self._keys_held(now),
+            )
+
+    def _keys_held(self, now: int) -> int:
+        """Live keys plus soft-deleted ones not yet due for purging."""
+        return self._store.count(
+            lambda r: r.deleted is None or now < r.deleted.scheduled_purge_date
+        )
+
+    def limits_status(self) -> dict[str, Any]:
+        """``GET /_admin/limits``: ``{"enabled": false}``, or the configuration, the scaled rates,
+        the counters and ``keys`` (keys held, soft-deleted ones included)."""
+        if self.limits is None:
+            return {"enabled": False}
+        return {**self.limits.snapshot(), "keys": self._keys_held(self._now())}
 
     def _op_create_key(self, req: ServiceRequest) -> ServiceResponse:
         _check_name(req.route.name)
@@ -527,11 +561,13 @@ class KeyVaultService:
         body = _object(req.body)
         op = req.route.crypto_op or ""
         v = self._version(req.route.name, req.route.version)
+        material = self._store.material(v)
+        if self.limits is not None:
+            self.limits.admit(op, v.name, key_type=material.describe())
         v.require_usable(op, now=self._clock())
         alg = body.get("alg")
         if not isinstance(alg, str):
             raise BadParameterError("the request lacks alg", reason="bad_algorithm")
-        material = self._store.material(v)
         kid = f"https://{req.host}/keys/{v.name}/{v.version}"
         value = _b64_param(body, "value", required=True) or b""
         if op == "sign":

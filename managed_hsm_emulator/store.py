@@ -21,7 +21,7 @@ import binascii
 import json
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +210,11 @@ class KeyStore:
         with self.lock:
             items = sorted(self._records.items())
         return iter([r for _, r in items])
+
+    def count(self, predicate: Callable[[KeyRecord], bool]) -> int:
+        """How many records satisfy ``predicate``."""
+        with self.lock:
+            return sum(1 for r in self._records.values() if predicate(r))
 
     def save(self, record: KeyRecord) -> None:
         """Persist a new or changed record (durable when this returns)."""

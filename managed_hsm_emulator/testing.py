@@ -10,6 +10,10 @@
         hsm.inject_fault("429", method="GET", path="/keys/*", count=1)
         seen = hsm.requests_seen()                    # request log entries (no bodies)
 
+    # Managed HSM's published limits, 10 times faster: 10 imports/s per partition
+    with running_emulator(tmp_path / "hsm", limits="managed-hsm", limits_scale=10) as hsm:
+        print(hsm.limits()["throttled"])              # 429s per operation so far
+
 :func:`running_emulator` starts ``python -m managed_hsm_emulator --data-dir DIR --port 0`` as a
 subprocess (stdout/stderr to ``DIR/emulator.log``), waits for ``DIR/endpoint.json`` (raising
 :class:`EmulatorStartError` after ``startup_timeout`` seconds instead of hanging) and stops it
@@ -198,6 +202,19 @@ class EmulatorHandle:
     def clear_faults(self) -> None:
         self._admin("DELETE", "faults")
 
+    # --- admin: service-limits mode ---------------------------------------------------------------
+
+    def limits(self) -> dict[str, Any]:
+        """The service-limits mode: ``{"enabled": False}`` when off; else its configuration,
+        ``rates`` (per partition per second, scaled), ``admitted``/``throttled`` per operation,
+        ``throttled_by_partition``, ``refused`` (``hsm_key_limit``, ``key_version_limit``) and
+        ``keys`` (held, soft-deleted included)."""
+        return dict(self._admin("GET", "limits"))
+
+    def reset_limits(self) -> None:
+        """Refill every rate bucket and zero the counters of the service-limits mode."""
+        self._admin("POST", "limits/reset")
+
     # --- lifecycle ------------------------------------------------------------------------------
 
     def stop(self, timeout: float = 10.0) -> int:
@@ -223,17 +240,43 @@ def _raw(status: int, headers: Any, data: bytes) -> RawResponse:
     return RawResponse(status, {k.lower(): v for k, v in headers}, body)
 
 
+def _limits_args(
+    limits: str | None,
+    limits_scale: float,
+    max_keys: int | None,
+    max_versions_per_key: int | None,
+) -> list[str]:
+    """Command-line options of the service-limits mode (the emulator refuses them without
+    ``--limits``)."""
+    args = [] if limits is None else ["--limits", limits]
+    if limits_scale != 1.0:
+        args += ["--limits-scale", repr(float(limits_scale))]
+    if max_keys is not None:
+        args += ["--max-keys", str(max_keys)]
+    if max_versions_per_key is not None:
+        args += ["--max-versions-per-key", str(max_versions_per_key)]
+    return args
+
+
 def start_emulator(
     data_dir: str | Path,
     *,
     host: str = "127.0.0.1",
     port: int = 0,
     faults: Sequence[Mapping[str, Any]] | None = None,
+    limits: str | None = None,
+    limits_scale: float = 1.0,
+    max_keys: int | None = None,
+    max_versions_per_key: int | None = None,
     extra_args: Sequence[str] = (),
     startup_timeout: float = 30.0,
     python: str = sys.executable,
 ) -> EmulatorHandle:
     """Start an emulator subprocess and wait until it serves. Call :meth:`EmulatorHandle.stop`.
+
+    ``limits="managed-hsm"`` turns the service-limits mode on, ``limits_scale`` multiplies its
+    rates, ``max_keys``/``max_versions_per_key`` replace its object limits (see
+    :mod:`managed_hsm_emulator.limits`).
 
     Raises:
         EmulatorStartError: it exited early or did not write ``endpoint.json`` in time.
@@ -244,7 +287,9 @@ def start_emulator(
     endpoint.unlink(missing_ok=True)
     log_path = root / "emulator.log"
     args = [python, "-m", "managed_hsm_emulator", "--data-dir", str(root)]
-    args += ["--host", host, "--port", str(port), *extra_args]
+    args += ["--host", host, "--port", str(port)]
+    args += _limits_args(limits, limits_scale, max_keys, max_versions_per_key)
+    args += extra_args
     if faults:
         args += ["--faults", json.dumps(list(faults))]
     env = dict(os.environ)
@@ -287,6 +332,10 @@ def running_emulator(
     host: str = "127.0.0.1",
     port: int = 0,
     faults: Sequence[Mapping[str, Any]] | None = None,
+    limits: str | None = None,
+    limits_scale: float = 1.0,
+    max_keys: int | None = None,
+    max_versions_per_key: int | None = None,
     extra_args: Sequence[str] = (),
     startup_timeout: float = 30.0,
 ) -> Iterator[EmulatorHandle]:
@@ -300,6 +349,10 @@ def running_emulator(
         host=host,
         port=port,
         faults=faults,
+        limits=limits,
+        limits_scale=limits_scale,
+        max_keys=max_keys,
+        max_versions_per_key=max_versions_per_key,
         extra_args=extra_args,
         startup_timeout=startup_timeout,
     )
