@@ -78,6 +78,7 @@ package: $(VENV)/.stamp
 bench: deps
 	$(PY) benchmarks/packager_bench.py
 	$(PY) benchmarks/pipeline_bench.py
+	$(PY) benchmarks/throughput_bench.py
 	$(PY) benchmarks/emulator_bench.py
 
 # The mutation campaign (README "Reliability"); `make test` runs a fixed-seed sample of it.

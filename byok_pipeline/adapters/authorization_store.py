@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,8 +52,11 @@ class Attachments:
 
 
 class AuthorizationStore:
-    """Reads the policy with its ETag cached (a conditional GET per use: a change applies to
-    the next package, an unchanged policy costs a 304) and reads and writes attachments."""
+    """Reads the policy with its ETag cached and reads and writes attachments. A policy read
+    less than BYOK_POLICY_CACHE_SECONDS ago is used as it is (no request); after that, one
+    conditional GET (an unchanged policy costs a 304), so a change applies to the packages a
+    worker starts at most that many seconds later. Every audit event names the policy
+    (``policy_sha256``) that was applied."""
 
     def __init__(self, service: BlobServiceClient, settings: Settings) -> None:
         self.service = service
@@ -60,6 +64,7 @@ class AuthorizationStore:
         self._lock = threading.Lock()
         self._cached: tuple[str, ImportPolicy | PolicyInvalid] | None = None
         self._cached_sha256: str | None = None
+        self._checked: tuple[float, ImportPolicy | PolicyInvalid | None] | None = None
 
     @property
     def policy_sha256(self) -> str | None:
@@ -101,6 +106,22 @@ class AuthorizationStore:
                 BYOK_POLICY_REQUIRED is set: nothing may be imported.
             TransientError: storage failed.
         """
+        now = time.monotonic()
+        with self._lock:
+            checked = self._checked
+        if checked is not None and now - checked[0] < self.settings.policy_cache_seconds:
+            return _unwrap(checked[1]) if checked[1] is not None else None
+        try:
+            found = self._policy()
+        except PolicyInvalid as exc:
+            outcome: ImportPolicy | PolicyInvalid | None = exc
+        else:
+            outcome = found
+        with self._lock:
+            self._checked = (now, outcome)
+        return _unwrap(outcome) if outcome is not None else None
+
+    def _policy(self) -> ImportPolicy | None:
         with self._lock:
             cached = self._cached
         if cached is not None and not self._changed_since(cached[0]):
@@ -179,6 +200,8 @@ class AuthorizationStore:
             ) from None
         except AzureError as exc:
             raise _transient(exc, "writing the import policy") from None
+        with self._lock:
+            self._checked = None  # this process reads its own change at once
         return str(result["etag"])
 
     # -- attachments ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ and quarantine (role ``Storage Blob Data Contributor``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -200,57 +201,82 @@ class BlobStore:
     def _status_blob(self, path: str) -> Any:
         return self.service.get_blob_client(self.settings.status_container, path)
 
-    def create_status(self, path: str, doc: StatusDoc) -> bool:
-        """Create the document only if absent (``if_none_match='*'``): the claim. True if created.
+    def create_status(self, path: str, doc: StatusDoc) -> str | None:
+        """Create the document only if absent (``if_none_match='*'``): the claim. Returns its
+        ETag when this call created it, None when it existed.
 
-        The name index is written first, so a worker dying between the two leaves nothing
-        claimed that ``byok status NAME`` cannot find.
+        The document carries its name index as a blob index tag (:func:`name_tag`), set in the
+        same request: nothing is ever claimed that ``byok status NAME`` cannot find.
 
         Raises:
             TransientError: storage failed.
         """
-        self.index_name(doc, path)
         try:
-            self._status_blob(path).upload_blob(
-                doc.to_json(), overwrite=False, metadata=_status_meta(doc)
+            result = self._status_blob(path).upload_blob(
+                doc.to_json(), overwrite=False, metadata=_status_meta(doc), tags=name_tag(doc)
             )
         except ResourceExistsError:
-            return False
+            return None
         except HttpResponseError as exc:
             if exc.status_code in (409, 412):  # exists, or leased by another worker
-                return False
+                return None
             raise _transient_or_raise(exc, "creating status") from None
         except AzureError as exc:
             raise _transient_or_raise(exc, "creating status") from None
-        return True
+        return str(result["etag"])
 
-    def index_name(self, doc: StatusDoc, path: str) -> None:
-        """Point ``names/<blob name>`` at the status document of the latest drop of that name."""
-        body = json.dumps({"status": path, "package_sha256": doc.package_sha256}).encode()
-        try:
-            self._status_blob(f"names/{quote(doc.blob_name, safe='')}.json").upload_blob(
-                body, overwrite=True
-            )
-        except AzureError as exc:
-            raise _transient_or_raise(exc, "indexing status") from None
-
-    def indexed_path(self, blob_name: str) -> str | None:
-        """The status document ``names/<blob name>`` points at, None when not indexed.
+    def paths_by_name(self, blob_name: str) -> list[str]:
+        """Every status document tagged with ``blob_name`` (the blob index; in Azure it may
+        lag a write by a few seconds).
 
         Raises:
             TransientError: storage failed.
         """
+        container = self.service.get_container_client(self.settings.status_container)
+        query = f"\"{NAME_TAG}\" = '{_name_digest(blob_name)}'"
+        try:
+            return [b.name for b in container.find_blobs_by_tags(query)]
+        except AzureError as exc:
+            raise _transient_or_raise(exc, "finding statuses by name") from None
+
+    def indexed_path(self, blob_name: str) -> str | None:
+        """The status document of the latest drop named ``blob_name``: by the documents' name
+        tags (latest drop time wins); else the ``names/`` index of earlier releases; else, for
+        a drop still waiting in incoming, the document its bytes claim. None when none is found.
+
+        Raises:
+            TransientError: storage failed.
+        """
+        latest: tuple[tuple[str, str], str] | None = None
+        for path in self.paths_by_name(blob_name):
+            doc = self.load_status(path)
+            if doc is None or doc.blob_name != blob_name:
+                continue
+            received = doc.history[0].time if doc.history else ""
+            when = (doc.drop_time or received, received)  # a re-upload may keep its drop time
+            if latest is None or when > latest[0]:
+                latest = (when, path)
+        if latest is not None:
+            return latest[1]
         try:
             raw = (
                 self._status_blob(f"names/{quote(blob_name, safe='')}.json")
                 .download_blob()
                 .readall()
             )
+            return str(json.loads(raw)["status"])
         except ResourceNotFoundError:
-            return None
+            pass
         except AzureError as exc:
             raise _transient_or_raise(exc, "reading status index") from None
-        return str(json.loads(raw)["status"])
+        try:
+            waiting = self.read_incoming(blob_name)
+        except BlobGone:
+            return None
+        if waiting.data is None:
+            return None
+        path = f"packages/{hashlib.sha256(waiting.data).hexdigest()}.json"
+        return path if self.load_status(path) is not None else None
 
     # -- canonical identities (exactly-once across reformatted copies) -------------------------
     def claim_identity(self, package_id: str, path: str) -> tuple[str, str | None]:
@@ -309,18 +335,26 @@ class BlobStore:
         except AzureError as exc:
             raise _transient_or_raise(exc, "reading status") from None
 
-    def lease(self, path: str) -> BlobLeaseClient:
-        """Take the processing lease on a status document.
+    def lease(self, path: str, *, etag: str | None = None) -> BlobLeaseClient:
+        """Take the processing lease on a status document; with ``etag``, only if the document
+        is still the one that ETag names (so the caller need not read it again).
 
         Raises:
-            InProgress: another worker holds it.
+            InProgress: another worker holds it (or, with ``etag``, changed the document).
             TransientError: storage failed.
         """
         lease = BlobLeaseClient(self._status_blob(path))
+        condition: dict[str, Any] = (
+            {"etag": etag, "match_condition": _if_match()} if etag is not None else {}
+        )
         try:
-            lease.acquire(lease_duration=self.settings.lease_seconds)
+            lease.acquire(lease_duration=self.settings.lease_seconds, **condition)
             self._lease_times[id(lease)] = time.monotonic()
+        except ResourceModifiedError:
+            raise InProgress(f"{path} was changed by another worker") from None
         except HttpResponseError as exc:
+            if exc.status_code == 412:
+                raise InProgress(f"{path} was changed by another worker") from None
             if exc.status_code == 409:  # LeaseAlreadyPresent
                 raise InProgress(f"{path} is being processed by another worker") from None
             raise _transient_or_raise(exc, "leasing status") from None
@@ -329,18 +363,29 @@ class BlobStore:
         return lease
 
     def save_status(
-        self, path: str, doc: StatusDoc, lease: BlobLeaseClient, *, renew: bool = False
+        self,
+        path: str,
+        doc: StatusDoc,
+        lease: BlobLeaseClient,
+        *,
+        renew: bool = False,
+        keep_for: float | None = None,
     ) -> None:
-        """Overwrite the document under the lease, renewing it when due (always with ``renew``).
+        """Overwrite the document under the lease, renewing it when due: always with ``renew``;
+        with ``keep_for``, when less than that many seconds of the lease would be left.
 
         Raises:
             StatusConflict: the lease was lost.
             TransientError: storage failed.
         """
         try:
-            self._renew_if_due(lease, force=renew)
+            self._renew_if_due(lease, force=renew, keep_for=keep_for)
             self._status_blob(path).upload_blob(
-                doc.to_json(), overwrite=True, lease=lease, metadata=_status_meta(doc)
+                doc.to_json(),
+                overwrite=True,
+                lease=lease,
+                metadata=_status_meta(doc),
+                tags=name_tag(doc),
             )
         except HttpResponseError as exc:
             if exc.status_code in (409, 412):  # lease lost or broken
@@ -349,11 +394,17 @@ class BlobStore:
         except AzureError as exc:
             raise _transient_or_raise(exc, "writing status") from None
 
-    def _renew_if_due(self, lease: BlobLeaseClient, *, force: bool = False) -> None:
-        """Renew when a third of the lease has passed since it was taken or last renewed."""
+    def _renew_if_due(
+        self, lease: BlobLeaseClient, *, force: bool = False, keep_for: float | None = None
+    ) -> None:
+        """Renew when a third of the lease has passed since it was taken or last renewed, or
+        when less than ``keep_for`` seconds (plus a 2 s margin) would be left of it."""
         now = time.monotonic()
         taken = self._lease_times.get(id(lease))
-        if force or taken is None or now - taken > self.settings.lease_seconds / 3:
+        due = self.settings.lease_seconds / 3
+        if keep_for is not None:
+            due = min(due, self.settings.lease_seconds - keep_for - 2.0)
+        if force or taken is None or now - taken > due:
             lease.renew()
             self._lease_times[id(lease)] = now
 
@@ -362,16 +413,15 @@ class BlobStore:
         with contextlib.suppress(AzureError):  # it expires by itself
             lease.release()
 
-    def put_status(self, path: str, doc: StatusDoc, *, index: bool = True) -> None:
-        """Write a document nobody else writes (a duplicate drop's record, a retired record)."""
+    def put_status(self, path: str, doc: StatusDoc) -> None:
+        """Write a document nobody else writes (a duplicate drop's record, a retired record),
+        with its name tag."""
         try:
             self._status_blob(path).upload_blob(
-                doc.to_json(), overwrite=True, metadata=_status_meta(doc)
+                doc.to_json(), overwrite=True, metadata=_status_meta(doc), tags=name_tag(doc)
             )
         except AzureError as exc:
             raise _transient_or_raise(exc, "writing status") from None
-        if index:
-            self.index_name(doc, path)
 
     def iter_statuses(self, state: str | None = None) -> Iterator[StatusDoc]:
         """Every status document (``packages/`` and ``duplicates/``), optionally by state."""
@@ -418,6 +468,19 @@ def _if_match() -> Any:
     from azure.core import MatchConditions
 
     return MatchConditions.IfNotModified
+
+
+NAME_TAG = "byok_name"
+
+
+def _name_digest(blob_name: str) -> str:
+    """Blob index tag values allow few characters: the name's SHA-256 (40 hex digits)."""
+    return hashlib.sha256(blob_name.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
+
+def name_tag(doc: StatusDoc) -> dict[str, str]:
+    """The blob index tag that makes a status document findable by its drop's blob name."""
+    return {NAME_TAG: _name_digest(doc.blob_name)}
 
 
 def _status_meta(doc: StatusDoc) -> dict[str, str]:

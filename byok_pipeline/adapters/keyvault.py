@@ -7,7 +7,9 @@ the AES check value), which infra/assign-hsm-roles.sh creates and assigns.
 
 from __future__ import annotations
 
+import base64
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,12 +18,12 @@ from typing import Any
 from azure.core.exceptions import AzureError, HttpResponseError, ResourceNotFoundError
 from azure.core.rest import HttpRequest
 from azure.keyvault.keys import JsonWebKey, KeyClient, KeyVaultKey
-from azure.keyvault.keys.crypto import CryptographyClient, EncryptionAlgorithm
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from byok_pipeline.adapters.transient import as_transient
 from byok_pipeline.core.errors import Rejected, TransientError
 from byok_pipeline.core.kek_facts import KekFacts
+from byok_pipeline.core.pacing import ImportPacer, pacer_for
 from byok_pipeline.core.policy import ExistingKey
 from byok_pipeline.core.settings import Settings
 from offline_packager.kid import KeyId
@@ -33,13 +35,14 @@ TAG_KEK_KID = "byok-kek-kid"
 # but it returns the parsed model; the custodian needs the HSM's answer byte for byte.
 ATTESTATION_API_VERSION = "7.6-preview.1"
 MAX_ATTESTATION_BYTES = 1024 * 1024
-_CBC = {
-    128: EncryptionAlgorithm.a128_cbc,
-    192: EncryptionAlgorithm.a192_cbc,
-    256: EncryptionAlgorithm.a256_cbc,
-}
-CryptoFactory = Callable[[str], CryptographyClient]
+_CBC = {128: "A128CBC", 192: "A192CBC", 256: "A256CBC"}
+# How long a worker reuses a KEK's facts (keyed by the versioned kid). A KEK disabled or expired
+# within this window is still refused by the HSM itself at the import.
+KEK_CACHE_SECONDS = 60.0
+# How long a worker trusts its count of the HSM's keys (counted up after each new key).
+KEY_COUNT_CACHE_SECONDS = 300.0
 Sleep = Callable[[float], None]
+Clock = Callable[[], float]
 
 
 @dataclass(frozen=True)
@@ -87,12 +90,33 @@ def _imported(key: KeyVaultKey) -> ImportedKey:
 
 
 def _permanent(exc: HttpResponseError, what: str) -> Rejected:
-    code = getattr(exc.error, "code", None) if exc.error is not None else None
+    code = _error_code(exc)
     message = getattr(exc.error, "message", None) if exc.error is not None else None
     text = f"{what}: HSM answered {exc.status_code} {code or ''}".strip()
     if message:
         text += f": {str(message)[:300]}"
     return Rejected("hsm_refused", text, service_code=code or str(exc.status_code))
+
+
+# The error codes of an import refused for Managed HSM's limits. Not confirmed from a public
+# source (managed_hsm_emulator/README.md "Service limits mode"): the emulator answers with these;
+# the pre-checks (processing.authorize.check_existing) refuse before the PUT in any case.
+QUOTA_CODES = {
+    "KeyVersionLimitExceeded": "key_version_limit",
+    "HsmKeyLimitExceeded": "hsm_key_limit",
+}
+
+
+def _error_code(exc: HttpResponseError) -> str | None:
+    return getattr(exc.error, "code", None) if exc.error is not None else None
+
+
+def _quota_reason(err: Rejected | TransientError) -> Rejected | TransientError:
+    """The HSM's own limit refusal under this pipeline's reason code (the pre-checks missed a
+    concurrent writer); anything else unchanged."""
+    if isinstance(err, Rejected) and err.service_code in QUOTA_CODES:
+        return Rejected(QUOTA_CODES[err.service_code], err.message, service_code=err.service_code)
+    return err
 
 
 def translate(exc: AzureError, what: str) -> Rejected | TransientError:
@@ -105,6 +129,8 @@ def translate(exc: AzureError, what: str) -> Rejected | TransientError:
     if transient is not None:
         return transient
     if isinstance(exc, HttpResponseError):
+        if _error_code(exc) in QUOTA_CODES:  # a limit, whatever the status: never retried
+            return _permanent(exc, what)
         if exc.status_code in (401, 403):  # auth/permission: fixable by operators
             return TransientError(
                 f"{what}: HSM answered {exc.status_code} (check role assignments)",
@@ -122,21 +148,41 @@ class HsmAdapter:
         key_client: KeyClient,
         settings: Settings,
         *,
-        crypto_factory: CryptoFactory | None = None,
         sleep: Sleep = time.sleep,
+        clock: Clock = time.monotonic,
+        pacer: ImportPacer | None = None,
     ) -> None:
         self.client = key_client
         self.settings = settings
-        self._crypto_factory = crypto_factory
         self._sleep = sleep
+        self._clock = clock
+        self.pacer = pacer or pacer_for(settings.hsm_host, settings.hsm_imports_per_second)
+        self._lock = threading.Lock()
+        self._kek_cache: dict[str, tuple[float, KekFacts]] = {}
+        self._key_count: tuple[float, int] | None = None
+        self.stats = {"throttled": 0, "throttle_wait_seconds": 0.0}
 
     def get_kek(self, kid: KeyId, *, request_id: str) -> KekFacts:
-        """Fetch the KEK by its exact version.
+        """The KEK's facts by its exact version, from this worker's short-lived cache
+        (:data:`KEK_CACHE_SECONDS`) or one GET. Needs keys/read.
 
         Raises:
             Rejected: ``kek_missing`` (404), ``hsm_refused``.
             TransientError: 429/5xx/connection after the SDK's own retries.
         """
+        now = self._clock()
+        with self._lock:
+            cached = self._kek_cache.get(kid.kid)
+        if cached is not None and now - cached[0] < KEK_CACHE_SECONDS:
+            return cached[1]
+        facts = self._fetch_kek(kid, request_id=request_id)
+        with self._lock:
+            if len(self._kek_cache) > 64:
+                self._kek_cache.clear()
+            self._kek_cache[kid.kid] = (now, facts)
+        return facts
+
+    def _fetch_kek(self, kid: KeyId, *, request_id: str) -> KekFacts:
         try:
             key = self.client.get_key(kid.name, kid.version, request_id=request_id)
         except ResourceNotFoundError:
@@ -215,25 +261,41 @@ class HsmAdapter:
         key_ops: tuple[str, ...],
         tags: dict[str, str],
         request_id: str,
+        look_first: bool = True,
         before_put: Callable[[], None] | None = None,
     ) -> ImportedKey:
         """Import unless a version tagged with this digest exists; never two versions.
 
         The SDK's own retry is off for the PUT (a retried PUT after a lost response would make a
-        second version); instead each retry first looks for the tagged version. ``before_put``
-        runs right before each PUT (the processor renews its lease there); the PUT's connection
-        and read timeouts are bounded by the lease (:meth:`put_timeout_seconds`).
+        second version); instead a retry first looks for the tagged version, unless the HSM
+        answered 429 (a throttled request did nothing). ``look_first=False`` skips the look
+        before the first PUT: the caller knows no earlier attempt reached the HSM.
+
+        Every PUT waits for this worker's pacer (:mod:`byok_pipeline.core.pacing`). A 429 is
+        not a failed try: the pacer slows down, the service's Retry-After is honoured, and the
+        PUT is tried again, for up to BYOK_THROTTLE_WAIT_SECONDS in all; past that a throttled
+        TransientError hands the package back for redelivery (never counted as an attempt).
+        ``before_put`` runs right before each PUT (the processor renews its lease there); the
+        PUT's connection and read timeouts are bounded by the lease (:meth:`put_timeout_seconds`).
+        Needs keys/import (and keys/read for the look).
 
         Raises:
-            Rejected: ``hsm_refused`` with the service's code.
-            TransientError: still failing after BYOK_RETRY_TOTAL retries.
+            Rejected: ``hsm_refused`` with the service's code; ``key_version_limit`` or
+                ``hsm_key_limit`` when the HSM refused for its limits.
+            TransientError: still failing after BYOK_RETRY_TOTAL retries, or throttled for
+                longer than BYOK_THROTTLE_WAIT_SECONDS (``throttled``).
         """
         s = self.settings
-        last: TransientError | None = None
-        for attempt in range(s.retry_total + 1):
-            existing = self.find_imported(name, package_sha256, request_id=request_id)
-            if existing is not None:
-                return existing
+        failures = 0
+        look = look_first
+        waited = 0.0
+        hold = 0.0  # the service's wait after a 429
+        while True:
+            if look:
+                existing = self.find_imported(name, package_sha256, request_id=request_id)
+                if existing is not None:
+                    return existing
+            waited += self._pace(waited, hold)
             if before_put is not None:
                 before_put()
             connect, read = self._put_timeouts()
@@ -248,25 +310,110 @@ class HsmAdapter:
                     connection_timeout=connect,
                     read_timeout=read,
                 )
-                return _imported(key)
             except AzureError as exc:
                 err = translate(exc, "importing the key")
                 if isinstance(err, Rejected) or err.outcome_unknown:
                     # unknown: the PUT may still land; only a later delivery, after it can no
                     # longer land, may look again and retry (see processor.import_in_flight)
+                    raise _quota_reason(err) from None
+                if err.throttled:
+                    self.stats["throttled"] += 1
+                    self.pacer.throttled()
+                    hold = err.retry_after if err.retry_after is not None else 1.0
+                    look = False  # a 429 did nothing: no need to look before the next PUT
+                    continue
+                look = True
+                failures += 1
+                if failures > s.retry_total:
                     raise err from None
-                last = err
-            if attempt < s.retry_total:
                 wait = (
-                    last.retry_after
-                    if last.retry_after is not None
-                    else s.retry_backoff * 2**attempt
+                    err.retry_after
+                    if err.retry_after is not None
+                    else s.retry_backoff * 2 ** (failures - 1)
                 )
                 if wait > s.retry_backoff_max:
-                    break
+                    raise err from None
                 self._sleep(wait)
-        assert last is not None  # noqa: S101  # the loop ran at least once and failed
-        raise last
+                continue
+            self.pacer.accepted()
+            with self._lock:
+                if self._key_count is not None and key.properties.version:
+                    stamp, count = self._key_count
+                    self._key_count = (stamp, count + 1)  # at most one too many: safe side
+            return _imported(key)
+
+    def _pace(self, waited: float, hold: float = 0.0) -> float:
+        """Wait for this worker's next import slot, and at least ``hold`` seconds (the
+        service's Retry-After); returns the seconds waited.
+
+        Raises:
+            TransientError: ``throttled``, when the slot is further away than what is left of
+                BYOK_THROTTLE_WAIT_SECONDS (the token is given back).
+        """
+        wait = max(self.pacer.reserve(), hold)
+        if wait <= 0:
+            return 0.0
+        if waited + wait > self.settings.throttle_wait_seconds:
+            self.pacer.cancel()
+            raise TransientError(
+                f"throttled: the HSM's import pace leaves no slot within "
+                f"{self.settings.throttle_wait_seconds:g} s",
+                retry_after=wait,
+                reason="throttled",
+                throttled=True,
+            )
+        self.stats["throttle_wait_seconds"] += wait
+        self._sleep(wait)
+        return wait
+
+    def count_versions(self, name: str, *, stop_at: int, request_id: str) -> int:
+        """How many versions ``name`` has, counting no further than ``stop_at`` (one listing
+        page per 25 versions). Needs keys/read.
+
+        Raises:
+            TransientError / Rejected: the listing failed.
+        """
+        count = 0
+        try:
+            for _ in self.client.list_properties_of_key_versions(name, request_id=request_id):
+                count += 1
+                if count >= stop_at:
+                    break
+        except ResourceNotFoundError:
+            return 0
+        except AzureError as exc:
+            raise translate(exc, "counting key versions") from None
+        return count
+
+    def count_keys(self, *, stop_at: int, request_id: str) -> int:
+        """How many keys the HSM holds, from this worker's count when it is recent
+        (:data:`KEY_COUNT_CACHE_SECONDS`, counted up after each import), else one listing.
+        When the count is within 1% of ``stop_at`` it is always listed afresh. Needs keys/read.
+
+        Raises:
+            TransientError / Rejected: the listing failed.
+        """
+        now = self._clock()
+        with self._lock:
+            cached = self._key_count
+        margin = max(1, stop_at // 100)
+        if (
+            cached is not None
+            and now - cached[0] < KEY_COUNT_CACHE_SECONDS
+            and cached[1] < stop_at - margin
+        ):
+            return cached[1]
+        count = 0
+        try:
+            for _ in self.client.list_properties_of_keys(request_id=request_id):
+                count += 1
+                if count >= stop_at:
+                    break
+        except AzureError as exc:
+            raise translate(exc, "counting keys") from None
+        with self._lock:
+            self._key_count = (now, count)
+        return count
 
     def _put_timeouts(self) -> tuple[float, float]:
         lease = self.settings.lease_seconds
@@ -290,17 +437,33 @@ class HsmAdapter:
     def aes_check_value(self, kid: str, key_size: int, *, request_id: str) -> str:
         """A*CBC encryption of one zero block with a zero IV, in the HSM; its first 3 bytes, hex.
 
+        One ``POST {kid}/encrypt`` through the key client's own pipeline (its connection and
+        token; no key GET first). Needs keys/encrypt.
+
         Raises:
-            TransientError / Rejected: the encrypt call failed.
+            TransientError / Rejected: the encrypt call failed, or its answer is not one block.
         """
-        if self._crypto_factory is None:
-            raise TransientError("no cryptography client configured", reason="config_error")
-        client = self._crypto_factory(kid)
+        name, version = kid.rstrip("/").split("/")[-2:]
+        zero = base64.urlsafe_b64encode(bytes(16)).rstrip(b"=").decode()
+        request = HttpRequest(
+            "POST",
+            f"/keys/{name}/{version}/encrypt",
+            params={"api-version": self.client.api_version},
+            json={"alg": _CBC[key_size], "value": zero, "iv": zero},
+        )
+        what = "computing the AES check value"
         try:
-            result = client.encrypt(_CBC[key_size], bytes(16), iv=bytes(16), request_id=request_id)
+            response = self.client.send_request(request, request_id=request_id)
+            response.raise_for_status()
+            value = str(response.json()["value"])
+            ciphertext = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
         except AzureError as exc:
-            raise translate(exc, "computing the AES check value") from None
-        return result.ciphertext[:3].hex().upper()
+            raise translate(exc, what) from None
+        except (ValueError, KeyError, TypeError):
+            raise Rejected("hsm_refused", f"{what}: the answer holds no ciphertext") from None
+        if len(ciphertext) < 16:
+            raise Rejected("hsm_refused", f"{what}: the answer is shorter than one block")
+        return ciphertext[:3].hex().upper()
 
     def key_attestation(self, kid: KeyId, *, request_id: str) -> bytes:
         """``GET /keys/{name}/{version}/attestation``: the HSM's answer, exactly as sent (the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from azure.core.exceptions import (
@@ -20,15 +21,28 @@ UNKNOWN_OUTCOME_STATUS = frozenset({504})
 
 
 def retry_after_seconds(exc: HttpResponseError) -> float | None:
-    """The service's Retry-After (seconds form), if it sent one."""
+    """The service's wait, if it sent one: ``retry-after-ms`` / ``x-ms-retry-after-ms``
+    (milliseconds, the precise form) before ``Retry-After`` (seconds; the HTTP-date form is
+    not used by Azure and is ignored). Never negative."""
     response: Any = exc.response
     if response is None:
         return None
-    value = response.headers.get("Retry-After") or response.headers.get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
+    headers = response.headers
+    for name, scale in (
+        ("retry-after-ms", 1000.0),
+        ("x-ms-retry-after-ms", 1000.0),
+        ("Retry-After", 1.0),
+    ):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) / scale
+        except ValueError:
+            continue
+        if math.isfinite(seconds) and seconds >= 0:
+            return min(seconds, 3600.0)
+    return None
 
 
 def as_transient(exc: Exception, what: str) -> TransientError | None:
@@ -37,6 +51,13 @@ def as_transient(exc: Exception, what: str) -> TransientError | None:
         return TransientError(f"{what}: timed out waiting for the answer", outcome_unknown=True)
     if isinstance(exc, ServiceRequestError | ServiceResponseError):  # refused, reset or dropped
         return TransientError(f"{what}: connection failed ({type(exc).__name__})")
+    if isinstance(exc, HttpResponseError) and exc.status_code == 429:
+        return TransientError(
+            f"{what}: throttled (429)",
+            retry_after=retry_after_seconds(exc),
+            reason="throttled",
+            throttled=True,
+        )
     if isinstance(exc, HttpResponseError) and exc.status_code in TRANSIENT_STATUS:
         return TransientError(
             f"{what}: service answered {exc.status_code}",

@@ -24,6 +24,7 @@ from byok_pipeline.cli.storage_arg import add_storage_option
 from byok_pipeline.core.errors import ConfigError, PipelineError, Rejected, TransientError
 from byok_pipeline.core.reasons import REASONS
 from byok_pipeline.core.settings import Settings
+from byok_pipeline.core.status import TERMINAL
 from offline_packager.atomic import write_files_atomically
 from offline_packager.errors import ByokError
 from offline_packager.kid import is_key_name, parse_kid
@@ -511,6 +512,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{r['blob_name'][:28]:28} {r['state'] or '':20} {r['target_type'] or '-':9} "
             f"{r['fingerprint_result'] or '-':11} {r['reason_code'] or '-':26} {r['imported_kid'] or '-'}"
         )
+    if args.name and rows[0].get("throttled_until") and rows[0]["state"] not in TERMINAL:
+        print(f"waiting: throttled by the HSM, next try at {rows[0]['throttled_until']}")
     if args.name and rows[0].get("approvals"):
         print(_approvals_text(rows[0]))
     return EXIT_OK
@@ -557,6 +560,10 @@ def cmd_watch(args: argparse.Namespace) -> int:
         elif outcome is not None:
             reason = f" [{outcome.reason_code}]" if outcome.reason_code else ""
             print(f"{name}: {outcome.state}{reason}", flush=True)
+        elif isinstance(exc, TransientError) and exc.throttled:
+            wait = exc.retry_after if exc.retry_after is not None else 1.0
+            at = (datetime.now(UTC) + timedelta(seconds=wait)).strftime("%H:%M:%S")
+            print(f"{name}: waiting: throttled by the HSM, next try at {at}", flush=True)
         else:
             print(f"{name}: will retry ({exc})", flush=True)
 

@@ -36,9 +36,13 @@ class TransientError(PipelineError):
         retry_after: float | None = None,
         reason: str = "transient",
         outcome_unknown: bool = False,
+        throttled: bool = False,
     ) -> None:
         super().__init__(message, reason=reason)
         self.retry_after = retry_after
+        # True when a service said "too many requests" (429): nothing was done, and waiting is
+        # the whole remedy. Never counted as a failed attempt.
+        self.throttled = throttled
         # True when a request was sent and may still be running at the service (a client
         # timeout, a 504): looking for its effect now cannot settle whether it will happen.
         self.outcome_unknown = outcome_unknown

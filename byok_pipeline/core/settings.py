@@ -31,6 +31,11 @@ DEFAULTS = {
     "BYOK_RETRY_BACKOFF_MAX_SECONDS": "30",
     "BYOK_LEASE_SECONDS": "60",
     "BYOK_RECONCILE_SCHEDULE": "0 */10 * * * *",
+    "BYOK_HSM_IMPORTS_PER_SECOND": "2",
+    "BYOK_THROTTLE_WAIT_SECONDS": "20",
+    "BYOK_HSM_MAX_KEYS": "5000",
+    "BYOK_HSM_MAX_VERSIONS_PER_KEY": "100",
+    "BYOK_POLICY_CACHE_SECONDS": "5",
 }
 
 #: Every setting, for the README table and local.settings.example.json (a test compares them).
@@ -61,6 +66,16 @@ SETTINGS_DOC: dict[str, str] = {
     "BYOK_RETRY_BACKOFF_MAX_SECONDS": "Cap of one backoff wait (a Retry-After beyond it fails the try)",
     "BYOK_LEASE_SECONDS": "Lease on a package's status while one worker processes it (15-60)",
     "BYOK_RECONCILE_SCHEDULE": "NCRONTAB schedule of the reconciler timer (Function app only)",
+    "BYOK_HSM_IMPORTS_PER_SECOND": "Import PUTs per second a worker sends at most (Managed HSM admits "
+    "~1 key creation/s per partition; plan for 2); it slows down on every 429 and creeps back",
+    "BYOK_THROTTLE_WAIT_SECONDS": "Longest a delivery waits for the HSM's pace before handing the "
+    "package back to be redelivered (never counted as an attempt)",
+    "BYOK_HSM_MAX_KEYS": "Managed HSM's key limit per HSM (5,000): a new key name past it is "
+    "refused hsm_key_limit before the import",
+    "BYOK_HSM_MAX_VERSIONS_PER_KEY": "Managed HSM's version limit per key (100): a new version past "
+    "it is refused key_version_limit before the import",
+    "BYOK_POLICY_CACHE_SECONDS": "How long a worker trusts the import policy it read before asking "
+    "storage again (0: every package)",
     "BYOK_ALLOWED_KEK_NAMES": "Comma list of KEK names packages may use; empty allows any",
     "BYOK_ALLOWED_TARGET_TYPES": "Comma list of target types (rsa-3072, oct-256, ...); empty allows any",
     "AZURE_CLIENT_ID": "Client id of the user-assigned managed identity (Azure)",
@@ -135,6 +150,11 @@ class Settings:
     retry_backoff: float = 0.8
     retry_backoff_max: float = 30.0
     lease_seconds: int = 60
+    hsm_imports_per_second: float = 2.0
+    throttle_wait_seconds: float = 20.0
+    hsm_max_keys: int = 5000
+    hsm_max_versions_per_key: int = 100
+    policy_cache_seconds: float = 5.0
     allowed_kek_names: frozenset[str] = field(default_factory=frozenset)
     allowed_target_types: frozenset[str] = field(default_factory=frozenset)
     kek_kid: str | None = None
@@ -206,6 +226,11 @@ class Settings:
             retry_backoff=_number(merged, "BYOK_RETRY_BACKOFF_SECONDS", 0.0, 60.0),
             retry_backoff_max=_number(merged, "BYOK_RETRY_BACKOFF_MAX_SECONDS", 0.0, 600.0),
             lease_seconds=_number(merged, "BYOK_LEASE_SECONDS", 15, 60),
+            hsm_imports_per_second=_number(merged, "BYOK_HSM_IMPORTS_PER_SECOND", 0.01, 1000.0),
+            throttle_wait_seconds=_number(merged, "BYOK_THROTTLE_WAIT_SECONDS", 0.0, 300.0),
+            hsm_max_keys=_number(merged, "BYOK_HSM_MAX_KEYS", 1, 1_000_000),
+            hsm_max_versions_per_key=_number(merged, "BYOK_HSM_MAX_VERSIONS_PER_KEY", 1, 10_000),
+            policy_cache_seconds=_number(merged, "BYOK_POLICY_CACHE_SECONDS", 0.0, 300.0),
             allowed_kek_names=_csv(merged.get("BYOK_ALLOWED_KEK_NAMES")),
             allowed_target_types=_csv(merged.get("BYOK_ALLOWED_TARGET_TYPES")),
             kek_kid=merged.get("BYOK_KEK_KID") or None,

@@ -79,6 +79,7 @@ class StatusDoc:
     attempts: int = 0
     import_attempt_at: str | None = None  # when the last import PUT was about to be sent
     last_error: str | None = None
+    throttled_until: str | None = None  # paced by the HSM: not redelivered for work before this
     disposition: str | None = None  # container/blob the package was moved to
     state: str | None = None
     history: list[HistoryEntry] = field(default_factory=list)

@@ -159,14 +159,23 @@ def _wait_gone(pid: int, timeout: float = 10.0) -> None:
 
 def emulator_deps(hsm: Any, service: BlobServiceClient, prefix: str, **overrides: Any) -> Any:
     """Pipeline deps against a running emulator (``managed_hsm_emulator.testing`` handle) and a
-    blob service, with containers ``<prefix>-incoming`` etc. created, fast retries, a 15 s lease
-    and an in-memory audit sink: the wiring tests and benchmarks share.
+    blob service, with containers ``<prefix>-incoming`` etc. created, fast retries, a 15 s lease,
+    no client-side import pacing (the emulator's limits are off unless started with them), the
+    policy read for every package, and an in-memory audit sink: the wiring tests and benchmarks
+    share.
     """
     from byok_pipeline.adapters.keyvault import HsmAdapter
     from byok_pipeline.audit.events import MemoryAuditSink
     from byok_pipeline.processing.processor import Deps
 
-    fast = {"retry_total": 3, "retry_backoff": 0.05, "retry_backoff_max": 2.0, "lease_seconds": 15}
+    fast = {
+        "retry_total": 3,
+        "retry_backoff": 0.05,
+        "retry_backoff_max": 2.0,
+        "lease_seconds": 15,
+        "hsm_imports_per_second": 1000.0,
+        "policy_cache_seconds": 0.0,
+    }
     settings = Settings(
         hsm_url=hsm.url,
         incoming_container=f"{prefix}-incoming",
@@ -186,7 +195,7 @@ def emulator_deps(hsm: Any, service: BlobServiceClient, prefix: str, **overrides
     )
     store = BlobStore(service, settings)
     store.ensure_containers()
-    adapter = HsmAdapter(client, settings, crypto_factory=hsm.crypto_client)
+    adapter = HsmAdapter(client, settings)
     return Deps(settings=settings, store=store, hsm=adapter, audit=MemoryAuditSink())
 
 

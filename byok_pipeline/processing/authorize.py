@@ -144,12 +144,34 @@ def check_existing(
     hsm: HsmAdapter, auth: Authorization, key_name: str, target_type: str, *, request_id: str
 ) -> None:
     """After the KEK checks: the inferred target type against the rule, then the key that
-    already has this name, if any (one GET). Needs keys/read.
+    already has this name, if any (one GET), then Managed HSM's limits: the versions of that
+    key (listed only when it exists), or the HSM's key count for a new name (from the worker's
+    cached count). Needs keys/read.
 
     Raises:
-        Rejected: ``target_type_not_allowed_for_name``, ``existing_key_protected``.
+        Rejected: ``target_type_not_allowed_for_name``, ``existing_key_protected``,
+            ``key_version_limit``, ``hsm_key_limit``.
         TransientError: the HSM read failed.
     """
     check_target_type(auth.rule, key_name, target_type)
     existing = hsm.existing_key(key_name, request_id=request_id)
     check_existing_key(existing, auth.rule, key_name, policy=auth.policy is not None)
+    limits = hsm.settings
+    if existing is not None:
+        most = limits.hsm_max_versions_per_key
+        if hsm.count_versions(key_name, stop_at=most, request_id=request_id) >= most:
+            raise Rejected(
+                "key_version_limit",
+                f"{key_name!r} already has {most} versions, Managed HSM's limit per key, and "
+                "versions cannot be deleted one by one: import under a new key name (and move "
+                "its users to it), then upload again",
+            )
+        return
+    most = limits.hsm_max_keys
+    if hsm.count_keys(stop_at=most, request_id=request_id) >= most:
+        raise Rejected(
+            "hsm_key_limit",
+            f"the HSM holds {most} keys, Managed HSM's limit (deleted keys count until they "
+            "are purged): purge keys that are no longer needed, or import into another HSM, "
+            "then upload again",
+        )

@@ -60,9 +60,11 @@ def import_validated(
     validated: ValidatedPackage,
     options: ImportOptions,
     request_id: str,
+    look_first: bool = True,
     before_put: Callable[[], None] | None = None,
 ) -> ImportedKey:
-    """Import once: the version is tagged with the package digest and KEK kid.
+    """Import once: the version is tagged with the package digest and KEK kid. ``look_first``
+    as :meth:`HsmAdapter.import_once`.
 
     Raises:
         Rejected: the HSM refused (``hsm_refused`` with its code).
@@ -81,6 +83,7 @@ def import_validated(
         key_ops=validated.key_ops,
         tags=tags,
         request_id=request_id,
+        look_first=look_first,
         before_put=before_put,
     )
 

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from azure.storage.blob import BlobLeaseClient
 
@@ -201,8 +201,8 @@ class _Run:
             self.doc.policy_sha256 = self.deps.authorization.policy_sha256
 
     # -- recording --------------------------------------------------------------------------
-    def save(self, *, renew: bool = False) -> None:
-        self.deps.store.save_status(self.path, self.doc, self.lease, renew=renew)
+    def save(self, *, renew: bool = False, keep_for: float | None = None) -> None:
+        self.deps.store.save_status(self.path, self.doc, self.lease, renew=renew, keep_for=keep_for)
 
     def flush_audit(self) -> None:
         """Emit every history entry not yet audited, in order and in one batch (one signed
@@ -217,19 +217,32 @@ class _Run:
         for entry in entries:
             entry.audited = True
 
-    def record(self, *states: str, renew: bool = False) -> None:
-        """Advance through ``states``, write the status durably once, then audit each change."""
+    def record(self, *states: str, keep_for: float | None = None) -> bool:
+        """Advance through ``states``, write the status durably once, then audit each change
+        (one signed append). False when nothing changed (nothing written)."""
         now = self.deps.clock()
-        if [state for state in states if self.doc.advance(state, now)]:
-            self.save(renew=renew)
-            self.flush_audit()
+        if not [state for state in states if self.doc.advance(state, now)]:
+            return False
+        self.save(keep_for=keep_for)
+        self.flush_audit()
+        return True
 
     def finish(self, state: str, *, reason: str | None = None, message: str | None = None) -> None:
-        self.doc.reason_code = reason
-        self.doc.message = message
-        self.record(state)
-        self.doc.disposition = self._destination()[2]
-        self.save()  # persist the audited marks and where the package goes
+        """The outcome: every unaudited change in one signed append, then one write of the
+        status (state, audited marks and where the package goes), then the move out of
+        incoming. When the append fails the outcome is still written, unaudited: redelivery
+        (or the reconciler) audits it. A worker that dies between the append and the write
+        leaves events that the next attempt appends again (at least once, never lost)."""
+        doc = self.doc
+        doc.reason_code = reason
+        doc.message = message
+        doc.throttled_until = None
+        doc.advance(state, self.deps.clock())
+        doc.disposition = self._destination()[2]
+        try:
+            self.flush_audit()
+        finally:
+            self.save()
         self.dispose()
 
     def _destination(self) -> tuple[str, str, str]:
@@ -395,10 +408,15 @@ class _Run:
         check_existing(
             deps.hsm, auth, doc.key_name, validated.target_type.name, request_id=doc.correlation_id
         )
-        # both states in one write, with the lease renewed and the import attempt noted:
-        # the first PUT follows at once (see _before_put)
+        # both states in one write, with the import attempt noted and the lease renewed if it
+        # would not outlive the PUT: the first PUT follows at once (see _before_put). No look
+        # for an earlier import: _earlier_import looked if an earlier attempt got this far.
         doc.import_attempt_at = utc(deps.clock())
-        self.record("validated", "importing", renew=True)
+        keep_for = deps.hsm.put_timeout_seconds()
+        # audited before the PUT: with the trail down nothing is imported (one signed append
+        # with this attempt's `received`)
+        if not self.record("validated", "importing", keep_for=keep_for):
+            self.save(keep_for=keep_for)  # a later attempt: its PUT is noted durably all the same
         self._attempt_noted = time.monotonic()
         deps.fault("before_import")
         imported = import_validated(
@@ -409,6 +427,7 @@ class _Run:
             validated=validated,
             options=options,
             request_id=doc.correlation_id,
+            look_first=False,
             before_put=self._before_put,
         )
         deps.fault("after_import")
@@ -542,10 +561,17 @@ def _process_blob(name: str, deps: Deps, span: PackageSpan) -> Outcome:
         sha = hashlib.sha256(blob.data).hexdigest()
         path = f"packages/{sha}.json"
 
-    store.create_status(path, _fresh_doc(blob, sha, deps))
-    lease = store.lease(path)
+    fresh = _fresh_doc(blob, sha, deps)
+    fresh.attempts = 1  # the claim is this delivery's first attempt: no write to count it
+    created = store.create_status(path, fresh)
+    if created is not None:  # ours: lease it as written, no need to read it back
+        lease = store.lease(path, etag=created)
+        doc: StatusDoc | None = fresh
+    else:
+        lease = store.lease(path)
     try:
-        doc = store.load_status(path)
+        if created is None:
+            doc = store.load_status(path)
         assert doc is not None  # noqa: S101  # created above or before, never deleted
         span.set_correlation_id(doc.correlation_id)
         if doc.etag != blob.etag:
@@ -553,7 +579,7 @@ def _process_blob(name: str, deps: Deps, span: PackageSpan) -> Outcome:
             if isinstance(redropped, Outcome):
                 return redropped
             doc = redropped
-        return _run_leased(_Run(deps, blob, path, doc, lease))
+        return _run_leased(_Run(deps, blob, path, doc, lease), counted=created is not None)
     finally:
         store.release(lease)
 
@@ -568,9 +594,10 @@ def _redrop(first: _Run, sha: str | None) -> StatusDoc | Outcome:
         first.flush_audit()
         first.save()
     if doc.state in _RETRYABLE_REFUSALS:
+        # the retired record keeps its name tag: `byok status` of the name it was refused
+        # under shows that refusal, not the record of a later drop under another name
         retired = f"history/{sha}/{_drop_hash(blob)}-{doc.etag.strip(chr(34))}.json"
-        store.put_status(retired, doc, index=False)
-        _keep_name_on(retired, doc, path, store)
+        store.put_status(retired, doc)
         doc = _fresh_doc(blob, sha, deps)
     elif not doc.terminal:
         # e.g. its worker died and the custodian re-uploaded: this drop finishes the record
@@ -581,20 +608,8 @@ def _redrop(first: _Run, sha: str | None) -> StatusDoc | Outcome:
         except Rejected as refused:
             return _duplicate(blob, path, doc, deps, refused=refused)
         return _duplicate(blob, path, doc, deps)
-    store.index_name(doc, path)  # first: a crash between the two writes leaves it findable
-    store.save_status(path, doc, first.lease)
+    store.save_status(path, doc, first.lease)  # with the new drop's name tag
     return doc
-
-
-def _keep_name_on(retired: str, doc: StatusDoc, path: str, store: BlobStore) -> None:
-    """A retired record keeps its name: ``byok status`` of the name it was refused under shows
-    that refusal, not the record of a later drop of the same bytes under another name.
-
-    Raises:
-        TransientError: storage failed.
-    """
-    if store.indexed_path(doc.blob_name) == path:
-        store.index_name(doc, retired)
 
 
 def complete_audit(path: str, deps: Deps) -> bool:
@@ -619,9 +634,10 @@ def complete_audit(path: str, deps: Deps) -> bool:
         store.release(lease)
 
 
-def _run_leased(run: _Run) -> Outcome:
-    """The leased part of a delivery: finish a terminal record, or process one more attempt."""
-    doc, deps = run.doc, run.deps
+def _run_leased(run: _Run, *, counted: bool = False) -> Outcome:
+    """The leased part of a delivery: finish a terminal record, or process one more attempt
+    (``counted``: the claim that created the record counted it already)."""
+    doc = run.doc
     if doc.terminal:
         try:
             run.flush_audit()
@@ -635,8 +651,9 @@ def _run_leased(run: _Run) -> Outcome:
     if run.import_in_flight():
         raise InProgress("an earlier import attempt may still be in flight; retry after it settles")
     run.load_policy()
-    doc.attempts += 1
-    run.save()
+    if not counted:
+        doc.attempts += 1
+        run.save()
     try:
         if any(entry.state != "received" for entry in doc.unaudited()):
             run.flush_audit()  # an earlier attempt's records first: nothing goes on unaudited
@@ -662,23 +679,39 @@ def _run_leased(run: _Run) -> Outcome:
     except InProgress:
         raise
     except Exception as exc:  # noqa: BLE001  # anything else is retried, counted, never lost
-        err = exc if isinstance(exc, TransientError) else _internal(exc)
-        doc.last_error = err.message
-        if not err.outcome_unknown:
-            doc.import_attempt_at = None  # the HSM answered: no import PUT is left in flight
-        if doc.state in TERMINAL:  # only its audit record is missing: redelivery emits it
-            run.save()
-            raise err from None
-        if doc.attempts < deps.settings.max_attempts:
-            run.save()
-            raise err from None
-        note = run.disable_after_import()
-        run.finish(
-            "failed",
-            reason="attempts_exhausted",
-            message=f"gave up after {doc.attempts} attempts: {err.message}{note}",
-        )
+        _failed_try(run, exc if isinstance(exc, TransientError) else _internal(exc))
     return Outcome(doc.state or "", run.path, doc)
+
+
+def _failed_try(run: _Run, err: TransientError) -> None:
+    """A try that failed transiently: record it and raise ``err`` for redelivery, or, once
+    BYOK_MAX_ATTEMPTS tries failed, end the package ``failed``. Throttling is not a try.
+
+    Raises:
+        TransientError: ``err``, when the package is to be delivered again.
+    """
+    doc, deps = run.doc, run.deps
+    doc.last_error = err.message
+    if not err.outcome_unknown:
+        doc.import_attempt_at = None  # the HSM answered: no import PUT is left in flight
+    if doc.state in TERMINAL:  # only its audit record is missing: redelivery emits it
+        run.save()
+        raise err from None
+    if err.throttled:  # waiting for the HSM's pace is not an attempt, and never fails
+        doc.attempts -= 1
+        wait = err.retry_after if err.retry_after is not None else 1.0
+        doc.throttled_until = utc(deps.clock() + timedelta(seconds=wait))
+        run.save()
+        raise err from None
+    if doc.attempts < deps.settings.max_attempts:
+        run.save()
+        raise err from None
+    note = run.disable_after_import()
+    run.finish(
+        "failed",
+        reason="attempts_exhausted",
+        message=f"gave up after {doc.attempts} attempts: {err.message}{note}",
+    )
 
 
 def _internal(exc: Exception) -> TransientError:

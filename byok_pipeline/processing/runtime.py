@@ -11,13 +11,15 @@ import logging
 import re
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from byok_pipeline.core.errors import ConfigError, InProgress, Rejected, TransientError
 from byok_pipeline.core.reasons import REASONS
 from byok_pipeline.core.settings import Settings
 from byok_pipeline.core.status import STATES
-from byok_pipeline.processing.processor import Deps, Outcome, process_blob
+
+if TYPE_CHECKING:  # the processor (and the SDKs it pulls in) loads on the first package
+    from byok_pipeline.processing.processor import Deps, Outcome
 
 log = logging.getLogger("byok_pipeline")
 _lock = threading.Lock()
@@ -76,6 +78,8 @@ def handle_blob(name: str) -> Outcome:
     """
     deps = get_deps()
     try:
+        from byok_pipeline.processing.processor import process_blob
+
         outcome = process_blob(name, deps)
     except (InProgress, TransientError) as exc:
         log.warning("byok: %s for %s; the platform will redeliver", exc.reason, name)

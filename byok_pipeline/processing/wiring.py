@@ -73,17 +73,9 @@ def key_client(
 def hsm_adapter(
     settings: Settings, credential: TokenCredential, *, ca_bundle: str | None = None
 ) -> HsmAdapter:
-    client = key_client(settings, credential, ca_bundle=ca_bundle)
-    crypto_kwargs = _retry_kwargs(settings)
-    if _is_loopback(settings.hsm_url):
-        crypto_kwargs["verify_challenge_resource"] = False
-    if ca_bundle:
-        crypto_kwargs["connection_verify"] = ca_bundle
-
-    def crypto(kid: str) -> CryptographyClient:
-        return CryptographyClient(kid, credential, **crypto_kwargs)
-
-    return HsmAdapter(client, settings, crypto_factory=crypto)
+    """The pipeline's HSM adapter: one KeyClient (one connection pool and token) for every
+    call, the AES check value included."""
+    return HsmAdapter(key_client(settings, credential, ca_bundle=ca_bundle), settings)
 
 
 def blob_service(

@@ -30,6 +30,7 @@ param allowedKekNames string
 param allowedTargetTypes string
 param maximumInstanceCount int
 param instanceMemoryMB int
+param hsmImportsPerSecond int
 
 resource storageAccount 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
@@ -198,6 +199,16 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'BYOK_RECONCILE_SCHEDULE'
           value: '0 */10 * * * *'
+        }
+        // One figure bounds the pace: each instance paces imports at it (halving on 429s), and
+        // runs at most twice as many blob-triggered deliveries at once (host.json override).
+        {
+          name: 'BYOK_HSM_IMPORTS_PER_SECOND'
+          value: string(hsmImportsPerSecond)
+        }
+        {
+          name: 'AzureFunctionsJobHost__extensions__blobs__maxDegreeOfParallelism'
+          value: string(2 * hsmImportsPerSecond)
         }
         {
           name: 'BYOK_ALLOWED_KEK_NAMES'

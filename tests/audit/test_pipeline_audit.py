@@ -161,7 +161,7 @@ def test_verify_passes_after_four_concurrent_workers_and_fifty_packages(
 
     def worker_deps(k: int) -> Deps:  # one Function instance: its own clients and trail writer
         client = stack.hsm.key_client(retry_total=3, retry_backoff_factor=0.05)
-        hsm = HsmAdapter(client, stack.settings, crypto_factory=stack.hsm.crypto_client)
+        hsm = HsmAdapter(client, stack.settings)
         return Deps(settings=stack.settings, store=BlobStore(stack.service, stack.settings),
                     hsm=hsm, audit=FanoutAuditSink(sinks[k], stack.audit))  # fmt: skip
 

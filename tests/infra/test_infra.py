@@ -69,6 +69,8 @@ REQUIRED_APP_SETTINGS = {
     "AZURE_CLIENT_ID",
     "BYOK_MAX_PACKAGE_BYTES",
     "BYOK_MAX_ATTEMPTS",
+    "BYOK_HSM_IMPORTS_PER_SECOND",
+    "AzureFunctionsJobHost__extensions__blobs__maxDegreeOfParallelism",
     "BYOK_ALLOWED_KEK_NAMES",
     "BYOK_ALLOWED_TARGET_TYPES",
     "BYOK_RECONCILE_SCHEDULE",
@@ -277,7 +279,8 @@ class Deployment:
 
     def resolve(self, file: str, value: Any, depth: int = 0) -> Any:
         """Evaluate what can be evaluated statically: parameters (bound from main.bicep or their
-        defaults), variables, property access on objects, string(), and ${name} interpolation.
+        defaults), variables, property access on objects, string(), integer products, and
+        ${name} interpolation.
         Anything else (resource properties, most functions) is returned as it is."""
         if depth > 30:
             return value
@@ -296,6 +299,13 @@ class Deployment:
         operator = value.get("operator")
         if isinstance(operator, dict) and operator.get("type") == "property_accessor":
             return self._resolve_path(file, _accessor_path(value), value, depth)
+        if isinstance(operator, dict) and operator.get("type") == "multiply":
+            operands = operator.get("operands") or {}
+            a = self.resolve(file, operands.get("operand_1"), depth + 1)
+            b = self.resolve(file, operands.get("operand_2"), depth + 1)
+            if isinstance(a, int) and isinstance(b, int):
+                return a * b
+            return value
         function = value.get("function")
         if isinstance(function, dict):
             params = {
@@ -615,6 +625,11 @@ def check_app_settings(dep: Deployment) -> Findings:
         findings.append("settings: BYOK_MAX_PACKAGE_BYTES must default to 65536")
     if settings.get("BYOK_MAX_ATTEMPTS") != "5":
         findings.append("settings: BYOK_MAX_ATTEMPTS must default to 5")
+    # one figure sets the pace and the concurrency (Managed HSM: ~1 creation/s per partition, 2)
+    if settings.get("BYOK_HSM_IMPORTS_PER_SECOND") != "2":
+        findings.append("settings: BYOK_HSM_IMPORTS_PER_SECOND must default to 2")
+    if settings.get("AzureFunctionsJobHost__extensions__blobs__maxDegreeOfParallelism") != "4":
+        findings.append("settings: the blob trigger's concurrency must follow the import pace (4)")
     auth = str(settings.get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING"))
     if not auth.startswith("Authorization=AAD;ClientId="):
         findings.append("settings: Application Insights must authenticate with Entra ID")

@@ -7,6 +7,7 @@ A refusal is asserted as: the reason, one attempt (never retried), the package o
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from pipeline_support import Package, Stack
 
 from byok_pipeline.adapters.blobstore import BlobStore
 from byok_pipeline.cli.main import main
+from byok_pipeline.core.errors import InProgress
 from byok_pipeline.core.metadata import META_TAGS
 from byok_pipeline.processing.processor import Outcome
 from offline_packager.package_format import b64url_encode, parse_package
@@ -158,33 +160,51 @@ class _Died(BaseException):
     """A worker killed at this point: nothing after it runs (not even ``except Exception``)."""
 
 
-@pytest.mark.parametrize("at", ["index", "after_claim"])
+@pytest.mark.parametrize("at", ["after_claim", "after_lease"])
 def test_7_claimed_package_is_always_findable_by_name(
     stack: Stack, monkeypatch: pytest.MonkeyPatch, at: str
 ) -> None:
+    """The claim carries its name tag in the same request: a worker dying right after it
+    leaves a record ``byok status NAME`` finds, and redelivery finishes it."""
     pkg = stack.package("oct-256", f"die-{at.replace('_', '-')}")
     stack.drop_package(pkg)
-    real_index, real_create = BlobStore.index_name, BlobStore.create_status
+    real_create, real_lease = BlobStore.create_status, BlobStore.lease
 
-    def dying_index(self: BlobStore, *args: Any, **kwargs: Any) -> None:
-        raise _Died
-
-    def dying_create(self: BlobStore, *args: Any, **kwargs: Any) -> bool:
+    def dying_create(self: BlobStore, *args: Any, **kwargs: Any) -> str | None:
         real_create(self, *args, **kwargs)
         raise _Died
 
-    if at == "index":
-        monkeypatch.setattr(BlobStore, "index_name", dying_index)
-    else:
+    def dying_lease(self: BlobStore, *args: Any, **kwargs: Any) -> Any:
+        real_lease(self, *args, **kwargs)
+        raise _Died
+
+    if at == "after_claim":
         monkeypatch.setattr(BlobStore, "create_status", dying_create)
+    else:
+        monkeypatch.setattr(BlobStore, "lease", dying_lease)
     with pytest.raises(_Died):
         stack.deliver(pkg.name)
-    monkeypatch.setattr(BlobStore, "index_name", real_index)
     monkeypatch.setattr(BlobStore, "create_status", real_create)
-    assert stack.deliver(pkg.name).state == "imported"
+    monkeypatch.setattr(BlobStore, "lease", real_lease)
+    claimed = stack.deps.store.status_by_name(pkg.name)
+    assert claimed is not None
+    assert claimed.state == "received"
+    outcome = deliver_until_leased(stack, pkg.name)
+    assert outcome.state == "imported"
     found = stack.deps.store.status_by_name(pkg.name)
     assert found is not None
     assert found.state == "imported"
+
+
+def deliver_until_leased(stack: Stack, name: str) -> Any:
+    """A dead worker's lease runs out (15 s in these stacks): redeliver until then."""
+    deadline = time.monotonic() + 40
+    while True:
+        try:
+            return stack.deliver(name)
+        except InProgress:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
 
 
 # -- 8. kids with a tab or a control character; ciphertext with padding and a newline ---------------

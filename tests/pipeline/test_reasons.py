@@ -158,6 +158,21 @@ def _existing_foreign_key(stack: Stack) -> tuple[str, bytes, dict[str, str]]:
     return f"{name}.byok", *_pkg(stack, "oct-256", name)
 
 
+def _key_with_versions(stack: Stack) -> tuple[str, bytes, dict[str, str]]:
+    """A key the pipeline may add versions to (it carries the pipeline's tag), already at the
+    version limit the case sets."""
+    name = f"full-{secrets.token_hex(3)}"
+    stack.hsm.key_client().create_oct_key(
+        name, size=256, hardware_protected=True, tags={"byok-package-sha256": "0" * 64}
+    )
+    return f"{name}.byok", *_pkg(stack, "oct-256", name)
+
+
+def _new_name(stack: Stack) -> tuple[str, bytes, dict[str, str]]:
+    name = f"new-{secrets.token_hex(3)}"
+    return f"{name}.byok", *_pkg(stack, "oct-256", name)
+
+
 CASES: dict[str, Case] = {
     "too_large": Case(lambda s: ("k.byok", b" " * 70_000, {})),
     "bad_key_name": Case(lambda s: ("bad_name.byok", *_pkg(s))),
@@ -193,6 +208,8 @@ CASES: dict[str, Case] = {
     "policy_invalid": Case(lambda s: (s.deps.authorization.put_policy(b'{"policy_version": 2}'), ("k.byok", *_pkg(s)))[1]),
     "approval_invalid": Case(lambda s: _needs_approval(s, late=False)),
     "approval_expired": Case(lambda s: _needs_approval(s, late=True)),
+    "key_version_limit": Case(_key_with_versions, settings={"hsm_max_versions_per_key": 1}),
+    "hsm_key_limit": Case(_new_name, settings={"hsm_max_keys": 1}),
     "attempts_exhausted": Case(lambda s: ("k.byok", *_pkg(s)), state="failed", settings={"max_attempts": 2, "retry_total": 0}),
 }  # fmt: skip
 

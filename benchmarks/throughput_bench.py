@@ -1,0 +1,379 @@
+"""Throughput at Managed HSM's real limits (issue 12): round trips, overhead, a throttled burst,
+and the Function's cold start. Not a test: it prints figures, measured side by side in one run.
+
+* **Round trips per package** on the happy path, counted at the HTTP layer: storage requests
+  (the signed audit trail included) and HSM requests (key operations, and the audit trail's
+  signatures apart), with the production audit sink (one signed append per package).
+* **Overhead**: the pipeline's time per package (1 worker) against a bare ``import_key`` loop,
+  same emulator, same kind of packages, one after the other in this run.
+* **Burst**: N packages (default 1000) dropped at once into a pipeline served by an emulator in
+  service-limits mode (``--limits managed-hsm --limits-scale S``: S imports per second per
+  partition, 3 partitions), 4 worker threads delivering like the platform (a handed-back package
+  is delivered again after the wait it asked for). Printed: drain time against the fastest the
+  HSM admits for these names (the busiest partition's packages / its rate), states, attempts,
+  versions per key, 429s per package.
+* **Cold start**: ``import function_app`` against two minimal v2 apps with one blob and one HTTP
+  trigger: one binding the blob as ``func.InputStream``, one as the SDK-type ``BlobClient`` our app
+  needs (the host then downloads nothing); medians over fresh interpreters.
+
+Run: ``.venv/bin/python benchmarks/throughput_bench.py [--burst N] [--scale S] [--json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests.adapters
+from azure.keyvault.keys import JsonWebKey
+from azure.storage.blob import BlobServiceClient
+from pipeline_bench import KEK_NAME, Package, kek_of, make_packages, production_trail
+
+from byok_pipeline.core.errors import InProgress, TransientError
+from byok_pipeline.localdev.azurite import Azurite
+from byok_pipeline.localdev.stack import emulator_deps
+from byok_pipeline.processing.processor import Deps, process_blob
+from managed_hsm_emulator.testing import EmulatorHandle, running_emulator
+
+REPO = Path(__file__).resolve().parent.parent
+PARTITIONS = 3
+
+
+class RequestCounter:
+    """Counts HTTP requests per service (by port) while ``on``: a wrapper around requests'
+    adapter, so every SDK client in this process is seen."""
+
+    def __init__(self) -> None:
+        self.ports: dict[int, str] = {}
+        self.counts: Counter[str] = Counter()
+        self.on = False
+        self._lock = threading.Lock()
+        original = requests.adapters.HTTPAdapter.send
+        counter = self
+
+        def send(adapter: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+            if counter.on:
+                parts = urlsplit(request.url)
+                kind = counter.ports.get(parts.port or 443, "other")
+                if kind == "hsm" and re.search(r"/sign$", parts.path):
+                    kind = "hsm (audit signatures)"
+                with counter._lock:
+                    counter.counts[kind] += 1
+            return original(adapter, request, *args, **kwargs)
+
+        requests.adapters.HTTPAdapter.send = send  # type: ignore[method-assign,assignment]  # counting wrapper, same call
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[Counter[str]]:
+        self.counts = Counter()
+        self.on = True
+        try:
+            yield self.counts
+        finally:
+            self.on = False
+
+
+def deliver(name: str, deps: Deps, *, deadline: float) -> tuple[str, int]:
+    """Deliver like the platform: a handed-back package comes again after the wait it asked
+    for (a throttled one), else shortly. Returns (state, hand-backs)."""
+    handbacks = 0
+    while True:
+        try:
+            return process_blob(name, deps).state, handbacks
+        except (InProgress, TransientError) as exc:
+            handbacks += 1
+            if time.monotonic() > deadline:
+                return "gave-up", handbacks
+            wait = getattr(exc, "retry_after", None)
+            time.sleep(min(1.0, wait) if wait is not None else 0.1)
+
+
+def _drop(deps: Deps, packages: list[Package]) -> None:
+    for pkg in packages:
+        deps.store.upload_incoming(pkg.blob_name, pkg.data, pkg.metadata)
+
+
+def _port(url: str) -> int:
+    return urlsplit(url).port or 443
+
+
+def _kek_and_signer(hsm: EmulatorHandle, signer_name: str) -> tuple[Any, Any, str]:
+    """The bench KEK (public key, kid) and a fresh audit signing key's kid."""
+    admin = hsm.key_client()
+    kek, kid = kek_of(admin)
+    signer = admin.create_ec_key(
+        signer_name, curve="P-256", key_operations=["sign", "verify"], hardware_protected=True
+    )
+    return kek, kid, str(signer.id)
+
+
+def _deps(
+    azurite: Azurite,
+    hsm: EmulatorHandle,
+    service: BlobServiceClient,
+    prefix: str,
+    signer_kid: str | None,
+) -> Deps:
+    """The pipeline as the Function wires it, with the production policy cache; with
+    ``signer_kid`` its signed audit trail, else an in-memory sink."""
+    deps: Deps = emulator_deps(hsm, service, prefix, policy_cache_seconds=5.0)
+    if signer_kid is None:
+        return deps
+    return replace(deps, audit=production_trail(deps, hsm, signer_kid, azurite.connection_string))
+
+
+def round_trips(
+    azurite: Azurite, hsm: EmulatorHandle, service: BlobServiceClient, counter: RequestCounter
+) -> dict[str, Any]:
+    """Requests per package, happy path, production audit sink, 1 worker."""
+    kek, kid, signer_kid = _kek_and_signer(hsm, "rt-audit-signer")
+    result: dict[str, Any] = {}
+    for type_name in ("ec-p256", "oct-256"):
+        deps = _deps(azurite, hsm, service, f"rt{type_name[:2]}", signer_kid)
+        packages = make_packages(kek, kid, (type_name,), f"rt-{type_name}", 51)
+        _drop(deps, packages)
+        deliver(packages[0].blob_name, deps, deadline=time.monotonic() + 60)  # clients, tokens
+        with counter.counting() as counts:
+            states = Counter(
+                deliver(p.blob_name, deps, deadline=time.monotonic() + 60)[0] for p in packages[1:]
+            )
+        n = len(packages) - 1
+        result[type_name] = {
+            "packages": n,
+            "states": dict(states),
+            "per_package": {k: v / n for k, v in sorted(counts.items())},
+        }
+    return result
+
+
+def overhead(azurite: Azurite, hsm: EmulatorHandle, service: BlobServiceClient) -> dict[str, Any]:
+    """Pipeline (1 worker, in-memory audit and with the signed trail) vs bare import_key."""
+    kek, kid, signer_kid = _kek_and_signer(hsm, "ov-audit-signer")
+    n = 200
+    types = ("oct-256", "ec-p256")
+    loop_pkgs = make_packages(kek, kid, types, "ov-loop", n + 1)
+    client = hsm.key_client()
+
+    def bare(pkg: Package) -> None:
+        t = pkg.target_type
+        jwk = JsonWebKey(kty=t.kty, crv=t.crv, key_ops=list(t.default_key_ops), t=pkg.data)
+        client.import_key(pkg.key_name, jwk, hardware_protected=True)
+
+    bare(loop_pkgs[0])
+    t0 = time.perf_counter()
+    for pkg in loop_pkgs[1:]:
+        bare(pkg)
+    loop_s = (time.perf_counter() - t0) / n
+    figures: dict[str, Any] = {"import_key_ms": loop_s * 1000}
+    for label, trail in (("pipeline_ms", False), ("pipeline_with_trail_ms", True)):
+        deps = _deps(azurite, hsm, service, f"ov{int(trail)}", signer_kid if trail else None)
+        pkgs = make_packages(kek, kid, types, f"ov-{int(trail)}", n + 1)
+        _drop(deps, pkgs)
+        deliver(pkgs[0].blob_name, deps, deadline=time.monotonic() + 60)
+        t0 = time.perf_counter()
+        states = Counter(
+            deliver(p.blob_name, deps, deadline=time.monotonic() + 60)[0] for p in pkgs[1:]
+        )
+        figures[label] = (time.perf_counter() - t0) / n * 1000
+        figures[f"{label}_states"] = dict(states)
+    figures["ratio"] = figures["pipeline_ms"] / figures["import_key_ms"]
+    figures["ratio_with_trail"] = figures["pipeline_with_trail_ms"] / figures["import_key_ms"]
+    return figures
+
+
+def partition_of(name: str) -> int:
+    """The emulator's partition of a key name (managed_hsm_emulator README, service limits)."""
+    return int.from_bytes(hashlib.sha256(name.lower().encode()).digest()[:8], "big") % PARTITIONS
+
+
+def burst(
+    azurite: Azurite,
+    tmp: Path,
+    count: int,
+    *,
+    scale: float,
+    workers: int,
+    note: Callable[[str], None],
+) -> dict[str, Any]:
+    """``count`` packages at once against an emulator that throttles like Managed HSM."""
+    with (
+        running_emulator(tmp / "limited", limits="managed-hsm", limits_scale=scale) as hsm,
+        BlobServiceClient.from_connection_string(azurite.connection_string) as service,
+    ):
+        admin = hsm.key_client()
+        admin.create_rsa_key(KEK_NAME, size=3072, key_operations=["import"],
+                             hardware_protected=True)  # fmt: skip
+        kek, kid = kek_of(admin)
+        admitted = scale * PARTITIONS
+        deps = emulator_deps(hsm, service, "burst", hsm_imports_per_second=admitted)
+        note(f"burst: packaging {count} packages ...")
+        packages = make_packages(kek, kid, ("ec-p256", "oct-256"), "burst", count)
+        _drop(deps, packages)
+        per_partition = Counter(partition_of(p.key_name) for p in packages)
+        ideal = max(per_partition.values()) / scale
+        hsm.reset_limits()
+        note(f"burst: draining {count} packages with {workers} workers (HSM admits "
+             f"{scale:g}/s per partition) ...")  # fmt: skip
+        deadline = time.monotonic() + max(600.0, ideal * 5)
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(lambda p: deliver(p.blob_name, deps, deadline=deadline),
+                                    packages))  # fmt: skip
+        drain = time.perf_counter() - started
+        limits = hsm.limits()
+        throttled = sum(limits["throttled"].values())
+        docs = list(deps.store.iter_statuses())
+        versions = Counter(
+            sum(1 for _ in admin.list_properties_of_key_versions(p.key_name))
+            for p in packages[:: max(1, count // 50)]
+        )
+        return {
+            "packages": count,
+            "workers": workers,
+            "admitted_per_partition": scale,
+            "packages_per_partition": dict(sorted(per_partition.items())),
+            "ideal_seconds": ideal,
+            "drain_seconds": drain,
+            "drain_over_ideal": drain / ideal,
+            "states": dict(Counter(state for state, _ in results)),
+            "attempts": dict(Counter(d.attempts for d in docs)),
+            "versions_per_key_sampled": dict(versions),
+            "http_429": throttled,
+            "http_429_per_package": throttled / count,
+            "handbacks_per_package": sum(h for _, h in results) / count,
+            "left_in_incoming": len(deps.store.list_incoming()),
+        }
+
+
+_MINIMAL_APP = """
+import azure.functions as func
+{extra_import}
+app = func.FunctionApp()
+@app.blob_trigger(arg_name="blob", path="c/{{name}}", connection="S")
+def b(blob: {blob_type}) -> None:
+    pass
+@app.route(route="x")
+def h(req: func.HttpRequest) -> func.HttpResponse:
+    return func.HttpResponse("ok")
+"""
+_MINIMAL = {
+    "minimal_inputstream_app": _MINIMAL_APP.format(extra_import="", blob_type="func.InputStream"),
+    "minimal_sdktype_app": _MINIMAL_APP.format(
+        extra_import="import azurefunctions.extensions.bindings.blob as blob_types",
+        blob_type="blob_types.BlobClient",
+    ),
+}
+
+
+def cold_starts(runs: int, tmp: Path) -> dict[str, float]:
+    """Median ``import`` time (ms) of each module in fresh interpreters."""
+    for name, source in _MINIMAL.items():
+        (tmp / f"{name}.py").write_text(source)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(tmp)])
+    code = "import time; t = time.perf_counter(); import {m}; print(time.perf_counter() - t)"
+    figures: dict[str, float] = {}
+    modules = ["function_app", *_MINIMAL]
+    samples: dict[str, list[float]] = {m: [] for m in modules}
+    for _ in range(runs):  # interleaved, so machine noise hits every module alike
+        for module in modules:
+            done = subprocess.run(
+                [sys.executable, "-c", code.format(m=module)],
+                cwd=REPO, env=env, check=True, capture_output=True, text=True,
+            )  # fmt: skip
+            samples[module].append(float(done.stdout.strip()) * 1000)
+    for module, values in samples.items():
+        figures[module] = statistics.median(values)
+    figures["ratio_vs_sdktype"] = figures["function_app"] / figures["minimal_sdktype_app"]
+    figures["ratio_vs_inputstream"] = figures["function_app"] / figures["minimal_inputstream_app"]
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--burst", type=int, default=1000, help="packages in the burst (1000)")
+    parser.add_argument("--scale", type=float, default=10.0,
+                        help="imports/s per partition the HSM admits (10: ~30/s in all)")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=4, help="worker threads (4)")
+    parser.add_argument("--cold-runs", type=int, default=9, help="fresh interpreters per figure")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args()
+    if args.burst < 1 or args.scale <= 0 or args.workers < 1 or args.cold_runs < 1:
+        parser.error("--burst, --workers, --cold-runs must be at least 1 and --scale above 0")
+
+    def note(message: str) -> None:
+        if not args.json:
+            print(message, file=sys.stderr, flush=True)
+
+    counter = RequestCounter()
+    report: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="throughput-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        note("starting Azurite and the emulator ...")
+        with Azurite.start(tmp / "azurite") as azurite, running_emulator(tmp / "hsm") as hsm, \
+                BlobServiceClient.from_connection_string(azurite.connection_string) as service:  # fmt: skip
+            counter.ports = {_port(azurite.blob_url): "storage", _port(hsm.url): "hsm"}
+            hsm.key_client().create_rsa_key(
+                KEK_NAME, size=3072, key_operations=["import"], hardware_protected=True
+            )
+            note("round trips per package ...")
+            report["round_trips"] = round_trips(azurite, hsm, service, counter)
+            note("overhead vs a bare import_key loop ...")
+            report["overhead"] = overhead(azurite, hsm, service)
+            report["burst"] = burst(
+                azurite, tmp, args.burst, scale=args.scale, workers=args.workers, note=note
+            )
+        note("cold starts ...")
+        report["cold_start_ms"] = cold_starts(args.cold_runs, tmp)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print_report(report)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print("round trips per package (happy path, signed audit trail, 1 worker):")
+    for type_name, r in report["round_trips"].items():
+        counts = ", ".join(f"{k} {v:.2f}" for k, v in r["per_package"].items())
+        print(f"  {type_name:8} {counts}   states {r['states']}")
+    o = report["overhead"]
+    print(f"overhead: bare import_key {o['import_key_ms']:.1f} ms/package; pipeline "
+          f"{o['pipeline_ms']:.1f} ms ({o['ratio']:.2f}x), with the signed trail "
+          f"{o['pipeline_with_trail_ms']:.1f} ms ({o['ratio_with_trail']:.2f}x)")  # fmt: skip
+    b = report["burst"]
+    print(f"burst: {b['packages']} packages, {b['workers']} workers, HSM admits "
+          f"{b['admitted_per_partition']:g}/s per partition {b['packages_per_partition']}")  # fmt: skip
+    print(f"  drained in {b['drain_seconds']:.1f} s; fastest the HSM admits {b['ideal_seconds']:.1f}"
+          f" s; ratio {b['drain_over_ideal']:.2f}")  # fmt: skip
+    print(f"  states {b['states']}, attempts {b['attempts']}, versions per key (sampled) "
+          f"{b['versions_per_key_sampled']}, left in incoming {b['left_in_incoming']}")  # fmt: skip
+    print(f"  HTTP 429 {b['http_429']} ({b['http_429_per_package']:.2f}/package), hand-backs "
+          f"{b['handbacks_per_package']:.2f}/package")  # fmt: skip
+    c = report["cold_start_ms"]
+    print(f"cold start (median import ms): function_app {c['function_app']:.0f}, minimal app "
+          f"with an SDK-type blob trigger {c['minimal_sdktype_app']:.0f} "
+          f"({c['ratio_vs_sdktype']:.2f}x), with an InputStream blob trigger "
+          f"{c['minimal_inputstream_app']:.0f} ({c['ratio_vs_inputstream']:.2f}x)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
