@@ -14,7 +14,17 @@ a manifest and checks the KEK fingerprint: that extra work is part of what is me
 is our packages per second divided by the recipe's (above 1: ours is faster). Every KEK, key and
 package lives in a temporary directory removed at the end.
 
-Run: ``.venv/bin/python benchmarks/packager_bench.py [--iterations N] [--json]``.
+Batch mode (``wrap-batch``, one process for many keys) against the same recipe, per package:
+200 EC P-256 and 200 AES-256 key files (PKCS#8 DER, raw bytes), each type alone and both in one
+batch, the same 200 + 200 generated in memory (``--generate``), and RSA-2048 key files. A batch
+is timed as a user pays for it: one ``python -m offline_packager wrap-batch`` process, start-up
+included, divided by its packages; the recipe's figure is its mean per package over the same key
+files (the target: the batch at least 5x faster). Every batch package is unwrapped with the KEK
+private key outside the timing. Start-up: ``python -m offline_packager --version`` against a bare
+``python -c pass``.
+
+Run: ``.venv/bin/python benchmarks/packager_bench.py [--iterations N] [--batch-keys N]
+[--rsa-keys N] [--quick] [--json]``.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from offline_packager import cli
 from offline_packager.kek import load_kek_pem
@@ -134,7 +144,11 @@ def _openssl(*args: str) -> None:
 
 def run_openssl_recipe(ws: Workspace, type_name: str, out: Path) -> None:
     """The documented OpenSSL recipe, one subprocess per step, then the JSON."""
-    key_file = ws.targets[type_name][0]
+    openssl_recipe(ws, ws.targets[type_name][0], out)
+
+
+def openssl_recipe(ws: Workspace, key_file: Path, out: Path) -> None:
+    """The recipe for one key file (PKCS#8 DER of an RSA or EC key, or raw AES bytes)."""
     work = out.parent
     aes, rsa_part, kwp_part = work / "aes.bin", work / "rsa.bin", work / "kwp.bin"
     _openssl("rand", "-out", str(aes), "32")
@@ -229,37 +243,209 @@ def print_table(results: list[Result], rel: dict[str, dict[str, float]], iterati
               f"in-process {values['cli-in-process_vs_openssl']:6.2f}x")  # fmt: skip
 
 
+# --- batch mode: wrap-batch against the recipe, per package ----------------------------------
+
+
+@dataclass(frozen=True)
+class BatchFigure:
+    """One ``wrap-batch`` run and the recipe over the same kind of key, per package."""
+
+    label: str
+    packages: int
+    seconds: float
+    batch_ms_per_package: float
+    recipe_packages: int
+    recipe_ms_per_package: float
+    ratio: float  # recipe ms per package / batch ms per package (above 1: the batch is faster)
+
+
+def write_key_files(folder: Path, type_name: str, count: int) -> list[Path]:
+    """``count`` key files of one type, as a custodian holds them: PKCS#8 DER, raw AES bytes."""
+    folder.mkdir()
+    files: list[Path] = []
+    for i in range(1, count + 1):
+        if type_name == "oct-256":
+            path = folder / f"{type_name}-{i:04d}.bin"
+            path.write_bytes(os.urandom(32))
+        else:
+            key = (
+                ec.generate_private_key(ec.SECP256R1())
+                if type_name == "ec-p256"
+                else rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            )
+            path = folder / f"{type_name}-{i:04d}.der"
+            path.write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.DER,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+        files.append(path)
+    return files
+
+
+def run_wrap_batch(ws: Workspace, out: Path, *sources: str) -> float:
+    """One ``wrap-batch`` process (interpreter start-up included); its wall-clock seconds."""
+    out.mkdir()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    argv = [sys.executable, "-m", "offline_packager", "wrap-batch", "--kek", str(ws.kek_public),
+            "--kek-kid", KEK_KID, "--kek-sha256", ws.kek_sha256, *sources, "--out-dir", str(out)]  # fmt: skip
+    started = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True, env=env)
+    return time.perf_counter() - started
+
+
+def check_batch(ws: Workspace, out: Path, key_files: list[Path], generated: int) -> None:
+    """Outside the timing: one package and one manifest per key in ``out``; every package
+    unwraps, a key file's to the file's bytes."""
+    packages = sorted(out.glob("*.byok"))
+    if len(packages) != len(key_files) + generated or len(list(out.iterdir())) != 2 * len(packages):
+        raise RuntimeError(f"{out} does not hold one package and one manifest per key")
+    expected = {f"{f.stem}.byok": f.read_bytes() for f in key_files}
+    for path in packages:
+        package = parse_package(path.read_bytes())
+        with unwrap_target(ws.kek_private, package.ciphertext) as plain:
+            if path.name in expected and plain.reveal() != expected[path.name]:
+                raise RuntimeError(f"{path.name} does not unwrap to its key file")
+
+
+def recipe_ms_per_package(ws: Workspace, key_files: list[Path], out: Path) -> float:
+    """The recipe's mean milliseconds per package over ``key_files``."""
+    out.mkdir()
+    openssl_recipe(ws, key_files[0], out / "warmup.byok")
+    started = time.perf_counter()
+    for key_file in key_files:
+        openssl_recipe(ws, key_file, out / f"{key_file.stem}.byok")
+    return (time.perf_counter() - started) * 1000 / len(key_files)
+
+
+def measure_batches(ws: Workspace, keys: int, rsa_keys: int, recipe_keys: int) -> list[BatchFigure]:
+    """The batch rows: EC P-256 and AES-256 files alone and together, the same generated, and
+    RSA-2048 files; each against the recipe on (up to ``recipe_keys`` of) the same kind of
+    files (two types: the mean of both)."""
+    root = ws.root / "batch"
+    root.mkdir()
+    files = {t: write_key_files(root / f"keys-{t}", t, n) for t, n in
+             (("ec-p256", keys), ("oct-256", keys), ("rsa-2048", rsa_keys))}  # fmt: skip
+    recipe = {t: recipe_ms_per_package(ws, f[:recipe_keys], root / f"recipe-{t}")
+              for t, f in files.items()}  # fmt: skip
+    generate = ["--generate", f"ec-p256:{keys}", "--generate", f"oct-256:{keys}"]
+    runs: list[tuple[str, tuple[str, ...], bool]] = [  # label, types, generated
+        ("ec-p256 files", ("ec-p256",), False),
+        ("oct-256 files", ("oct-256",), False),
+        ("ec-p256 + oct-256 files", ("ec-p256", "oct-256"), False),
+        ("ec-p256 + oct-256 generated", ("ec-p256", "oct-256"), True),
+        ("rsa-2048 files", ("rsa-2048",), False),
+    ]
+    figures: list[BatchFigure] = []
+    for i, (label, types, generated) in enumerate(runs):
+        key_files = [] if generated else [f for t in types for f in files[t]]
+        folders = (
+            [] if generated else [a for t in types for a in ("--keys", str(root / f"keys-{t}"))]
+        )
+        out = root / f"out-{i}"
+        seconds = run_wrap_batch(ws, out, *(generate if generated else folders))
+        packages = 2 * keys if generated else len(key_files)
+        check_batch(ws, out, key_files, packages - len(key_files))
+        batch_ms = seconds * 1000 / packages
+        recipe_ms = statistics.mean(recipe[t] for t in types)
+        recipe_n = sum(min(recipe_keys, len(files[t])) for t in types)
+        figures.append(BatchFigure(label, packages, seconds, batch_ms, recipe_n, recipe_ms,
+                                   recipe_ms / batch_ms))  # fmt: skip
+    return figures
+
+
+def startup_ms(repeats: int) -> dict[str, float]:
+    """Median wall-clock milliseconds of ``python -m offline_packager --version`` and of a bare
+    ``python -c pass``: what every single ``wrap`` pays before its work."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+
+    def median_ms(argv: list[str]) -> float:
+        laps: list[float] = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            subprocess.run(argv, check=True, capture_output=True, env=env)
+            laps.append((time.perf_counter() - t0) * 1000)
+        return statistics.median(laps)
+
+    return {
+        "byok_package_version_ms": median_ms(
+            [sys.executable, "-m", "offline_packager", "--version"]
+        ),
+        "bare_python_ms": median_ms([sys.executable, "-c", "pass"]),
+    }
+
+
+def print_batches(figures: list[BatchFigure], startup: dict[str, float]) -> None:
+    print()
+    print("wrap-batch (one process, start-up included) vs the OpenSSL recipe, per package")
+    print(f"{'keys':<28} {'pkgs':>5} {'seconds':>8} {'batch ms':>9} {'recipe ms':>10} "
+          f"{'ratio':>7}")  # fmt: skip
+    for f in figures:
+        print(f"{f.label:<28} {f.packages:>5} {f.seconds:>8.2f} {f.batch_ms_per_package:>9.2f} "
+              f"{f.recipe_ms_per_package:>10.2f} {f.ratio:>6.1f}x")  # fmt: skip
+    print("ratio = recipe ms per package / wrap-batch ms per package (target: at least 5x)")
+    print()
+    print(f"start-up: python -m offline_packager --version {startup['byok_package_version_ms']:.1f} "
+          f"ms, bare python -c pass {startup['bare_python_ms']:.1f} ms (medians)")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--iterations", type=int, default=60, help="packages per type and method (default 60)"
+        "--iterations",
+        type=int,
+        help="packages per type and method for single wraps, and recipe runs per batch type "
+        "(default 60; 10 with --quick)",
     )
+    parser.add_argument(
+        "--batch-keys",
+        type=int,
+        help="EC P-256 and AES-256 keys per batch (default 200; 50 with --quick)",
+    )
+    parser.add_argument(
+        "--rsa-keys",
+        type=int,
+        help="RSA-2048 key files in the RSA batch (default 100; 20 with --quick)",
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller defaults: a quick look")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
-    if args.iterations < 1:
-        parser.error("--iterations must be at least 1")
+    iterations = args.iterations or (10 if args.quick else 60)
+    batch_keys = args.batch_keys or (50 if args.quick else 200)
+    rsa_keys = args.rsa_keys or (20 if args.quick else 100)
+    if min(iterations, batch_keys, rsa_keys) < 1:
+        parser.error("--iterations, --batch-keys and --rsa-keys must be at least 1")
     if shutil.which("openssl") is None:
         parser.error("the OpenSSL CLI is not on PATH (make deps installs it)")
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="packager-bench-") as tmp:
         ws = make_workspace(Path(tmp))
         for type_name in TYPES:
-            results.extend(measure(ws, type_name, m, args.iterations) for m in METHODS)
+            results.extend(measure(ws, type_name, m, iterations) for m in METHODS)
+        batches = measure_batches(ws, batch_keys, rsa_keys, iterations)
+    startup = startup_ms(max(5, iterations // 4))
     rel = ratios(results)
     if args.json:
         report = {
-            "iterations": args.iterations,
+            "iterations": iterations,
             "python": sys.version.split()[0],
             "openssl": openssl_version(),
             "kek": "rsa-3072",
             "results": [asdict(r) for r in results],
             "ratios": rel,
+            "batch": [asdict(b) for b in batches],
+            "startup": startup,
         }
         print(json.dumps(report, indent=2))
     else:
-        print_table(results, rel, args.iterations)
+        print_table(results, rel, iterations)
+        print_batches(batches, startup)
 
 
 if __name__ == "__main__":

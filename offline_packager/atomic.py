@@ -24,10 +24,16 @@ def check_writable(paths: Sequence[Path], *, force: bool) -> None:
             raise OutputError(f"folder {path.parent} does not exist", reason="output_unwritable")
 
 
-def write_files_atomically(files: Sequence[tuple[Path, bytes]], *, force: bool) -> None:
+def write_files_atomically(
+    files: Sequence[tuple[Path, bytes]], *, force: bool, sync_folder: bool = True
+) -> None:
     """Write every file or none: all go to temp files first, then each is renamed into place.
 
     Without ``force`` an existing target is never replaced (``os.link`` fails if it exists).
+    Whatever stops the write (an error, ``KeyboardInterrupt``) removes the temp files and the
+    files this call already placed, and is raised again. Each file's data is fsynced before it
+    is placed; the folder too, unless ``sync_folder`` is false (a batch writing many files into
+    one folder syncs it once at the end: :func:`fsync_folder`).
 
     Raises:
         OutputError: an output exists, or a write failed (temp files are removed).
@@ -53,18 +59,15 @@ def write_files_atomically(files: Sequence[tuple[Path, bytes]], *, force: bool) 
                     raise OutputError(f"{path} exists; use --force to replace it") from None
                 Path(tmp).unlink()
             placed.append(path)
-        _fsync_dir(temps[0][1].parent if temps else Path())
+        if sync_folder:
+            fsync_folder(temps[0][1].parent if temps else Path())
     except OSError as exc:
-        for path in placed:
-            with contextlib.suppress(OSError):
-                path.unlink()
+        _remove(placed)
         raise OutputError(
             f"cannot write {exc.filename or 'output'}: {exc.strerror}", reason="output_unwritable"
         ) from None
-    except OutputError:
-        for path in placed:
-            with contextlib.suppress(OSError):
-                path.unlink()
+    except BaseException:  # OutputError, and an interrupt between two renames: no half pair
+        _remove(placed)
         raise
     finally:
         for tmp, _ in temps:
@@ -72,7 +75,18 @@ def write_files_atomically(files: Sequence[tuple[Path, bytes]], *, force: bool) 
                 Path(tmp).unlink()
 
 
-def _fsync_dir(folder: Path) -> None:
+def _remove(paths: Sequence[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make the names placed in ``folder`` durable (fsync of the directory).
+
+    Raises:
+        OSError: the folder cannot be opened or synced.
+    """
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -1,56 +1,56 @@
 """``byok-package``: the air-gapped packager's command line.
 
 Exit codes: 0 success; 2 refused (a one-line reason on stderr, no file written); 1 failure.
+``wrap-batch`` (:mod:`.cli_batch`): 0 every key wrapped; 2 any key, or the batch, refused; 1
+interrupted. Modules only some commands need (approvals, attestation, package checks, PKCS#11,
+the batch) are imported by those commands, so a plain ``wrap`` starts faster.
 """
 
 from __future__ import annotations
 
 import argparse
-import getpass
-import glob
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import TOOL_NAME, __version__
-from .approval import (
-    APPROVER_ID_RE,
-    MAX_APPROVAL_BYTES,
-    ApprovalClaims,
-    ApprovalError,
-    ApprovalSigner,
-    Approver,
-    format_time,
-    load_approvers,
-    load_signer_key,
-    parse_approval,
-    parse_time,
-    sign_approval,
-    verify_approval,
-)
+from . import TOOL_NAME, __version__, cli_batch
 from .atomic import check_writable, write_files_atomically
-from .attestation import (
-    AttestationResult,
-    TrustAnchor,
-    load_test_root,
-    pinned_roots,
-    verify_kek_attestation,
+from .cli_common import (
+    add_attestation_options,
+    add_kek_options,
+    add_pkcs11_options,
+    env_secret,
+    kek_context,
+    load_kek,
+    read_file,
+    verify_attestation,
+    warn,
 )
-from .checks import PackageReport, check_package
-from .errors import AttestationError, ByokError, OutputError
-from .kek import Kek, load_kek_pem, verify_fingerprint
+from .errors import ApprovalError, AttestationError, ByokError, OutputError
+from .kek import Kek, load_kek_pem
 from .keytypes import TARGET_TYPES, TYPE_NAMES
-from .kid import KEY_NAME_RE, KeyId, parse_kid
+from .kid import KEY_NAME_RE, parse_kid
 from .manifest import parse_manifest
 from .package_format import load_json_strict
-from .packager import build_package, key_name_from_output, resolve_key_ops
-from .target_keys import TargetPublic, generate_target, load_target
-from .wrap import wrap_target
+from .packager import (
+    KekContext,
+    Outputs,
+    Wrapped,
+    key_name_from_output,
+    package_facts,
+    resolve_key_ops,
+    wrap_software,
+    write_package,
+)
+from .target_keys import generate_target, load_target
+
+if TYPE_CHECKING:  # imported where used: a plain `wrap` starts without x509 and JWS code
+    from .approval import ApprovalClaims, ApprovalSigner, Approver
+    from .checks import PackageReport
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
 Clock = Callable[[], datetime]
@@ -110,36 +110,6 @@ auditor's check with the OpenSSL CLI alone: docs/approvals.md.
 """
 
 
-def _read_file(path: str, what: str, *, limit: int = 1024 * 1024) -> bytes:
-    try:
-        with Path(path).open("rb") as fh:
-            data = fh.read(limit + 1)
-    except OSError as exc:
-        raise ByokError(
-            f"cannot read {what} {path}: {exc.strerror}", reason="unreadable_input"
-        ) from None
-    if len(data) > limit:
-        raise ByokError(f"{what} {path} is larger than {limit} bytes", reason="unreadable_input")
-    return data
-
-
-def _env_secret(var: str | None, prompt: str) -> Callable[[], bytes]:
-    def provide() -> bytes:
-        if var:
-            value = os.environ.get(var)
-            if value is None:
-                raise ByokError(f"environment variable {var} is not set", reason="bad_passphrase")
-            return value.encode()
-        if not sys.stdin.isatty():
-            raise ByokError(
-                f"{prompt} needed: set it with an environment variable option",
-                reason="bad_passphrase",
-            )
-        return getpass.getpass(f"{prompt}: ").encode()
-
-    return provide
-
-
 def _load_manifest(data: bytes) -> dict[str, Any]:
     """A manifest read back, strictly.
 
@@ -151,53 +121,6 @@ def _load_manifest(data: bytes) -> dict[str, Any]:
     except ValueError:  # e.g. an integer over Python's 4300-digit limit
         raise ByokError("the manifest is not acceptable JSON", reason="malformed_package") from None
     return parse_manifest(doc)
-
-
-def _load_kek(args: argparse.Namespace) -> Kek:
-    kek = load_kek_pem(_read_file(args.kek, "KEK file", limit=64 * 1024))
-    if args.kek_sha256:
-        verify_fingerprint(kek, args.kek_sha256)
-    else:
-        print(
-            f"{TOOL_NAME}: warning: no --kek-sha256: the KEK file was not checked against the "
-            f"fingerprint shown on the connected side (this file: {kek.fingerprint})",
-            file=sys.stderr,
-        )
-    return kek
-
-
-def _anchors(args: argparse.Namespace) -> tuple[TrustAnchor, ...]:
-    """The pinned Marvell roots, plus the test root named by ``--trust-test-root`` (with a test
-    root, vendor roots that are not installed are left out: an emulator's attestation).
-
-    Raises:
-        AttestationError: ``attestation_chain_invalid`` (a vendor root not installed, altered;
-            an unusable test root).
-        ByokError: ``unreadable_input``.
-    """
-    anchors = pinned_roots(require_all=not args.trust_test_root)
-    if args.trust_test_root:
-        root = load_test_root(_read_file(args.trust_test_root, "test root", limit=64 * 1024))
-        print(
-            f"{TOOL_NAME}: warning: trusting the TEST root {args.trust_test_root} "
-            f"(SHA-256 {root.sha256}): an emulator's attestation, never a real HSM's",
-            file=sys.stderr,
-        )
-        anchors = (*anchors, root)
-    return anchors
-
-
-def _verify_attestation(
-    args: argparse.Namespace, kek: Kek, kek_kid: KeyId | None, clock: Clock
-) -> AttestationResult:
-    """Verify ``--kek-attestation`` against the KEK, offline.
-
-    Raises:
-        AttestationError: the five ``attestation_*`` reasons.
-        ByokError: ``unreadable_input``.
-    """
-    data = _read_file(args.kek_attestation, "KEK attestation")
-    return verify_kek_attestation(data, kek, now=clock(), kek_kid=kek_kid, anchors=_anchors(args))
 
 
 def _attestation_lines(att: dict[str, Any]) -> str:
@@ -215,105 +138,82 @@ def _attestation_lines(att: dict[str, Any]) -> str:
 
 def cmd_wrap(args: argparse.Namespace, clock: Clock) -> dict[str, Any]:
     """Wrap one target key into NAME.byok + NAME.manifest.json."""
-    out = Path(args.out)
-    key_name = key_name_from_output(out)
-    manifest_path = (
-        Path(args.manifest) if args.manifest else out.with_name(f"{key_name}.manifest.json")
-    )
-    check_writable([out, manifest_path], force=args.force)
-    kek_kid = parse_kid(args.kek_kid)
-    kek = _load_kek(args)
-    attestation: AttestationResult | None = None
-    if args.kek_attestation:
-        attestation = _verify_attestation(args, kek, kek_kid, clock)
-    elif args.trust_test_root:
-        raise ByokError("--trust-test-root needs --kek-attestation", reason="bad_arguments")
-
-    source: dict[str, str]
-    target: TargetPublic
-    if args.pkcs11_module:
-        from .pkcs11_source import TokenRequest, wrap_in_token
-
-        if not args.token_label or not args.key_label:
-            raise ByokError("HSM mode needs --token-label and --key-label", reason="bad_arguments")
-        if args.key or args.key_type:
-            raise ByokError(
-                "--key/--key-type cannot be used with --pkcs11-module", reason="bad_arguments"
-            )
-        request = TokenRequest(
-            module=args.pkcs11_module,
-            token_label=args.token_label,
-            pin=_env_secret(args.pin_env, "token user PIN"),
-            key_label=args.key_label,
-            generate=args.generate,
-        )
-        if args.generate:
-            resolve_key_ops(TARGET_TYPES[args.generate], args.key_ops)
-        result = wrap_in_token(request, kek=kek)
-        for warning in result.warnings:
-            print(f"{TOOL_NAME}: warning: {warning}", file=sys.stderr)
-        ciphertext, target, source = result.ciphertext, result.target, dict(result.key_source)
-        key_ops = resolve_key_ops(target.type, args.key_ops)
-    else:
-        if args.key_label or args.token_label:
-            raise ByokError(
-                "--key-label/--token-label need --pkcs11-module", reason="bad_arguments"
-            )
-        if args.generate:
-            key = generate_target(args.generate)
-            source = {"kind": "software-generated"}
-        elif args.key:
-            data = _read_file(args.key, "key file")
-            key = load_target(
-                data,
-                key_type=args.key_type,
-                passphrase=_env_secret(args.passphrase_env, "key passphrase"),
-            )
-            source = {"kind": "software-file"}
-        else:
-            raise ByokError(
-                "give --key FILE, --generate TYPE or --pkcs11-module", reason="bad_arguments"
-            )
-        with key.plaintext:
-            key_ops = resolve_key_ops(key.type, args.key_ops)
-            ciphertext = wrap_target(kek.public_key, key.plaintext)
-        target = key.public
-
-    built = build_package(
-        kek=kek,
-        kek_kid=kek_kid,
-        ciphertext=ciphertext,
-        target=target,
-        key_ops=key_ops,
-        key_source=source,
-        package_name=out.name,
-        created=clock(),
-        kek_attestation=attestation.to_manifest() if attestation else None,
-    )
-    manifest_bytes = (json.dumps(built.manifest, indent=2) + "\n").encode()
-    write_files_atomically(
-        [(out, built.package_bytes), (manifest_path, manifest_bytes)], force=args.force
-    )
+    outputs = Outputs.for_package(Path(args.out), Path(args.manifest) if args.manifest else None)
+    check_writable([outputs.package, outputs.manifest], force=args.force)
+    ctx = kek_context(args, clock)
+    wrapped = _wrap_in_token(args, ctx) if args.pkcs11_module else _wrap_in_memory(args, ctx)
+    built = write_package(ctx, outputs, wrapped, created=clock(), force=args.force)
     return {
         "status": "ok",
-        "package": str(out),
-        "manifest": str(manifest_path),
-        "package_sha256": built.manifest["package"]["sha256"],
-        "key_name": key_name,
-        "target_type": target.type.name,
-        "key_ops": list(key_ops),
-        "fingerprint": built.manifest["target"]["fingerprint"],
-        "kek_kid": kek_kid.kid,
-        "kek_spki_sha256": kek.fingerprint,
-        "kek_attestation": attestation.to_manifest() if attestation else None,
+        **package_facts(outputs, wrapped, built),
+        "kek_kid": ctx.kid.kid,
+        "kek_spki_sha256": ctx.kek.fingerprint,
+        "kek_attestation": ctx.attestation,
     }
+
+
+def _wrap_in_token(args: argparse.Namespace, ctx: KekContext) -> Wrapped:
+    """HSM mode: the target found (or generated) in the token and wrapped there.
+
+    Raises:
+        ByokError: ``bad_arguments``, ``bad_key_ops``; the token's reasons (Pkcs11Error) and
+            ``unsupported_target``/``unsupported_curve``.
+    """
+    from .pkcs11_source import TokenRequest, wrap_in_token
+
+    if not args.token_label or not args.key_label:
+        raise ByokError("HSM mode needs --token-label and --key-label", reason="bad_arguments")
+    if args.key or args.key_type:
+        raise ByokError(
+            "--key/--key-type cannot be used with --pkcs11-module", reason="bad_arguments"
+        )
+    request = TokenRequest(
+        module=args.pkcs11_module,
+        token_label=args.token_label,
+        pin=env_secret(args.pin_env, "token user PIN"),
+        key_label=args.key_label,
+        generate=args.generate,
+    )
+    if args.generate:
+        resolve_key_ops(TARGET_TYPES[args.generate], args.key_ops)
+    result = wrap_in_token(request, kek=ctx.kek)
+    for warning in result.warnings:
+        warn(warning)
+    key_ops = resolve_key_ops(result.target.type, args.key_ops)
+    return Wrapped(result.ciphertext, result.target, key_ops, dict(result.key_source))
+
+
+def _wrap_in_memory(args: argparse.Namespace, ctx: KekContext) -> Wrapped:
+    """Software mode: the target read from ``--key`` or generated, wrapped in this process.
+
+    Raises:
+        ByokError: ``bad_arguments``, ``unreadable_input``, ``bad_key_ops``; the key file's
+            reasons (TargetKeyError).
+    """
+    if args.key_label or args.token_label:
+        raise ByokError("--key-label/--token-label need --pkcs11-module", reason="bad_arguments")
+    if args.generate:
+        key = generate_target(args.generate)
+        source = {"kind": "software-generated"}
+    elif args.key:
+        key = load_target(
+            read_file(args.key, "key file"),
+            key_type=args.key_type,
+            passphrase=env_secret(args.passphrase_env, "key passphrase"),
+        )
+        source = {"kind": "software-file"}
+    else:
+        raise ByokError(
+            "give --key FILE, --generate TYPE or --pkcs11-module", reason="bad_arguments"
+        )
+    return wrap_software(ctx.kek, key, key_ops=args.key_ops, key_source=source)
 
 
 def cmd_verify_attestation(args: argparse.Namespace, clock: Clock) -> dict[str, Any]:
     """Verify a KEK attestation file against the KEK PEM, offline."""
-    kek = _load_kek(args)
+    kek = load_kek(args)
     kek_kid = parse_kid(args.kek_kid) if args.kek_kid else None
-    result = _verify_attestation(args, kek, kek_kid, clock)
+    result = verify_attestation(args, kek, kek_kid, clock)
     return {
         "status": "verified",
         "attestation": args.kek_attestation,
@@ -325,6 +225,8 @@ def cmd_verify_attestation(args: argparse.Namespace, clock: Clock) -> dict[str, 
 
 
 def _approval_not_after(args: argparse.Namespace, now: datetime) -> datetime:
+    from .approval import parse_time
+
     if args.not_after is not None:
         not_after = parse_time(args.not_after, "--not-after", reason="bad_arguments")
         if not_after <= now:
@@ -362,7 +264,7 @@ def _approval_facts(
     if isinstance(file_name, str) and Path(file_name).name == file_name:
         beside = manifest_path.parent / file_name
         if beside.is_file():
-            actual = hashlib.sha256(_read_file(str(beside), "package")).hexdigest()
+            actual = hashlib.sha256(read_file(str(beside), "package")).hexdigest()
             if actual != package.get("sha256"):
                 raise ApprovalError(
                     f"the package beside the manifest ({beside}) has SHA-256 {actual}, the "
@@ -374,6 +276,8 @@ def _approval_facts(
 
 
 def _print_facts(facts: dict[str, Any], approver_id: str, not_after: datetime) -> None:
+    from .approval import format_time
+
     fp = facts["fingerprint"] or {}
     checked = (
         "matches the package file beside the manifest"
@@ -409,6 +313,8 @@ def _check_approve_args(args: argparse.Namespace) -> bool:
     Raises:
         ByokError: ``bad_arguments``.
     """
+    from .approval import APPROVER_ID_RE
+
     if not APPROVER_ID_RE.fullmatch(args.approver_id):
         raise ByokError(
             "--approver-id must match ^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$",
@@ -456,6 +362,8 @@ def _approval_key_name(args: argparse.Namespace, manifest: dict[str, Any]) -> st
 
 def cmd_approve(args: argparse.Namespace, clock: Clock, *, as_json: bool) -> dict[str, Any]:
     """Sign an approval of a manifest (software key or PKCS#11 token) into ``--out``."""
+    from .approval import format_time, load_signer_key, parse_approval, sign_approval
+
     out = Path(args.out)
     if out.exists():
         raise OutputError(
@@ -464,7 +372,7 @@ def cmd_approve(args: argparse.Namespace, clock: Clock, *, as_json: bool) -> dic
     check_writable([out], force=False)
     hsm = _check_approve_args(args)
     manifest_path = Path(args.manifest)
-    manifest_bytes = _read_file(args.manifest, "manifest")
+    manifest_bytes = read_file(args.manifest, "manifest")
     manifest = _load_manifest(manifest_bytes)
     key_name = _approval_key_name(args, manifest)
     now = clock()
@@ -497,7 +405,7 @@ def cmd_approve(args: argparse.Namespace, clock: Clock, *, as_json: bool) -> dic
         request = TokenSignerRequest(
             module=args.pkcs11_module,
             token_label=args.token_label,
-            pin=_env_secret(args.pin_env, "token user PIN"),
+            pin=env_secret(args.pin_env, "token user PIN"),
             key_label=args.key_label,
         )
         with token_signer(request) as token_key:
@@ -511,8 +419,8 @@ def cmd_approve(args: argparse.Namespace, clock: Clock, *, as_json: bool) -> dic
             }
     else:
         signer = load_signer_key(
-            _read_file(args.signer_key, "signer key", limit=64 * 1024),
-            passphrase=_env_secret(args.passphrase_env, "signer key passphrase"),
+            read_file(args.signer_key, "signer key", limit=64 * 1024),
+            passphrase=env_secret(args.passphrase_env, "signer key passphrase"),
         )
         data = sign(signer)
         signer_alg, signer_spki = signer.alg, signer.spki_sha256
@@ -553,19 +461,22 @@ def _report_dict(path: str, report: PackageReport) -> dict[str, Any]:
 def cmd_inspect(args: argparse.Namespace, clock: Clock) -> tuple[dict[str, Any], bool]:
     """Check a package offline; with a manifest, cross-check it too. List the approvals found
     beside it (``NAME.approval-*.json``); with ``--approvers``, verify each."""
-    data = _read_file(args.package, "package", limit=1024 * 1024)
-    kek = load_kek_pem(_read_file(args.kek, "KEK file", limit=64 * 1024)) if args.kek else None
+    from .approval import load_approvers
+    from .checks import check_package
+
+    data = read_file(args.package, "package", limit=1024 * 1024)
+    kek = load_kek_pem(read_file(args.kek, "KEK file", limit=64 * 1024)) if args.kek else None
     manifest_path = (
         Path(args.manifest) if args.manifest else Path(args.package).with_suffix(".manifest.json")
     )
     manifest: dict[str, Any] | None = None
     manifest_bytes: bytes | None = None
     if args.manifest or manifest_path.is_file():
-        manifest_bytes = _read_file(str(manifest_path), "manifest")
+        manifest_bytes = read_file(str(manifest_path), "manifest")
         manifest = _load_manifest(manifest_bytes)
     approvers: dict[str, Approver] | None = None
     if args.approvers:
-        approvers = load_approvers(_read_file(args.approvers, "approvers file"))
+        approvers = load_approvers(read_file(args.approvers, "approvers file"))
         if manifest_bytes is None:
             raise ByokError(
                 f"--approvers needs the package's manifest: {manifest_path} does not exist "
@@ -619,7 +530,7 @@ def _inspect_attestation(
         raise ByokError("--kek-attestation needs --kek KEK.pem", reason="bad_arguments")
     try:
         kek_kid = parse_kid(kid_text) if kid_text else None
-        result = _verify_attestation(args, kek, kek_kid, clock)
+        result = verify_attestation(args, kek, kek_kid, clock)
     except AttestationError as exc:
         report.add(exc.reason, exc.message)
         return {"status": "refused", "reason": exc.reason, "message": exc.message}
@@ -638,6 +549,8 @@ def _package_stem(package: Path) -> str:
 
 def approval_files(package: Path) -> list[Path]:
     """The approvals beside a package: ``NAME.approval-*.json`` in the package's folder."""
+    import glob
+
     pattern = f"{glob.escape(_package_stem(package))}.approval-*.json"
     return sorted(p for p in package.parent.glob(pattern) if p.is_file())[:_MAX_APPROVALS_LISTED]
 
@@ -651,6 +564,8 @@ def _inspect_approvals(
 ) -> list[dict[str, Any]]:
     """Each approval's claims; verified when ``approvers`` is given. A refused approval is also
     a finding of the report (so inspect exits 2)."""
+    from .approval import MAX_APPROVAL_BYTES, parse_approval, verify_approval
+
     key_name = _package_stem(package)
     package_sha = hashlib.sha256(package.read_bytes()).hexdigest() if package.is_file() else None
     manifest_sha = hashlib.sha256(manifest_bytes).hexdigest() if manifest_bytes else None
@@ -664,7 +579,7 @@ def _inspect_approvals(
             "claims": None,
         }
         try:
-            data = _read_file(str(path), "approval", limit=MAX_APPROVAL_BYTES + 1)
+            data = read_file(str(path), "approval", limit=MAX_APPROVAL_BYTES + 1)
             claims = parse_approval(data)
             entry["claims"] = claims.as_dict()
             if approvers is not None and manifest_bytes is not None:
@@ -799,35 +714,6 @@ def cmd_types() -> dict[str, Any]:
     }
 
 
-def _add_attestation_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--kek-attestation",
-        metavar="FILE",
-        help="the KEK's attestation (byok kek download --attestation): verified offline against "
-        "the pinned Marvell roots and the KEK PEM; refuse on any doubt",
-    )
-    p.add_argument(
-        "--trust-test-root",
-        metavar="FILE",
-        help="also trust this TEST root (the emulator's attestation-test-root.pem); never in "
-        "production",
-    )
-
-
-def _add_pkcs11_options(group: Any, *, key_label_help: str) -> None:
-    """The token options, shared by ``wrap`` (HSM mode) and ``approve`` (token signer)."""
-    group.add_argument(
-        "--pkcs11-module",
-        metavar="LIB",
-        help="PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so",
-    )
-    group.add_argument("--token-label", metavar="LABEL", help="token label")
-    group.add_argument(
-        "--pin-env", metavar="VAR", help="environment variable holding the user PIN (else prompt)"
-    )
-    group.add_argument("--key-label", metavar="LABEL", help=key_label_help)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=TOOL_NAME,
@@ -845,17 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_WRAP_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    w.add_argument(
-        "--kek", required=True, metavar="KEK.pem", help="KEK public key (PEM SubjectPublicKeyInfo)"
-    )
-    w.add_argument(
-        "--kek-kid", required=True, metavar="KID", help="the KEK's full kid, with its version"
-    )
-    w.add_argument(
-        "--kek-sha256",
-        metavar="HEX",
-        help="SHA-256 of the KEK's SPKI as shown on the connected side: refuse on mismatch (strongly recommended)",
-    )
+    add_kek_options(w)
     src = w.add_mutually_exclusive_group()
     src.add_argument(
         "--generate",
@@ -892,13 +768,15 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--manifest", metavar="PATH", help="manifest path (default NAME.manifest.json beside --out)"
     )
-    _add_attestation_options(w)
+    add_attestation_options(w)
     w.add_argument("--force", action="store_true", help="replace existing output files")
     w.add_argument("--json", action="store_true", help="print a JSON result on stdout")
-    _add_pkcs11_options(
+    add_pkcs11_options(
         w.add_argument_group("HSM mode (PKCS#11)"),
         key_label_help="label of the target key in the token (found, or created with --generate)",
     )
+
+    cli_batch.add_parser(sub)
 
     i = sub.add_parser("inspect", help="check a .byok package offline, without any secret")
     i.add_argument("package", metavar="NAME.byok")
@@ -923,7 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
         'approvers file ({"approvers": [{"id", "public_key_pem", "expires"?}]}); needs the '
         "manifest; without it the approvals are listed unverified",
     )
-    _add_attestation_options(i)
+    add_attestation_options(i)
     i.add_argument("--json", action="store_true", help="print the report as JSON")
 
     v = sub.add_parser(
@@ -1003,7 +881,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="VAR",
         help="environment variable holding the key's passphrase (else prompt)",
     )
-    _add_pkcs11_options(
+    add_pkcs11_options(
         a.add_argument_group("token signer (PKCS#11: smartcard, HSM)"),
         key_label_help="label of your private signing key in the token (its public key object "
         "has the same label and CKA_ID)",
@@ -1059,6 +937,17 @@ def _run(args: argparse.Namespace, now: Clock, *, as_json: bool) -> int:
             if result["kek_attestation"]:
                 print(_attestation_lines(result["kek_attestation"]) + " (in the manifest)")
         return EXIT_OK
+    if args.command == "wrap-batch":
+        summary = cli_batch.cmd_wrap_batch(args, now)
+        cli_batch.print_summary(summary, as_json=as_json)
+        if summary["status"] == "interrupted":
+            print(
+                f"{TOOL_NAME}: interrupted: the keys wrapped before are complete, the key in "
+                "flight left nothing",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        return EXIT_OK if summary["status"] == "ok" else EXIT_REFUSED
     if args.command == "approve":
         result = cmd_approve(args, now, as_json=as_json)
         if as_json:

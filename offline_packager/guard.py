@@ -10,13 +10,12 @@ that parser's refusal, logged once, so it never reaches a caller's retry path.
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 from .errors import ByokError
 
-log = logging.getLogger("byok.untrusted")
+LOGGER = "byok.untrusted"  # logging is imported on the first refusal: not at start-up
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -40,7 +39,9 @@ def refuses(make_error: Callable[[str], ByokError]) -> Callable[[Callable[P, R]]
                 error = make_error(
                     f"the input could not be parsed ({parser.__name__}: {type(exc).__name__})"
                 )
-                log.warning(
+                import logging
+
+                logging.getLogger(LOGGER).warning(
                     "byok: refused an input %s could not parse (%s): %s",
                     parser.__qualname__,
                     type(exc).__name__,

@@ -1,7 +1,9 @@
-"""Assemble a package and its manifest from a wrapped target (software or token path)."""
+"""Assemble a package and its manifest from a wrapped target (software or token path), and
+write them: the per-key steps ``wrap`` and ``wrap-batch`` share."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -10,13 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from . import TOOL_NAME, __version__
+from .atomic import write_files_atomically
 from .errors import ByokError
 from .kek import Kek
 from .keytypes import TargetType
 from .kid import KEY_NAME_RE, KeyId
 from .manifest import build_manifest
 from .package_format import encode_package
-from .target_keys import TargetPublic
+from .target_keys import TargetKey, TargetPublic
+from .wrap import wrap_target
 
 _OUT_RE = re.compile(r"(?P<name>.+)\.byok")
 
@@ -27,6 +31,46 @@ class BuiltPackage:
 
     package_bytes: bytes
     manifest: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class KekContext:
+    """The KEK a run wraps under, loaded and checked once: the key, its versioned kid and the
+    manifest record of its verified attestation (None: no attestation was given)."""
+
+    kek: Kek
+    kid: KeyId
+    attestation: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where one key's package and manifest go; ``key_name`` is the name it imports under."""
+
+    key_name: str
+    package: Path
+    manifest: Path
+
+    @classmethod
+    def for_package(cls, package: Path, manifest: Path | None = None) -> Outputs:
+        """``NAME.byok`` and, unless given, ``NAME.manifest.json`` beside it.
+
+        Raises:
+            ByokError: reason ``bad_output_name``.
+        """
+        name = key_name_from_output(package)
+        return cls(name, package, manifest or package.with_name(f"{name}.manifest.json"))
+
+
+@dataclass(frozen=True)
+class Wrapped:
+    """A target wrapped under the KEK (RSA-OAEP block || AES-KWP), with its public facts, the
+    key operations it imports with and where it came from. Holds no secret."""
+
+    ciphertext: bytes
+    target: TargetPublic
+    key_ops: tuple[str, ...]
+    key_source: Mapping[str, str]
 
 
 def key_name_from_output(out: Path) -> str:
@@ -106,3 +150,67 @@ def build_package(
         kek_attestation=kek_attestation,
     )
     return BuiltPackage(package_bytes, manifest)
+
+
+def wrap_software(
+    kek: Kek, key: TargetKey, *, key_ops: str | None, key_source: Mapping[str, str]
+) -> Wrapped:
+    """Wrap an in-memory target under ``kek`` with a fresh AES key; the target's plaintext is
+    wiped when this returns or raises.
+
+    Raises:
+        ByokError: reason ``bad_key_ops``.
+    """
+    with key.plaintext:
+        ops = resolve_key_ops(key.type, key_ops)
+        ciphertext = wrap_target(kek.public_key, key.plaintext)
+    return Wrapped(ciphertext, key.public, ops, key_source)
+
+
+def write_package(
+    ctx: KekContext,
+    outputs: Outputs,
+    wrapped: Wrapped,
+    *,
+    created: datetime,
+    force: bool,
+    sync_folder: bool = True,
+) -> BuiltPackage:
+    """Build the package and its manifest and write both atomically: both files or neither,
+    an existing file replaced only with ``force`` (``sync_folder``: as
+    :func:`~.atomic.write_files_atomically`).
+
+    Raises:
+        OutputError: ``output_exists``, ``output_unwritable``.
+    """
+    built = build_package(
+        kek=ctx.kek,
+        kek_kid=ctx.kid,
+        ciphertext=wrapped.ciphertext,
+        target=wrapped.target,
+        key_ops=wrapped.key_ops,
+        key_source=wrapped.key_source,
+        package_name=outputs.package.name,
+        created=created,
+        kek_attestation=ctx.attestation,
+    )
+    manifest_bytes = (json.dumps(built.manifest, indent=2) + "\n").encode()
+    write_files_atomically(
+        [(outputs.package, built.package_bytes), (outputs.manifest, manifest_bytes)],
+        force=force,
+        sync_folder=sync_folder,
+    )
+    return built
+
+
+def package_facts(outputs: Outputs, wrapped: Wrapped, built: BuiltPackage) -> dict[str, Any]:
+    """What a written package is, for a command's result: files, SHA-256, target, key ops."""
+    return {
+        "package": str(outputs.package),
+        "manifest": str(outputs.manifest),
+        "package_sha256": built.manifest["package"]["sha256"],
+        "key_name": outputs.key_name,
+        "target_type": wrapped.target.type.name,
+        "key_ops": list(wrapped.key_ops),
+        "fingerprint": built.manifest["target"]["fingerprint"],
+    }

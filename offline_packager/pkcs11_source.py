@@ -3,7 +3,9 @@
 ``byok-package wrap --pkcs11-module LIB --token-label T --key-label L [--generate TYPE]``
 
 1. Load the module (python-pkcs11, imported lazily: the rest of the packager runs without it),
-   find the token by label, log in as user with the PIN from ``TokenRequest.pin``.
+   find the token by label, log in as user with the PIN from ``TokenRequest.pin``
+   (:func:`open_token`; ``wrap-batch`` wraps every label of its list in that one session, with
+   one login: :meth:`TokenSession.wrap` per key).
 2. The target: with ``generate``, a new persistent key (``CKA_TOKEN``, ``CKA_SENSITIVE`` and
    ``CKA_EXTRACTABLE`` true, ``CKA_LABEL`` = the key label, a random ``CKA_ID`` shared by the
    public and private objects) with explicit usage rights and none to wrap, unwrap or derive:
@@ -151,48 +153,91 @@ def wrap_in_token(request: TokenRequest, *, kek: Kek) -> TokenWrapResult:
         Pkcs11Error: the module, token, login, key lookup or a token operation failed.
         TargetKeyError: the key's type, size or curve is not supported.
     """
-    p11 = _import_pkcs11()
     target_type = get_type(request.generate) if request.generate else None
+    rw = target_type is not None
+    with open_token(request.module, request.token_label, request.pin, rw=rw) as token:
+        return token.wrap(request.key_label, kek=kek, generate=target_type)
+
+
+@contextmanager
+def open_token(
+    module: str, token_label: str, pin: PinProvider, *, rw: bool = False
+) -> Iterator[TokenSession]:
+    """Load ``module``, find the token labelled ``token_label``, open one session and log in
+    once with ``pin()``; the session is closed on leaving. ``byok-package wrap-batch`` wraps
+    every label of its list through one of these.
+
+    Raises:
+        Pkcs11Error: ``pkcs11_module_load``, ``token_not_found``, ``token_ambiguous``,
+            ``pin_incorrect``, ``pkcs11_error``.
+    """
+    p11 = _import_pkcs11()
     with _translate(p11, "opening the module"):
-        lib = _load_module(p11, request.module)
-        token = _find_token(lib, request.token_label)
+        lib = _load_module(p11, module)
+        token = _find_token(lib, token_label)
         mechanisms = _wrap_mechanisms(p11, token.slot)
-    pin = request.pin()
-    with _open_session(p11, token, pin, rw=target_type is not None) as session:
+    with _open_session(p11, token, pin(), rw=rw) as session:
+        yield TokenSession(p11, token, session, mechanisms)
+
+
+class TokenSession:
+    """One logged-in session on one token: wrap its keys one after another under a KEK."""
+
+    def __init__(
+        self, p11: ModuleType, token: Token, session: Session, mechanisms: Mapping[int, int]
+    ) -> None:
+        self._p11 = p11
+        self._token = token
+        self._session = session
+        self._mechanisms = mechanisms
+
+    def wrap(
+        self, key_label: str, *, kek: Kek, generate: TargetType | None = None
+    ) -> TokenWrapResult:
+        """Wrap the key labelled ``key_label`` (with ``generate``: a new key of that type, made
+        in the token under that label, destroyed again if the wrap fails) under ``kek``.
+
+        Raises:
+            Pkcs11Error: ``key_not_found``, ``key_ambiguous``, ``key_label_exists``,
+                ``public_key_mismatch``, ``key_not_extractable``, ``mechanism_unsupported``,
+                ``pin_incorrect`` (logged out), ``pkcs11_error``.
+            TargetKeyError: the key's type, size or curve is not supported.
+        """
+        p11, session, token = self._p11, self._session, self._token
         generated: list[Object] = []
         try:
             with _translate(p11, "finding or generating the key"):
-                if target_type is not None:
-                    generated = _generate(session, target_type, request.key_label)
+                if generate is not None:
+                    generated = _generate(session, generate, key_label)
                     key = generated[-1]
                 else:
-                    key = _find_key(session, request.key_label)
+                    key = _find_key(session, key_label)
             with _translate(p11, "reading the key's public part"):
                 public = _describe(p11, session, key)
-            if target_type is not None:
-                _check_generated(public.type, target_type)
+            if generate is not None:
+                _check_generated(public.type, generate)
             with _translate(p11, "wrapping the key"):
-                ciphertext, mechanism = _wrap(p11, session, kek, key, mechanisms)
+                ciphertext, mechanism = _wrap(p11, session, kek, key, self._mechanisms)
         except BaseException:
             _destroy_quietly(p11, generated)
             raise
-    warnings: tuple[str, ...] = ()
-    if (
-        mechanism == MECHANISM_TWO_STEP
-        and public.type.family != "oct"
-        and pads_private_keys_with_zeros(token.manufacturer_id, token.model)
-    ):
-        warnings = (SOFTHSM_PADDING_WARNING,)
-    source = {
-        "kind": "pkcs11",
-        "token_model": token.model,
-        "manufacturer": token.manufacturer_id,
-        "firmware": "{}.{}".format(*token.firmware_version),
-        "token_label": token.label,
-        "key_label": request.key_label,
-        "mechanism": mechanism,
-    }
-    return TokenWrapResult(ciphertext, public, source, warnings)
+        warnings: tuple[str, ...] = ()
+        if (
+            mechanism == MECHANISM_TWO_STEP
+            and public.type.family != "oct"
+            and pads_private_keys_with_zeros(token.manufacturer_id, token.model)
+        ):
+            warnings = (SOFTHSM_PADDING_WARNING,)
+        source = {
+            "kind": "pkcs11",
+            "token_model": token.model,
+            "manufacturer": token.manufacturer_id,
+            "firmware": "{}.{}".format(*token.firmware_version),
+            "token_label": token.label,
+            "key_label": key_label,
+            "mechanism": mechanism,
+        }
+        return TokenWrapResult(ciphertext, public, source, warnings)
 
 
 def _check_generated(made: TargetType, wanted: TargetType) -> None:

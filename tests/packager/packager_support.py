@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 from pathlib import Path
@@ -68,6 +69,17 @@ def write_key_file(path: Path, key: PrivateKeyTypes, fmt: str, passphrase: bytes
         path.write_text(json.dumps(jwk_of(key)))
     else:
         raise ValueError(fmt)
+
+
+def plaintext_forms(secret: bytes) -> list[bytes]:
+    """Encodings under which key material could leak into an output: raw, hex, base64(url)."""
+    return [
+        secret,
+        secret.hex().encode(),
+        secret.hex().upper().encode(),
+        base64.b64encode(secret).rstrip(b"="),
+        base64.urlsafe_b64encode(secret).rstrip(b"="),
+    ]
 
 
 def openssl_unwrap(package: Path, kek_private_pem: Path, modulus_bytes: int, work: Path) -> bytes:

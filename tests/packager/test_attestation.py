@@ -528,6 +528,26 @@ def test_wrap_records_the_attestation_in_the_manifest(
     assert "invalid [attestation_chain_invalid]" in capsys.readouterr().err
 
 
+def test_wrap_batch_checks_the_attestation_once_and_records_it_in_every_manifest(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = files["dir"] / "batch"
+    out.mkdir()
+    batch = ["wrap-batch", "--kek", str(files["kek"]), "--kek-kid", KID, "--generate", "oct-256:2",
+             "--generate", "ec-p256:1", "--out-dir", str(out), "--kek-attestation",
+             str(files["attestation"]), "--json"]  # fmt: skip
+    assert main(batch) == 2  # refused as a whole: the TEST root is not trusted by default
+    assert json.loads(capsys.readouterr().out)["reason"] == "attestation_chain_invalid"
+    assert list(out.iterdir()) == []
+    assert main([*batch, "--trust-test-root", str(files["root"])]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    digest = hashlib.sha256(files["attestation"].read_bytes()).hexdigest()
+    assert summary["kek_attestation"]["sha256"] == digest
+    for entry in summary["keys"]:
+        manifest = json.loads(Path(entry["manifest"]).read_text())
+        assert manifest["kek"]["attestation"] == summary["kek_attestation"]
+
+
 def test_wrap_without_attestation_records_none(
     files: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from packager_support import pkcs8, write_key_file
+from packager_support import pkcs8, plaintext_forms, write_key_file
 from testsupport import REPO, make_kid, write_kek
 
 from offline_packager.keytypes import TYPE_NAMES
@@ -86,16 +85,6 @@ def test_secret_wrappers_never_show_material() -> None:
     assert len(secret) == 0
 
 
-def _forms(secret: bytes) -> list[bytes]:
-    return [
-        secret,
-        secret.hex().encode(),
-        secret.hex().upper().encode(),
-        base64.b64encode(secret).rstrip(b"="),
-        base64.urlsafe_b64encode(secret).rstrip(b"="),
-    ]
-
-
 @pytest.mark.parametrize("fmt", ["pkcs8-pem", "jwk"])
 def test_no_plaintext_in_any_output(
     fmt: str, keks: dict[int, rsa.RSAPrivateKey], tmp_path: Path
@@ -106,7 +95,7 @@ def test_no_plaintext_in_any_output(
     key_file = tmp_path / "in" / "target.key"
     key_file.parent.mkdir()
     write_key_file(key_file, key, fmt)
-    secret_forms = _forms(pkcs8(key)) + _forms(
+    secret_forms = plaintext_forms(pkcs8(key)) + plaintext_forms(
         key.private_numbers().private_value.to_bytes(48, "big")
     )
     out_dir = tmp_path / "out"
