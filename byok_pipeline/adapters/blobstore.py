@@ -408,8 +408,11 @@ class BlobStore:
             lease.renew()
             self._lease_times[id(lease)] = now
 
-    def release(self, lease: BlobLeaseClient) -> None:
+    def release(self, lease: BlobLeaseClient, *, keep: bool = False) -> None:
+        """Release the lease (``keep``: let it run out by itself, one request less)."""
         self._lease_times.pop(id(lease), None)
+        if keep:
+            return
         with contextlib.suppress(AzureError):  # it expires by itself
             lease.release()
 

@@ -568,7 +568,14 @@ def _process_blob(name: str, deps: Deps, span: PackageSpan) -> Outcome:
         lease = store.lease(path, etag=created)
         doc: StatusDoc | None = fresh
     else:
-        lease = store.lease(path)
+        try:
+            lease = store.lease(path)
+        except InProgress:
+            finished = _finished_elsewhere(blob, path, sha, deps)
+            if finished is None:
+                raise
+            return finished
+    settled = False
     try:
         if created is None:
             doc = store.load_status(path)
@@ -579,9 +586,57 @@ def _process_blob(name: str, deps: Deps, span: PackageSpan) -> Outcome:
             if isinstance(redropped, Outcome):
                 return redropped
             doc = redropped
-        return _run_leased(_Run(deps, blob, path, doc, lease), counted=created is not None)
+        outcome = _run_leased(_Run(deps, blob, path, doc, lease), counted=created is not None)
+        settled = _settled(outcome, path)
+        return outcome
     finally:
-        store.release(lease)
+        # a settled record keeps its lease until it runs out (one request less): nobody writes
+        # it again, and another drop of its bytes is recorded without it (_finished_elsewhere)
+        store.release(lease, keep=settled)
+
+
+def _settled(outcome: Outcome, path: str) -> bool:
+    """The record at ``path`` is done for good: imported or a duplicate, fully audited, moved."""
+    doc = outcome.doc
+    return (
+        outcome.status_path == path
+        and doc is not None
+        and doc.state in ARCHIVED
+        and not doc.unaudited()
+        and doc.disposition is not None
+        and not doc.disposition.startswith("left in incoming")
+    )
+
+
+def _finished_elsewhere(
+    blob: IncomingBlob, path: str, sha: str | None, deps: Deps
+) -> Outcome | None:
+    """Another drop of bytes whose record is leased: when that record is settled (see
+    :func:`_settled`; it may keep its lease a while after its outcome) this drop is recorded
+    as its duplicate without the lease, which the duplicate's record does not need. None when
+    the record is not settled: the caller waits for the lease.
+
+    Raises:
+        TransientError: storage or the audit sink failed.
+    """
+    first = deps.store.load_status(path)
+    if first is None or first.etag == blob.etag:
+        return None
+    if not _settled(Outcome(first.state or "", path, first), path):
+        return None
+    return _duplicate_of_finished(blob, path, first, sha, deps)
+
+
+def _duplicate_of_finished(
+    blob: IncomingBlob, path: str, first: StatusDoc, sha: str | None, deps: Deps
+) -> Outcome:
+    """A new drop of a finished record's bytes: its own checks first (README: check order),
+    then ``duplicate`` of that record, or ``rejected`` with the drop's own refusal."""
+    try:
+        check_drop(blob, sha, deps.settings)
+    except Rejected as refused:
+        return _duplicate(blob, path, first, deps, refused=refused)
+    return _duplicate(blob, path, first, deps)
 
 
 def _redrop(first: _Run, sha: str | None) -> StatusDoc | Outcome:
@@ -603,11 +658,7 @@ def _redrop(first: _Run, sha: str | None) -> StatusDoc | Outcome:
         # e.g. its worker died and the custodian re-uploaded: this drop finishes the record
         doc.etag, doc.blob_name = blob.etag, blob.name
     else:
-        try:  # this drop's own checks come before the duplicate check (README: check order)
-            check_drop(blob, sha, deps.settings)
-        except Rejected as refused:
-            return _duplicate(blob, path, doc, deps, refused=refused)
-        return _duplicate(blob, path, doc, deps)
+        return _duplicate_of_finished(blob, path, doc, sha, deps)
     store.save_status(path, doc, first.lease)  # with the new drop's name tag
     return doc
 

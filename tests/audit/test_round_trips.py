@@ -1,0 +1,95 @@
+"""Round trips per package on the happy path, counted at the HTTP layer with the production
+audit sink (issue 12: at most 10 storage requests, audit included; on the HSM the existing-key
+read, the import PUT, and the trail's two signatures). A change that adds a request fails here;
+the benchmark (benchmarks/throughput_bench.py) prints the same figures."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import replace
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import requests.adapters
+from audit_support import Audited
+
+from byok_pipeline.processing.processor import process_blob
+
+
+class _Count:
+    def __init__(self, ports: dict[int, str]) -> None:
+        self.ports = ports
+        self.counts: Counter[str] = Counter()
+        self.on = False
+        self.lock = threading.Lock()
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch, ports: dict[int, str]) -> _Count:
+    count = _Count(ports)
+    original = requests.adapters.HTTPAdapter.send
+
+    def send(adapter: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        if count.on:
+            parts = urlsplit(request.url)
+            kind = count.ports.get(parts.port or 443, "other")
+            if kind == "hsm" and parts.path.endswith("/sign"):
+                kind = "audit signature"
+            elif kind == "hsm":
+                kind = f"hsm {request.method} {parts.path.split('/')[1]}"
+            with count.lock:
+                count.counts[kind] += 1
+        return original(adapter, request, *args, **kwargs)
+
+    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", send)
+    return count
+
+
+def test_happy_path_round_trips(audited: Audited, monkeypatch: pytest.MonkeyPatch) -> None:
+    stack = audited.stack
+    stack.deps.settings = replace(stack.deps.settings, policy_cache_seconds=5.0)
+    stack.deps.authorization.settings = stack.deps.settings  # the production policy cache
+    ports = {
+        urlsplit(stack.azurite.blob_url).port or 443: "storage",
+        urlsplit(stack.hsm.url).port or 443: "hsm",
+    }
+    count = _counting(monkeypatch, ports)
+    packages = [stack.package("ec-p256", f"rt-{i}") for i in range(4)]
+    for pkg in packages:
+        stack.drop_package(pkg)
+    assert process_blob(packages[0].name, stack.deps).state == "imported"  # clients, tokens
+    count.on = True
+    for pkg in packages[1:]:
+        assert process_blob(pkg.name, stack.deps).state == "imported"
+    count.on = False
+    n = len(packages) - 1
+    per_package = {kind: total / n for kind, total in count.counts.items()}
+    assert per_package == {
+        "storage": 10,  # drop, claim, lease, identity, importing, 2 appends, outcome, copy, delete
+        "hsm GET keys": 1,  # the existing key (import authorization); the KEK comes from cache
+        "hsm PUT keys": 1,  # the import
+        "audit signature": 2,  # one per signed append
+    }, per_package
+
+
+def test_a_settled_record_keeps_its_lease_and_a_redrop_is_a_duplicate_without_it(
+    audited: Audited,
+) -> None:
+    stack = audited.stack
+    pkg = stack.package("oct-256", "settled")
+    stack.drop_package(pkg)
+    first = process_blob(pkg.name, stack.deps)
+    assert first.state == "imported"
+    assert first.status_path is not None
+    status_blob = stack.service.get_blob_client(stack.settings.status_container, first.status_path)
+    assert status_blob.get_blob_properties().lease.state == "leased"  # not released: runs out
+    stack.drop_package(pkg)  # the custodian uploads the same file again at once
+    again = process_blob(pkg.name, stack.deps)
+    assert (again.state, again.reason_code) == ("duplicate", None)
+    assert again.doc is not None
+    assert again.doc.duplicate_of == first.status_path
+    assert stack.blobs(stack.settings.incoming_container) == []
+    events = [r["event"] for r in audited.trail_records()]
+    assert events.count("byok.imported") == 1
+    assert events.count("byok.duplicate") == 1
