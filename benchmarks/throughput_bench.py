@@ -50,6 +50,7 @@ from byok_pipeline.core.errors import InProgress, TransientError
 from byok_pipeline.localdev.azurite import Azurite
 from byok_pipeline.localdev.stack import emulator_deps
 from byok_pipeline.processing.processor import Deps, process_blob
+from byok_pipeline.processing.wiring import env_settings_kwargs
 from managed_hsm_emulator.testing import EmulatorHandle, running_emulator
 
 REPO = Path(__file__).resolve().parent.parent
@@ -215,7 +216,9 @@ def burst(
     """``count`` packages at once against an emulator that throttles like Managed HSM."""
     with (
         running_emulator(tmp / "limited", limits="managed-hsm", limits_scale=scale) as hsm,
-        BlobServiceClient.from_connection_string(azurite.connection_string) as service,
+        BlobServiceClient.from_connection_string(
+            azurite.connection_string, **env_settings_kwargs()
+        ) as service,
     ):
         admin = hsm.key_client()
         admin.create_rsa_key(KEK_NAME, size=3072, key_operations=["import"],
@@ -330,7 +333,9 @@ def main() -> None:
         tmp = Path(tmp_name)
         note("starting Azurite and the emulator ...")
         with Azurite.start(tmp / "azurite") as azurite, running_emulator(tmp / "hsm") as hsm, \
-                BlobServiceClient.from_connection_string(azurite.connection_string) as service:  # fmt: skip
+                BlobServiceClient.from_connection_string(
+            azurite.connection_string, **env_settings_kwargs()
+        ) as service:  # fmt: skip
             counter.ports = {_port(azurite.blob_url): "storage", _port(hsm.url): "hsm"}
             hsm.key_client().create_rsa_key(
                 KEK_NAME, size=3072, key_operations=["import"], hardware_protected=True

@@ -188,10 +188,13 @@ def emulator_deps(hsm: Any, service: BlobServiceClient, prefix: str, **overrides
         approvals_container=f"{prefix}-approvals",
         **{**fast, **overrides},
     )
+    from byok_pipeline.processing.wiring import env_settings_kwargs
+
     client = hsm.key_client(
         retry_total=settings.retry_total,
         retry_backoff_factor=settings.retry_backoff,
         retry_backoff_max=settings.retry_backoff_max,
+        **env_settings_kwargs(),
     )
     store = BlobStore(service, settings)
     store.ensure_containers()

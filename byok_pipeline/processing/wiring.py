@@ -47,6 +47,23 @@ def _is_loopback(url: str) -> bool:
         return host == "localhost"
 
 
+# Environment settings the requests library reads on every request when allowed to
+# (``trust_env``): proxies and CA bundles. Without any of them the scan is skipped.
+_REQUESTS_ENV = (
+    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
+    "http_proxy", "https_proxy", "all_proxy", "no_proxy",
+    "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+)  # fmt: skip
+
+
+def env_settings_kwargs(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``use_env_settings=False`` for the SDK clients when no proxy or CA-bundle variable is
+    set: the requests library would otherwise scan the whole environment on every request (a
+    few ms a package). With one set, the default (read it) stays."""
+    env = os.environ if env is None else env
+    return {} if any(name in env for name in _REQUESTS_ENV) else {"use_env_settings": False}
+
+
 def _retry_kwargs(settings: Settings) -> dict[str, Any]:
     return {
         "retry_total": settings.retry_total,
@@ -54,6 +71,7 @@ def _retry_kwargs(settings: Settings) -> dict[str, Any]:
         "retry_backoff_max": settings.retry_backoff_max,
         "connection_timeout": CONNECTION_TIMEOUT,
         "read_timeout": READ_TIMEOUT,
+        **env_settings_kwargs(),
     }
 
 
@@ -93,6 +111,7 @@ def blob_service(
         "retry_total": settings.retry_total,
         "connection_timeout": CONNECTION_TIMEOUT,
         "read_timeout": READ_TIMEOUT,
+        **env_settings_kwargs(env),
     }
     conn = env.get("BYOK_STORAGE")
     if conn:
