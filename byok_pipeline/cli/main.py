@@ -7,6 +7,7 @@ Exit codes: 0 success; 2 refused (the reason code on stderr); 1 failure (retry m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -24,7 +25,6 @@ from byok_pipeline.cli.storage_arg import add_storage_option
 from byok_pipeline.core.errors import ConfigError, PipelineError, Rejected, TransientError
 from byok_pipeline.core.reasons import REASONS
 from byok_pipeline.core.settings import Settings
-from byok_pipeline.core.status import TERMINAL
 from offline_packager.atomic import write_files_atomically
 from offline_packager.errors import ByokError
 from offline_packager.kid import is_key_name, parse_kid
@@ -480,10 +480,21 @@ class _Recorder:
 
 
 # -- status / watch -------------------------------------------------------------------------------
+def _status_states() -> tuple[str, ...]:
+    from byok_pipeline.cli.status_view import LISTED_STATES
+
+    return LISTED_STATES
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    """One package (by blob name or key name) or all; a package still waiting says so."""
+    """One package (by blob name or key name) in detail, or a table of all, waiting blobs
+    included, oldest first."""
+    from byok_pipeline.cli import status_view as view
+
     settings = _settings(args, require_hsm=False)
     store = _store(settings)
+    now = datetime.now(UTC)
+    colour = view.use_colour(sys.stdout)
     if args.name:
         doc = store.status_by_blob_or_key_name(args.name)
         if doc is None:
@@ -499,23 +510,22 @@ def cmd_status(args: argparse.Namespace) -> int:
                 )
                 return EXIT_OK
             raise Rejected("not_found", f"no package named {blob_name} (status or incoming)")
-        docs = [doc]
-    else:
-        docs = list(store.iter_statuses(args.state))
-    rows = [d.summary() for d in docs]
-    if args.json:
-        print(json.dumps(rows if not args.name else rows[0], indent=2, sort_keys=True))
+        row = doc.summary()
+        if args.json:
+            print(json.dumps(row, indent=2, sort_keys=True))
+            return EXIT_OK
+        print(view.detail(doc, now, settings.max_attempts, colour=colour))
+        if row.get("approvals"):
+            print(_approvals_text(row))
         return EXIT_OK
-    print(f"{'BLOB':28} {'STATE':20} {'TYPE':9} {'FINGERPRINT':11} {'REASON':26} IMPORTED KID")
-    for r in rows:
-        print(
-            f"{r['blob_name'][:28]:28} {r['state'] or '':20} {r['target_type'] or '-':9} "
-            f"{r['fingerprint_result'] or '-':11} {r['reason_code'] or '-':26} {r['imported_kid'] or '-'}"
-        )
-    if args.name and rows[0].get("throttled_until") and rows[0]["state"] not in TERMINAL:
-        print(f"waiting: throttled by the HSM, next try at {rows[0]['throttled_until']}")
-    if args.name and rows[0].get("approvals"):
-        print(_approvals_text(rows[0]))
+    only_docs = args.state not in (None, view.WAITING)
+    docs = store.iter_statuses(args.state if only_docs else None)
+    waiting = [] if only_docs else store.list_incoming_items()
+    listed = view.rows(docs, waiting, state=args.state)
+    if args.json:
+        print(json.dumps([r.to_json() for r in listed], indent=2, sort_keys=True))
+        return EXIT_OK
+    print(view.table(listed, now, settings.max_attempts, colour=colour))
     return EXIT_OK
 
 
@@ -543,43 +553,62 @@ def _approvals_text(row: dict[str, Any]) -> str:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    """Deliver what waits in incoming like the platform does; exit 1 when a package ended
+    failed or is still waiting (not for approval)."""
+    from byok_pipeline.cli import status_view as view
     from byok_pipeline.processing.processor import Outcome
     from byok_pipeline.processing.watch import run_forever, watch
 
     settings = _settings(args)
     deps = _deps(settings)
 
+    colour = view.use_colour(sys.stdout)
+    failed: list[str] = []
+
     def report(name: str, outcome: Outcome | None, exc: Exception | None) -> None:
+        now = datetime.now(UTC)
+        if outcome is not None and outcome.state in ("failed", "verification_failed"):
+            failed.append(name)
         if args.json:
-            row: dict[str, Any] = {"blob_name": name}
+            row: dict[str, Any] = {"blob_name": name, "time": now.isoformat()}
             if outcome is not None:
                 row |= {"state": outcome.state, "reason_code": outcome.reason_code}
             else:
                 row |= {"state": "retry", "reason_code": getattr(exc, "reason", None)}
             print(json.dumps(row), flush=True)
-        elif outcome is not None:
-            reason = f" [{outcome.reason_code}]" if outcome.reason_code else ""
-            print(f"{name}: {outcome.state}{reason}", flush=True)
-        elif isinstance(exc, TransientError) and exc.throttled:
-            wait = exc.retry_after if exc.retry_after is not None else 1.0
-            at = (datetime.now(UTC) + timedelta(seconds=wait)).strftime("%H:%M:%S")
-            print(f"{name}: waiting: throttled by the HSM, next try at {at}", flush=True)
-        else:
-            print(f"{name}: will retry ({exc})", flush=True)
+            return
+        if outcome is not None:
+            print(view.watch_outcome(name, outcome.state, outcome.reason_code, now, colour=colour),
+                  flush=True)  # fmt: skip
+            return
+        throttled = isinstance(exc, TransientError) and exc.throttled
+        wait = getattr(exc, "retry_after", None)
+        doc = None
+        with contextlib.suppress(PipelineError):  # the line is printed without the tally
+            doc = deps.store.status_by_name(name)
+        print(
+            view.watch_retry(
+                name,
+                str(exc),
+                now,
+                attempt=doc.attempts if doc is not None else None,
+                max_attempts=settings.max_attempts,
+                next_try=now + timedelta(seconds=wait if wait is not None else args.interval),
+                throttled=throttled,
+            ),
+            flush=True,
+        )
 
     if args.once:
         stats = watch(deps, once=True, interval=args.interval, workers=args.workers, report=report)
     else:
         print(f"watching {settings.incoming_container} (Ctrl-C to stop)", file=sys.stderr)
         stats = run_forever(deps, interval=args.interval, workers=args.workers, report=report)
-    if not args.json:
-        print(
-            f"delivered {stats.delivered}, outcomes {stats.outcomes}, redeliveries {stats.redeliveries}",
-            file=sys.stderr,
-        )
     # packages awaiting approval are settled until people act; anything else left is not
     left = set(deps.store.list_incoming()) - stats.awaiting
-    return EXIT_OK if not left else EXIT_FAILED
+    if not args.json:
+        print(view.watch_summary(stats.outcomes, stats.redeliveries, len(left)), file=sys.stderr)
+    return EXIT_OK if not left and not failed else EXIT_FAILED
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
@@ -746,7 +775,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", parents=[common], help="status of one package or all")
     st.add_argument("name", nargs="?", help="blob name, e.g. payments.byok")
-    st.add_argument("--state", help="only this state (imported, rejected, ...)")
+    st.add_argument(
+        "--state",
+        choices=_status_states(),
+        metavar="STATE",
+        help="only this state: " + ", ".join(_status_states()),
+    )
 
     wa = sub.add_parser(
         "watch", parents=[common], help="local runner: deliver dropped packages like Event Grid"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -458,3 +459,70 @@ def test_byok_import_refuses_hostile_packages_with_exit_2(  # issue 15, cases 1 
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "[bad_kid]" in err or "[malformed_package]" in err
+
+
+def test_status_table_lists_waiting_packages_sorted_with_counts_and_detail_says_what_to_do(
+    cli_env: Stack, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stack = cli_env
+    done = stack.package("ec-p256", "view-done")
+    stack.drop_package(done)
+    assert stack.deliver(done.name).state == "imported"
+    refused = stack.package("oct-256", "view-refused")
+    stack.drop(refused.name, refused.data, {"byok_target_type": "rsa-1024"})
+    assert stack.deliver(refused.name).reason_code == "bad_metadata"
+    later = stack.package("oct-128", "view-waiting")
+    stack.drop_package(later)  # not delivered yet
+    monkeypatch.setenv("BYOK_MAX_ATTEMPTS", "5")
+    capsys.readouterr()
+    assert main(["status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(len(line) <= 100 for line in lines), max(lines, key=len)
+    assert lines[0].split() == ["NAME", "STATE", "REASON", "TRIES", "AGE"]
+    body = [line.split() for line in lines[1:-1]]
+    assert [(row[0], row[1]) for row in body] == [
+        ("view-done.byok", "imported"), ("view-refused.byok", "rejected"),
+        ("view-waiting.byok", "waiting"),
+    ]  # fmt: skip  # oldest first
+    assert body[1][2:4] == ["bad_metadata", "1/5"]
+    assert lines[-1] == "3 packages: 1 imported, 1 rejected, 1 waiting"
+    assert "\033[" not in "\n".join(lines)  # no colour when not on a terminal
+
+    waiting = run_json(capsys, "status", "--state", "waiting")
+    assert [w["blob_name"] for w in waiting] == ["view-waiting.byok"]
+    with pytest.raises(SystemExit) as usage:
+        main(["status", "--state", "bogus"])
+    assert usage.value.code == 2
+
+    assert main(["status", "view-refused"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("view-refused.byok: rejected [bad_metadata]")
+    assert "attempts:      1/5" in text
+    assert "received" in text
+    assert "what to do: The upload metadata" in text
+
+
+def test_watch_exits_1_when_a_package_ends_failed_and_says_when_it_retries(
+    cli_env: Stack, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stack = cli_env
+    monkeypatch.setenv("BYOK_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("BYOK_RETRY_TOTAL", "0")
+    pkg = stack.package("ec-p256", "watch-fails")
+    stack.drop_package(pkg)
+    stack.hsm.inject_fault("503", method="PUT", path="/keys/watch-fails", count=100)
+    try:
+        capsys.readouterr()
+        assert main(["watch", "--once", "--interval", "0.1"]) == 1
+    finally:
+        stack.hsm.clear_faults()
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert re.fullmatch(
+        r"\d\d:\d\d:\d\d watch-fails\.byok: will retry \(attempt 1/2, next try at "
+        r"\d\d:\d\d:\d\d\): .*503.*", lines[0]
+    ), lines[0]  # fmt: skip
+    assert re.fullmatch(
+        r"\d\d:\d\d:\d\d watch-fails\.byok: failed \[attempts_exhausted\]", lines[-1]
+    )
+    assert "delivered 1 package: 1 failed; 1 redelivery" in captured.err
