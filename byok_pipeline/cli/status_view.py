@@ -75,7 +75,7 @@ class Row:
         if self.doc is not None:
             return self.doc.summary()
         waited = self.since.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if self.since else None
-        return {"blob_name": self.name, "state": WAITING, "dropped": waited}
+        return {"blob_name": self.name, "state": WAITING, "reason_code": None, "dropped": waited}
 
 
 def rows(
