@@ -62,9 +62,9 @@ class AuthorizationStore:
         self.service = service
         self.settings = settings
         self._lock = threading.Lock()
-        self._cached: tuple[str, ImportPolicy | PolicyInvalid] | None = None
+        self._cached: tuple[str, ImportPolicy | PolicyInvalid, str] | None = None
         self._cached_sha256: str | None = None
-        self._checked: tuple[float, ImportPolicy | PolicyInvalid | None] | None = None
+        self._checked: tuple[float, ImportPolicy | PolicyInvalid | None, str | None] | None = None
 
     @property
     def policy_sha256(self) -> str | None:
@@ -106,47 +106,57 @@ class AuthorizationStore:
                 BYOK_POLICY_REQUIRED is set: nothing may be imported.
             TransientError: storage failed.
         """
+        outcome, _ = self.snapshot()
+        return _unwrap(outcome) if outcome is not None else None
+
+    def snapshot(self) -> tuple[ImportPolicy | PolicyInvalid | None, str | None]:
+        """The policy in force (or why none may be used) and the SHA-256 of the blob it came
+        from, read together: a worker records the hash of exactly the policy it applied. From
+        this worker's cache when read less than BYOK_POLICY_CACHE_SECONDS ago.
+
+        Raises:
+            TransientError: storage failed.
+        """
         now = time.monotonic()
         with self._lock:
             checked = self._checked
         if checked is not None and now - checked[0] < self.settings.policy_cache_seconds:
-            return _unwrap(checked[1]) if checked[1] is not None else None
+            return checked[1], checked[2]
         try:
-            found = self._policy()
-        except PolicyInvalid as exc:
-            outcome: ImportPolicy | PolicyInvalid | None = exc
-        else:
-            outcome = found
+            outcome, sha = self._read()
+        except PolicyInvalid as exc:  # over the size limit: no hash of a blob not read whole
+            outcome, sha = exc, None
         with self._lock:
-            self._checked = (now, outcome)
-        return _unwrap(outcome) if outcome is not None else None
+            self._checked = (now, outcome, sha)
+            self._cached_sha256 = sha
+        return outcome, sha
 
-    def _policy(self) -> ImportPolicy | None:
+    def _read(self) -> tuple[ImportPolicy | PolicyInvalid | None, str | None]:
         with self._lock:
             cached = self._cached
         if cached is not None and not self._changed_since(cached[0]):
-            return _unwrap(cached[1])
+            return cached[1], cached[2]
         found = self.policy_bytes()
         if found is None:
             with self._lock:
-                self._cached = self._cached_sha256 = None
+                self._cached = None
             if self.settings.policy_required:  # deleted or never set: never the defaults
-                raise PolicyInvalid(
+                return PolicyInvalid(
                     f"BYOK_POLICY_REQUIRED is set but {self.settings.config_container}/"
                     f"{self.settings.policy_blob} does not exist: a policy administrator sets "
                     "it with `byok policy set FILE`"
-                )
-            return None
+                ), None
+            return None, None
         data, etag = found
         loaded: ImportPolicy | PolicyInvalid
         try:
             loaded = load_policy(data)
         except PolicyInvalid as exc:
             loaded = exc
+        sha = hashlib.sha256(data).hexdigest()
         with self._lock:
-            self._cached = (etag, loaded)
-            self._cached_sha256 = hashlib.sha256(data).hexdigest()
-        return _unwrap(loaded)
+            self._cached = (etag, loaded, sha)
+        return loaded, sha
 
     def _changed_since(self, etag: str) -> bool:
         """One conditional request: False when the blob still has ``etag`` (HTTP 304)."""

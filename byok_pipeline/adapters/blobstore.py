@@ -7,7 +7,6 @@ and quarantine (role ``Storage Blob Data Contributor``).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -205,15 +204,16 @@ class BlobStore:
         """Create the document only if absent (``if_none_match='*'``): the claim. Returns its
         ETag when this call created it, None when it existed.
 
-        The document carries its name index as a blob index tag (:func:`name_tag`), set in the
-        same request: nothing is ever claimed that ``byok status NAME`` cannot find.
+        The name index is written first, so a worker dying between the two leaves nothing
+        claimed that ``byok status NAME`` cannot find.
 
         Raises:
             TransientError: storage failed.
         """
+        self.index_name(doc, path)
         try:
             result = self._status_blob(path).upload_blob(
-                doc.to_json(), overwrite=False, metadata=_status_meta(doc), tags=name_tag(doc)
+                doc.to_json(), overwrite=False, metadata=_status_meta(doc)
             )
         except ResourceExistsError:
             return None
@@ -225,58 +225,37 @@ class BlobStore:
             raise _transient_or_raise(exc, "creating status") from None
         return str(result["etag"])
 
-    def paths_by_name(self, blob_name: str) -> list[str]:
-        """Every status document tagged with ``blob_name`` (the blob index; in Azure it may
-        lag a write by a few seconds).
+    def index_name(self, doc: StatusDoc, path: str) -> None:
+        """Point ``names/<blob name>`` at the status document of the latest drop of that name.
 
         Raises:
             TransientError: storage failed.
         """
-        container = self.service.get_container_client(self.settings.status_container)
-        query = f"\"{NAME_TAG}\" = '{_name_digest(blob_name)}'"
+        body = json.dumps({"status": path, "package_sha256": doc.package_sha256}).encode()
         try:
-            return [b.name for b in container.find_blobs_by_tags(query)]
+            self._status_blob(f"names/{quote(doc.blob_name, safe='')}.json").upload_blob(
+                body, overwrite=True
+            )
         except AzureError as exc:
-            raise _transient_or_raise(exc, "finding statuses by name") from None
+            raise _transient_or_raise(exc, "indexing status") from None
 
     def indexed_path(self, blob_name: str) -> str | None:
-        """The status document of the latest drop named ``blob_name``: by the documents' name
-        tags (latest drop time wins); else the ``names/`` index of earlier releases; else, for
-        a drop still waiting in incoming, the document its bytes claim. None when none is found.
+        """The status document ``names/<blob name>`` points at, None when not indexed.
 
         Raises:
             TransientError: storage failed.
         """
-        latest: tuple[tuple[str, str], str] | None = None
-        for path in self.paths_by_name(blob_name):
-            doc = self.load_status(path)
-            if doc is None or doc.blob_name != blob_name:
-                continue
-            received = doc.history[0].time if doc.history else ""
-            when = (doc.drop_time or received, received)  # a re-upload may keep its drop time
-            if latest is None or when > latest[0]:
-                latest = (when, path)
-        if latest is not None:
-            return latest[1]
         try:
             raw = (
                 self._status_blob(f"names/{quote(blob_name, safe='')}.json")
                 .download_blob()
                 .readall()
             )
-            return str(json.loads(raw)["status"])
         except ResourceNotFoundError:
-            pass
+            return None
         except AzureError as exc:
             raise _transient_or_raise(exc, "reading status index") from None
-        try:
-            waiting = self.read_incoming(blob_name)
-        except BlobGone:
-            return None
-        if waiting.data is None:
-            return None
-        path = f"packages/{hashlib.sha256(waiting.data).hexdigest()}.json"
-        return path if self.load_status(path) is not None else None
+        return str(json.loads(raw)["status"])
 
     # -- canonical identities (exactly-once across reformatted copies) -------------------------
     def claim_identity(self, package_id: str, path: str) -> tuple[str, str | None]:
@@ -381,11 +360,7 @@ class BlobStore:
         try:
             self._renew_if_due(lease, force=renew, keep_for=keep_for)
             self._status_blob(path).upload_blob(
-                doc.to_json(),
-                overwrite=True,
-                lease=lease,
-                metadata=_status_meta(doc),
-                tags=name_tag(doc),
+                doc.to_json(), overwrite=True, lease=lease, metadata=_status_meta(doc)
             )
         except HttpResponseError as exc:
             if exc.status_code in (409, 412):  # lease lost or broken
@@ -393,6 +368,22 @@ class BlobStore:
             raise _transient_or_raise(exc, "writing status") from None
         except AzureError as exc:
             raise _transient_or_raise(exc, "writing status") from None
+
+    def renew_if_due(self, lease: BlobLeaseClient, *, keep_for: float) -> None:
+        """Renew the lease when less than ``keep_for`` seconds (plus a margin) are left of it.
+
+        Raises:
+            StatusConflict: the lease was lost.
+            TransientError: storage failed.
+        """
+        try:
+            self._renew_if_due(lease, keep_for=keep_for)
+        except HttpResponseError as exc:
+            if exc.status_code in (409, 412):
+                raise StatusConflict("lost the lease") from None
+            raise _transient_or_raise(exc, "renewing the lease") from None
+        except AzureError as exc:
+            raise _transient_or_raise(exc, "renewing the lease") from None
 
     def _renew_if_due(
         self, lease: BlobLeaseClient, *, force: bool = False, keep_for: float | None = None
@@ -416,15 +407,16 @@ class BlobStore:
         with contextlib.suppress(AzureError):  # it expires by itself
             lease.release()
 
-    def put_status(self, path: str, doc: StatusDoc) -> None:
-        """Write a document nobody else writes (a duplicate drop's record, a retired record),
-        with its name tag."""
+    def put_status(self, path: str, doc: StatusDoc, *, index: bool = True) -> None:
+        """Write a document nobody else writes (a duplicate drop's record, a retired record)."""
         try:
             self._status_blob(path).upload_blob(
-                doc.to_json(), overwrite=True, metadata=_status_meta(doc), tags=name_tag(doc)
+                doc.to_json(), overwrite=True, metadata=_status_meta(doc)
             )
         except AzureError as exc:
             raise _transient_or_raise(exc, "writing status") from None
+        if index:
+            self.index_name(doc, path)
 
     def iter_statuses(self, state: str | None = None) -> Iterator[StatusDoc]:
         """Every status document (``packages/`` and ``duplicates/``), optionally by state."""
@@ -471,19 +463,6 @@ def _if_match() -> Any:
     from azure.core import MatchConditions
 
     return MatchConditions.IfNotModified
-
-
-NAME_TAG = "byok_name"
-
-
-def _name_digest(blob_name: str) -> str:
-    """Blob index tag values allow few characters: the name's SHA-256 (40 hex digits)."""
-    return hashlib.sha256(blob_name.encode("utf-8", "surrogatepass")).hexdigest()[:40]
-
-
-def name_tag(doc: StatusDoc) -> dict[str, str]:
-    """The blob index tag that makes a status document findable by its drop's blob name."""
-    return {NAME_TAG: _name_digest(doc.blob_name)}
 
 
 def _status_meta(doc: StatusDoc) -> dict[str, str]:

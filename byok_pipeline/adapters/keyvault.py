@@ -40,7 +40,7 @@ _CBC = {128: "A128CBC", 192: "A192CBC", 256: "A256CBC"}
 # within this window is still refused by the HSM itself at the import.
 KEK_CACHE_SECONDS = 60.0
 # How long a worker trusts its count of the HSM's keys (counted up after each new key).
-KEY_COUNT_CACHE_SECONDS = 300.0
+KEY_COUNT_CACHE_SECONDS = 60.0
 Sleep = Callable[[float], None]
 Clock = Callable[[], float]
 
@@ -267,9 +267,9 @@ class HsmAdapter:
         """Import unless a version tagged with this digest exists; never two versions.
 
         The SDK's own retry is off for the PUT (a retried PUT after a lost response would make a
-        second version); instead a retry first looks for the tagged version, unless the HSM
-        answered 429 (a throttled request did nothing). ``look_first=False`` skips the look
-        before the first PUT: the caller knows no earlier attempt reached the HSM.
+        second version); instead every retry first looks for the tagged version (after a 429
+        too). ``look_first=False`` skips the look before the first PUT: the caller looked
+        already, or knows no earlier attempt reached the HSM.
 
         Every PUT waits for this worker's pacer (:mod:`byok_pipeline.core.pacing`). A 429 is
         not a failed try: the pacer slows down, the service's Retry-After is honoured, and the
@@ -316,13 +316,12 @@ class HsmAdapter:
                     # unknown: the PUT may still land; only a later delivery, after it can no
                     # longer land, may look again and retry (see processor.import_in_flight)
                     raise _quota_reason(err) from None
+                look = True  # even a 429 may stand for an import done (a proxy's answer)
                 if err.throttled:
                     self.stats["throttled"] += 1
                     self.pacer.throttled()
                     hold = err.retry_after if err.retry_after is not None else 1.0
-                    look = False  # a 429 did nothing: no need to look before the next PUT
                     continue
-                look = True
                 failures += 1
                 if failures > s.retry_total:
                     raise err from None
@@ -386,9 +385,11 @@ class HsmAdapter:
         return count
 
     def count_keys(self, *, stop_at: int, request_id: str) -> int:
-        """How many keys the HSM holds, from this worker's count when it is recent
+        """How many (not deleted) keys the HSM holds, from this worker's count when it is recent
         (:data:`KEY_COUNT_CACHE_SECONDS`, counted up after each import), else one listing.
-        When the count is within 1% of ``stop_at`` it is always listed afresh. Needs keys/read.
+        Within 5% of ``stop_at`` it is always listed afresh (other workers import too).
+        Deleted keys that are not purged yet are not listed (that needs keys/deletedKeys/read):
+        the HSM's own refusal covers them (:data:`QUOTA_CODES`). Needs keys/read.
 
         Raises:
             TransientError / Rejected: the listing failed.
@@ -396,7 +397,7 @@ class HsmAdapter:
         now = self._clock()
         with self._lock:
             cached = self._key_count
-        margin = max(1, stop_at // 100)
+        margin = max(1, stop_at // 20)
         if (
             cached is not None
             and now - cached[0] < KEY_COUNT_CACHE_SECONDS

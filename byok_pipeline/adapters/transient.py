@@ -45,15 +45,24 @@ def retry_after_seconds(exc: HttpResponseError) -> float | None:
     return None
 
 
+def is_throttling(exc: Exception) -> bool:
+    """A service said "too many requests": HTTP 429, or Azure Storage's 503 ServerBusy."""
+    if not isinstance(exc, HttpResponseError):
+        return False
+    if exc.status_code == 429:
+        return True
+    return exc.status_code == 503 and getattr(exc, "error_code", None) == "ServerBusy"
+
+
 def as_transient(exc: Exception, what: str) -> TransientError | None:
     """A :class:`TransientError` if ``exc`` is a connection error or 408/429/5xx, else None."""
     if isinstance(exc, ServiceResponseTimeoutError):  # no answer in time: may still be running
         return TransientError(f"{what}: timed out waiting for the answer", outcome_unknown=True)
     if isinstance(exc, ServiceRequestError | ServiceResponseError):  # refused, reset or dropped
         return TransientError(f"{what}: connection failed ({type(exc).__name__})")
-    if isinstance(exc, HttpResponseError) and exc.status_code == 429:
+    if isinstance(exc, HttpResponseError) and is_throttling(exc):
         return TransientError(
-            f"{what}: throttled (429)",
+            f"{what}: throttled ({exc.status_code})",
             retry_after=retry_after_seconds(exc),
             reason="throttled",
             throttled=True,

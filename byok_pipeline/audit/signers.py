@@ -131,9 +131,19 @@ class HsmSigner:
         try:
             result = self._client.sign(SignatureAlgorithm.es256, digest)
         except AzureError as exc:
+            from azure.core.exceptions import HttpResponseError
+
+            from byok_pipeline.adapters.transient import is_throttling, retry_after_seconds
+
+            throttled = isinstance(exc, HttpResponseError) and is_throttling(exc)
             raise TransientError(
-                f"the HSM did not sign the audit batch: {type(exc).__name__}",
+                f"the HSM did not sign the audit batch: {type(exc).__name__}"
+                + (" (throttled)" if throttled else ""),
                 reason="audit_failed",
+                throttled=throttled,
+                retry_after=retry_after_seconds(exc)
+                if isinstance(exc, HttpResponseError) and throttled
+                else None,
             ) from None
         value = bytes(result.signature)
         if not verify_digest(self._public, digest, value):

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from azure.core.exceptions import AzureError, HttpResponseError, ResourceExistsError
 
 from byok_pipeline import __version__
+from byok_pipeline.adapters.transient import is_throttling
 from byok_pipeline.audit.events import AuditSink, utc_now
 from byok_pipeline.audit.records import (
     SEAL_EVENT,
@@ -194,6 +195,7 @@ class AuditTrail:
         self._settle_earlier()
         pending: tuple[_Head, bytes, list[dict[str, Any]]] | None = None  # sent, outcome unknown
         why = "no attempt made"
+        throttled = False  # the last failure was storage saying "too many requests"
         for attempt in range(self._max_attempts):
             if attempt:
                 left = deadline - self._monotonic()
@@ -220,7 +222,7 @@ class AuditTrail:
                 self._advance(head, data, batch)
                 return self._events_of(batch)
             except _Lost as exc:
-                why = str(exc)
+                why, throttled = str(exc), False
             except _Foreign as exc:
                 pending = None
                 why = str(exc)
@@ -229,6 +231,7 @@ class AuditTrail:
                 pending = None
                 code = getattr(exc, "error_code", "") or ""
                 why = f"{exc.status_code} {code}".strip()
+                throttled = is_throttling(exc)
                 if exc.status_code == 409 or code == "BlobNotFound":
                     self._leave_chain(f"its blob answers {why}")  # deleted, sealed, retyped
                 elif exc.status_code in (400, 401, 403, 404, 405):
@@ -237,7 +240,7 @@ class AuditTrail:
                         reason="audit_trail",
                     ) from None
             except AzureError as exc:
-                why = type(exc).__name__
+                why, throttled = type(exc).__name__, False
         if pending is not None:
             self._unsettled = pending  # looked up first by the next append
         raise TransientError(
@@ -245,6 +248,7 @@ class AuditTrail:
             + ("; a request whose response was lost may have been recorded" if pending else ""),
             reason="audit_trail",
             outcome_unknown=pending is not None,
+            throttled=throttled and pending is None,
         )
 
     def _settle_earlier(self) -> None:

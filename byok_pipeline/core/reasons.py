@@ -46,7 +46,7 @@ REASONS: dict[str, str] = {
     "policy_invalid": "The configured import policy is invalid (the message names the field): nothing is imported until an administrator fixes it (`byok policy validate`, `byok policy set`); then upload again.",
     # the HSM
     "key_version_limit": "The key already has as many versions as Managed HSM keeps (100 per key, BYOK_HSM_MAX_VERSIONS_PER_KEY); versions cannot be deleted one by one: import under a new key name (and move its users), then upload again.",
-    "hsm_key_limit": "The HSM holds as many keys as Managed HSM allows (5,000, BYOK_HSM_MAX_KEYS; deleted keys count until purged): purge keys you no longer need, or use another HSM, then upload again.",
+    "hsm_key_limit": "The HSM holds as many keys as Managed HSM allows (5,000, BYOK_HSM_MAX_KEYS): delete and purge keys you no longer need, or use another HSM, then upload again.",
     "hsm_refused": "Managed HSM refused the import; the service's error code is kept.",
     "fingerprint_mismatch": "The imported key does not match the manifest fingerprint (version disabled).",
     "verification_error": "The key was imported but the HSM refused the check that verifies it (version disabled).",

@@ -80,6 +80,7 @@ class StatusDoc:
     import_attempt_at: str | None = None  # when the last import PUT was about to be sent
     last_error: str | None = None
     throttled_until: str | None = None  # paced by the HSM: not redelivered for work before this
+    import_may_exist: bool = False  # an earlier record of these bytes sent an import PUT
     disposition: str | None = None  # container/blob the package was moved to
     state: str | None = None
     history: list[HistoryEntry] = field(default_factory=list)

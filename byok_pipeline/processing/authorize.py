@@ -171,7 +171,6 @@ def check_existing(
     if hsm.count_keys(stop_at=most, request_id=request_id) >= most:
         raise Rejected(
             "hsm_key_limit",
-            f"the HSM holds {most} keys, Managed HSM's limit (deleted keys count until they "
-            "are purged): purge keys that are no longer needed, or import into another HSM, "
-            "then upload again",
+            f"the HSM holds {most} keys, Managed HSM's limit: delete and purge keys that are "
+            "no longer needed, or import into another HSM, then upload again",
         )

@@ -187,18 +187,20 @@ class _Run:
         self._policy_error: PolicyInvalid | None = None
 
     def load_policy(self) -> None:
-        """Read the import policy (one conditional request when cached) before this attempt's
-        first audit event, so that every event names the policy in force.
+        """Read the import policy and its SHA-256 together (from the worker's cache, or one
+        conditional request) before this attempt's first audit event, so that every event
+        names the policy in force.
 
         Raises:
             TransientError: storage failed.
         """
-        try:
-            self._policy, self._policy_error = self.deps.authorization.policy(), None
-        except PolicyInvalid as exc:
-            self._policy, self._policy_error = None, exc
+        outcome, sha = self.deps.authorization.snapshot()
+        if isinstance(outcome, PolicyInvalid):
+            self._policy, self._policy_error = None, PolicyInvalid(outcome.message)
+        else:
+            self._policy, self._policy_error = outcome, None
         if not self.doc.reached("validated"):  # frozen: the policy that authorized the import
-            self.doc.policy_sha256 = self.deps.authorization.policy_sha256
+            self.doc.policy_sha256 = sha
 
     # -- recording --------------------------------------------------------------------------
     def save(self, *, renew: bool = False, keep_for: float | None = None) -> None:
@@ -228,21 +230,19 @@ class _Run:
         return True
 
     def finish(self, state: str, *, reason: str | None = None, message: str | None = None) -> None:
-        """The outcome: every unaudited change in one signed append, then one write of the
-        status (state, audited marks and where the package goes), then the move out of
-        incoming. When the append fails the outcome is still written, unaudited: redelivery
-        (or the reconciler) audits it. A worker that dies between the append and the write
-        leaves events that the next attempt appends again (at least once, never lost)."""
+        """The outcome: written durably first (with where the package goes), then audited (one
+        signed append), then the audited marks written, then the package moved out of
+        incoming. When the append fails the outcome stays written, unaudited: redelivery (or
+        the reconciler) audits it; no event ever names a state the status did not hold."""
         doc = self.doc
         doc.reason_code = reason
         doc.message = message
         doc.throttled_until = None
         doc.advance(state, self.deps.clock())
         doc.disposition = self._destination()[2]
-        try:
-            self.flush_audit()
-        finally:
-            self.save()
+        self.save()
+        self.flush_audit()
+        self.save()  # the audited marks, before the move (a failed move is retried unaudited)
         self.dispose()
 
     def _destination(self) -> tuple[str, str, str]:
@@ -289,6 +289,13 @@ class _Run:
         if imported is None:
             auth = self._authorize(options)
             imported = self._validate_and_import(data, auth)
+        elif not self.doc.reached("importing"):
+            # imported by the retired record of these bytes (its history says how): this
+            # record takes the version over, then verifies it like its own
+            self.doc.imported_kid = imported.kid
+            if options.target_type is not None and self.doc.target_type is None:
+                self.doc.target_type = options.target_type.name  # what the AES check needs
+            self.record("validated", "importing")
         self.doc.imported_kid = imported.kid  # from here on a crash is recovered by its tag
         self._verify(imported)
 
@@ -341,10 +348,13 @@ class _Run:
         self.finish("duplicate")
 
     def _earlier_import(self) -> ImportedKey | None:
-        """After a crash past ``importing`` the import may have happened: the version tagged
-        with this package's SHA-256, if any (looked up only then: a fresh claim costs nothing)."""
+        """After a crash past ``importing``, or when an earlier record of these bytes sent an
+        import PUT, the import may have happened: the version tagged with this package's
+        SHA-256, if any (looked up only then: a fresh claim costs nothing)."""
         doc = self.doc
-        if not doc.reached("importing") or not doc.key_name or not doc.package_sha256:
+        if not (doc.reached("importing") or doc.import_may_exist):
+            return None
+        if not doc.key_name or not doc.package_sha256:
             return None
         return self.deps.hsm.find_imported(
             doc.key_name, doc.package_sha256, request_id=doc.correlation_id
@@ -457,17 +467,20 @@ class _Run:
     def _before_put(self) -> None:
         """Right before each import PUT: the attempt is noted and the lease renewed, so the lease
         outlives the PUT (whose timeouts are bounded by it, see HsmAdapter.import_once). The
-        write that recorded ``importing`` did both; it is repeated when more than a second has
-        passed since (a slow look for the tagged version, a retry)."""
+        write that recorded ``importing`` did both (renewing when less than the PUT's timeouts
+        was left); it is repeated when more than a second has passed since (a slow look for the
+        tagged version, a retry, a wait for the pace), else the lease is renewed if due."""
         if time.monotonic() - self._attempt_noted > 1.0:
             self.doc.import_attempt_at = utc(self.deps.clock())
             self.save(renew=True)
             self._attempt_noted = time.monotonic()
+        else:  # the `importing` write just now: renew only if the PUT could outlive the lease
+            self.deps.store.renew_if_due(self.lease, keep_for=self.deps.hsm.put_timeout_seconds())
         self.deps.fault("before_put")
 
     def import_in_flight(self) -> bool:
         """An import PUT of an earlier delivery may still land: too recent to import again."""
-        if self.doc.state != "importing" or not self.doc.import_attempt_at:
+        if not self.doc.import_attempt_at:  # set from `importing` on (or by a retired record)
             return False
         grace = self.deps.settings.lease_seconds + self.deps.hsm.put_timeout_seconds() + 5
         age = (self.deps.clock() - _parse_utc(self.doc.import_attempt_at)).total_seconds()
@@ -525,7 +538,10 @@ def emit_or_retry(audit: AuditSink, *events: dict[str, object]) -> None:
         raise TransientError(
             f"audit append failed: {exc.message}",
             retry_after=exc.retry_after,
-            reason=exc.reason if exc.reason.startswith("audit") else "audit_failed",
+            reason=exc.reason
+            if exc.reason.startswith("audit") or exc.throttled
+            else "audit_failed",
+            throttled=exc.throttled,
         ) from None
     except Exception as exc:  # noqa: BLE001  # any sink failure means the record is not durable
         raise TransientError(
@@ -649,17 +665,42 @@ def _redrop(first: _Run, sha: str | None) -> StatusDoc | Outcome:
         first.flush_audit()
         first.save()
     if doc.state in _RETRYABLE_REFUSALS:
-        # the retired record keeps its name tag: `byok status` of the name it was refused
-        # under shows that refusal, not the record of a later drop under another name
         retired = f"history/{sha}/{_drop_hash(blob)}-{doc.etag.strip(chr(34))}.json"
-        store.put_status(retired, doc)
-        doc = _fresh_doc(blob, sha, deps)
+        store.put_status(retired, doc, index=False)
+        _keep_name_on(retired, doc, path, store)
+        doc = _retire_into_fresh(doc, blob, sha, deps)
     elif not doc.terminal:
         # e.g. its worker died and the custodian re-uploaded: this drop finishes the record
         doc.etag, doc.blob_name = blob.etag, blob.name
     else:
         return _duplicate_of_finished(blob, path, doc, sha, deps)
-    store.save_status(path, doc, first.lease)  # with the new drop's name tag
+    store.index_name(doc, path)  # first: a crash between the two writes leaves it findable
+    store.save_status(path, doc, first.lease)
+    return doc
+
+
+def _keep_name_on(retired: str, doc: StatusDoc, path: str, store: BlobStore) -> None:
+    """A retired record keeps its name: ``byok status`` of the name it was refused under shows
+    that refusal, not the record of a later drop of the same bytes under another name.
+
+    Raises:
+        TransientError: storage failed.
+    """
+    if store.indexed_path(doc.blob_name) == path:
+        store.index_name(doc, retired)
+
+
+def _retire_into_fresh(
+    old: StatusDoc, blob: IncomingBlob, sha: str | None, deps: Deps
+) -> StatusDoc:
+    """The record a new drop of a refused record's bytes starts over with. When the refused
+    record got as far as an import PUT, the new one inherits when that PUT was sent and must
+    look for its version before importing: a refusal after a PUT (a verification refused, a
+    failure whose import is unknown) may have left that version in the HSM."""
+    doc = _fresh_doc(blob, sha, deps)
+    if old.reached("importing"):
+        doc.import_attempt_at = old.import_attempt_at
+        doc.import_may_exist = True
     return doc
 
 
@@ -701,17 +742,18 @@ def _run_leased(run: _Run, *, counted: bool = False) -> Outcome:
         return Outcome(doc.state or "", run.path, doc)
     if run.import_in_flight():
         raise InProgress("an earlier import attempt may still be in flight; retry after it settles")
-    run.load_policy()
     if not counted:
         doc.attempts += 1
         run.save()
     try:
+        run.load_policy()
         if any(entry.state != "received" for entry in doc.unaudited()):
             run.flush_audit()  # an earlier attempt's records first: nothing goes on unaudited
         run.run()  # a fresh `received` goes with this attempt's first batch (one append less)
     except AwaitingApproval:
         doc.attempts -= 1  # waiting for people is not an attempt
         doc.last_error = None
+        doc.throttled_until = None
         if doc.state != "awaiting_approval":
             run.record("awaiting_approval")  # written, then audited once
         run.save()  # the tally (and the audited mark) persist; the package stays in incoming
@@ -754,6 +796,7 @@ def _failed_try(run: _Run, err: TransientError) -> None:
         doc.throttled_until = utc(deps.clock() + timedelta(seconds=wait))
         run.save()
         raise err from None
+    doc.throttled_until = None
     if doc.attempts < deps.settings.max_attempts:
         run.save()
         raise err from None

@@ -7,7 +7,9 @@ the host's poison threshold). The reconciler, run by a timer trigger and by ``by
    retries), so no state change stays unrecorded;
 2. redelivers packages still in the incoming container whose last delivery is older than the
    lease (their events were lost, dead-lettered, or gave up), through the same
-   :func:`~byok_pipeline.processing.processor.process_blob` the trigger calls.
+   :func:`~byok_pipeline.processing.processor.process_blob` the trigger calls; a package paced
+   by the HSM (``throttled_until`` ahead) waits for its time, and a throttled redelivery ends
+   the pass (the HSM is at its pace; the next pass goes on).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from byok_pipeline.core.errors import InProgress, PipelineError
+from byok_pipeline.core.errors import InProgress, PipelineError, TransientError
 from byok_pipeline.processing.processor import Deps, complete_audit, process_blob
 
 log = logging.getLogger("byok_pipeline")
@@ -47,10 +49,18 @@ def reconcile(deps: Deps, *, now: datetime | None = None) -> ReconcileReport:
         latest = store.status_by_name(name)
         if latest is not None and latest.updated and _parse(latest.updated) > stale_before:
             continue  # delivered recently: its own retries are still running
+        paced_until = latest.throttled_until if latest is not None else None
+        if paced_until and _parse(paced_until) > (now or deps.clock()):
+            continue  # paced by the HSM: its next try is later
         try:
             report.redelivered[name] = process_blob(name, deps).state
         except InProgress:
             report.redelivered[name] = "in_progress"
+        except TransientError as exc:
+            report.errors += 1
+            report.redelivered[name] = f"error: {exc.reason}"
+            if exc.throttled:  # the HSM is at its pace: the next pass goes on from here
+                break
         except Exception as exc:  # noqa: BLE001  # one failing package must not stop the pass
             report.errors += 1
             report.redelivered[name] = f"error: {getattr(exc, 'reason', type(exc).__name__)}"

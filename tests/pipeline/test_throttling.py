@@ -336,3 +336,27 @@ def test_burst_drains_at_the_hsm_pace_with_nothing_lost(
         assert stack.blobs(stack.settings.incoming_container) == []
     finally:
         stack.close()
+
+
+def test_the_reconciler_leaves_a_paced_package_until_its_time(stack: Stack) -> None:
+    from dataclasses import replace
+    from datetime import timedelta
+
+    from byok_pipeline.processing.reconcile import reconcile
+
+    stack.deps.settings = replace(stack.settings, throttle_wait_seconds=0.0)
+    stack.deps.hsm.settings = stack.deps.settings
+    _, pkg, _ = _throttled_package(stack, "paced", "oct-256", rate=1000.0, retry_after=30)
+    try:
+        with pytest.raises(TransientError):
+            stack.deliver(pkg.name)
+        doc = stack.deps.store.status_by_name(pkg.name)
+        assert doc is not None
+        assert doc.throttled_until is not None
+        later = stack.deps.clock() + timedelta(seconds=stack.settings.lease_seconds + 1)
+        assert reconcile(stack.deps, now=later).redelivered == {}  # its time has not come
+        much_later = later + timedelta(seconds=60)
+        report = reconcile(stack.deps, now=much_later)
+        assert report.redelivered == {pkg.name: "error: throttled"}  # tried, throttled again
+    finally:
+        stack.hsm.clear_faults()
