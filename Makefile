@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INFRA_VENV := .venv-infra
-APT_PACKAGES := softhsm2 openssl
+APT_PACKAGES := softhsm2 openssl chromium
 
 .PHONY: help test demo lint typecheck unit deps system-deps node-deps infra-deps bench clean package fuzz
 
@@ -18,12 +18,15 @@ help:
 	@echo "make fuzz   - the mutation campaign: 100,000 hostile packages (not part of the tests)"
 	@echo "make package - build dist/function-app.zip, the Function's deployment package"
 
-# System packages: SoftHSM2 (the PKCS#11 HSM for tests) and the OpenSSL CLI (independent
-# implementation of the wrap). Installed only when missing; needs root (CI runs as root).
+# System packages: SoftHSM2 (the PKCS#11 HSM for tests), the OpenSSL CLI (independent
+# implementation of the wrap) and Chromium (the dashboard's browser test drives Debian's build
+# through Playwright: Playwright's own browser download cannot work offline). Installed only
+# when missing; needs root (CI runs as root).
 system-deps:
 	@missing=""; \
 	command -v softhsm2-util >/dev/null || missing="$$missing softhsm2"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
@@ -87,4 +90,4 @@ fuzz: deps
 
 clean:
 	-[ -f .byok-dev/stack.json ] && $(VENV)/bin/byok dev down --dir .byok-dev
-	rm -rf $(VENV) $(INFRA_VENV) node_modules dist .mypy_cache .ruff_cache .pytest_cache .demo .byok-dev
+	rm -rf $(VENV) $(INFRA_VENV) node_modules dist artifacts .mypy_cache .ruff_cache .pytest_cache .demo .byok-dev

@@ -67,3 +67,11 @@ def get_package(req: func.HttpRequest) -> func.HttpResponse:
 @app.route(route="kek", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
 def get_kek(req: func.HttpRequest) -> func.HttpResponse:  # noqa: ARG001  # the binding requires the parameter
     return _response(runtime.get_kek())
+
+
+@app.function_name("dashboard")
+@app.route(route="dashboard", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def dashboard(req: func.HttpRequest) -> func.HttpResponse:  # noqa: ARG001  # the binding requires the parameter
+    """The HTML dashboard (the same page as ``byok serve``), with its security headers."""
+    status, body, headers = runtime.dashboard()
+    return func.HttpResponse(body, status_code=status, headers=headers)

@@ -56,6 +56,12 @@ SPAN_FIELDS = (
     "imported_kid",
     "attempt",
 )
+#: Every attribute a package span can carry: in Application Insights a span is a row of
+#: ``AppRequests`` (``Name`` is :data:`SPAN_NAME`) with these in ``Properties``. ``outcome`` is
+#: the final state, ``retry`` (a transient failure: the platform redelivers; ``error_reason``
+#: says why, ``throttled`` for a 429), ``in_progress`` or ``error`` (``error_type``). The
+#: workbook's span queries read only these (``tests/infra`` checks it).
+SPAN_ATTRIBUTES = frozenset({*SPAN_FIELDS, "blob_name", "outcome", "error_reason", "error_type"})
 #: ``OTEL_TRACES_SAMPLER`` values that keep every span (any other overrides sampling_ratio=1.0).
 _KEEPS_EVERY_SPAN = frozenset({"always_on", "parentbased_always_on"})
 #: What an exporter or the SDK may raise while a log record is emitted (I/O of a synchronous

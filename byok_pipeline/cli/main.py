@@ -21,6 +21,7 @@ from typing import Any
 from byok_pipeline import __version__
 from byok_pipeline.cli.audit import add_audit_parser, cmd_audit
 from byok_pipeline.cli.authorization import add_parsers as add_authorization_parsers
+from byok_pipeline.cli.serve import add_serve_parser
 from byok_pipeline.cli.storage_arg import add_storage_option
 from byok_pipeline.core.errors import ConfigError, PipelineError, Rejected, TransientError
 from byok_pipeline.core.reasons import REASONS
@@ -807,6 +808,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--json", action="store_true")
     add_audit_parser(sub, common)
     add_authorization_parsers(sub, common)
+    add_serve_parser(sub, common)
     return parser
 
 
@@ -831,6 +833,19 @@ def cmd_policy(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``byok serve``: the dashboard and the Function's HTTP routes, read-only."""
+    from byok_pipeline.cli.serve import ReadOnlyAudit
+    from byok_pipeline.cli.serve import cmd_serve as run
+    from byok_pipeline.processing.processor import Deps
+
+    settings = _settings(args)
+    deps = Deps(
+        settings=settings, store=_store(settings), hsm=_hsm(settings), audit=ReadOnlyAudit()
+    )
+    return run(args, settings=settings, deps=deps)
+
+
 def cmd_approve(args: argparse.Namespace) -> int:
     from byok_pipeline.cli.authorization import cmd_approve as run
 
@@ -849,6 +864,7 @@ _COMMANDS = {
     "reasons": cmd_reasons,
     "audit": cmd_audit,
     "reconcile": cmd_reconcile,
+    "serve": cmd_serve,
 }
 
 

@@ -19,6 +19,7 @@ from byok_pipeline.core.settings import Settings
 from byok_pipeline.core.status import STATES
 
 if TYPE_CHECKING:  # the processor (and the SDKs it pulls in) loads on the first package
+    from byok_pipeline.core.dashboard import TrailStatus
     from byok_pipeline.processing.processor import Deps, Outcome
 
 log = logging.getLogger("byok_pipeline")
@@ -173,6 +174,22 @@ def get_kek() -> tuple[int, bytes]:
         info["attestation"] = attestation["document"]
         info["attestation_sha256"] = attestation["sha256"]
     return http_json(200, info)
+
+
+def dashboard(
+    trail_check: Callable[[], TrailStatus] | None = None,
+) -> tuple[int, bytes, dict[str, str]]:
+    """``GET /api/dashboard`` (and ``byok serve``'s ``/``): the HTML dashboard with its
+    Content-Security-Policy; a 503 page naming the reason when storage cannot be read.
+    ``trail_check`` runs the audit trail verifier for the page (``byok serve``)."""
+    from byok_pipeline.core.dashboard_page import headers, render_error
+    from byok_pipeline.processing.dashboard import page
+
+    try:
+        html = page(get_deps(), trail_check=trail_check)
+    except (TransientError, ConfigError) as exc:
+        return 503, render_error(f"[{exc.reason}] {exc.message}").encode(), headers()
+    return 200, html.encode(), headers()
 
 
 def reconcile() -> dict[str, Any]:

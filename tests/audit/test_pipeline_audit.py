@@ -19,9 +19,10 @@ from pipeline_support import Stack
 
 from byok_pipeline.adapters.blobstore import BlobStore
 from byok_pipeline.adapters.keyvault import HsmAdapter
+from byok_pipeline.adapters.telemetry import SPAN_ATTRIBUTES
 from byok_pipeline.audit.events import FanoutAuditSink
 from byok_pipeline.audit.records import SEAL_EVENT, START_EVENT, TRAIL_FIELDS
-from byok_pipeline.audit.verify import TrailReader
+from byok_pipeline.audit.verify import TrailReader, Trust
 from byok_pipeline.cli.audit import main as audit_main
 from byok_pipeline.core.errors import InProgress, TransientError
 from byok_pipeline.processing.processor import Deps, Outcome, process_blob
@@ -123,6 +124,7 @@ def test_spans_and_log_records_carry_the_status_correlation_id_the_hsm_saw(
     (span,) = otel.package_spans()
     assert attrs(span)["correlation_id"] == cid
     assert attrs(span)["blob_name"] == pkg.name
+    assert set(attrs(span)) <= SPAN_ATTRIBUTES  # what the workbook's span queries may read
     logs = otel.log_records()
     assert [r.log_record.body for r in logs] == [
         "byok.received", "byok.validated", "byok.importing", "byok.imported", "byok.verified",
@@ -300,3 +302,28 @@ def test_no_event_span_or_log_record_holds_key_material_or_ciphertext(
         assert leaks(pkg.target.plaintext.reveal(), outputs) == [], pkg.name
         assert leaks(ciphertext, outputs) == [], pkg.name
     assert leaks(ct[:-1] + bytes([ct[-1] ^ 0x55]), outputs) == []
+
+
+def test_the_dashboard_reports_the_trail_verifiers_result(audited: Audited) -> None:
+    """`byok serve`'s trail check: intact and pinned with the right trust, broken with a trust
+    that pins another key, and an unreadable trail said, never raised."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from byok_pipeline.cli.audit_init import trust_entry
+    from byok_pipeline.processing.dashboard import verify_trail
+
+    stack = audited.stack
+    pkg = stack.package("ec-p256", "dash-trail")
+    stack.drop_package(pkg)
+    assert stack.deliver(pkg.name).state == "imported"
+    status = verify_trail(audited.reader, trust=audited.trust, fetch_key=None)
+    assert (status.ok, status.chains, status.pinned, status.error) == (True, 1, True, None)
+    assert status.records >= 6  # start, received ... verified
+    other = ec.generate_private_key(ec.SECP256R1()).public_key()
+    kid = "https://elsewhere.managedhsm.azure.net/keys/other/" + "0" * 32
+    wrong = Trust.from_dict({"signers": [trust_entry(kid, other, "pipeline")]})
+    broken = verify_trail(audited.reader, trust=wrong, fetch_key=None)
+    assert (broken.ok, broken.error) == (False, None)
+    assert broken.breaks >= 1
+    gone = verify_trail(TrailReader(stack.service, "no-such-trail"), trust=None, fetch_key=None)
+    assert (gone.ok, gone.error) == (False, "reading the trail: ResourceNotFoundError")

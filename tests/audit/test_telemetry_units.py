@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from audit_support import neutral_distro_env, resolved, sample_event, sampler_built, schema_errors
+from audit_support import (
+    Otel,
+    attrs,
+    neutral_distro_env,
+    resolved,
+    sample_event,
+    sampler_built,
+    schema_errors,
+)
 
 from byok_pipeline.adapters import telemetry
 from byok_pipeline.audit.events import cli_event
@@ -85,6 +93,34 @@ def test_without_app_insights_a_local_exporter_writes_json_lines(
     assert log_line["attributes"]["correlation_id"] == "c0ffee"
     assert span_line["attributes"]["correlation_id"] == "c0ffee"
     assert log_line["trace_id"] == span_line["context"]["trace_id"]
+
+
+def test_package_spans_carry_only_the_attributes_the_workbook_reads(otel: Otel) -> None:
+    """Each way a delivery ends: its outcome (``retry`` and its reason for a transient error,
+    as the workbook's "retries in flight" reads them), and no attribute outside SPAN_ATTRIBUTES."""
+    from byok_pipeline.core.errors import InProgress, TransientError
+
+    with telemetry.package_span(None, "a.byok") as span:
+        span.set_correlation_id("c1")
+        telemetry.TelemetryAuditSink().emit({**sample_event(1), "correlation_id": "c1"})
+        span.set_outcome("rejected", "bad_kid")
+    with pytest.raises(TransientError), telemetry.package_span("c2", "b.byok"):
+        raise TransientError("429 from the HSM", reason="throttled", throttled=True)
+    with pytest.raises(InProgress), telemetry.package_span("c3", "c.byok"):
+        raise InProgress("leased by another worker")
+    with pytest.raises(KeyError), telemetry.package_span("c4", "d.byok"):
+        raise KeyError("a bug")
+    spans = otel.package_spans()
+    assert [
+        (attrs(s)["blob_name"], attrs(s)["outcome"], attrs(s).get("error_reason")) for s in spans
+    ] == [
+        ("a.byok", "rejected", None),
+        ("b.byok", "retry", "throttled"),
+        ("c.byok", "in_progress", None),
+        ("d.byok", "error", None),
+    ]
+    for s in spans:
+        assert set(attrs(s)) <= telemetry.SPAN_ATTRIBUTES, set(attrs(s)) - telemetry.SPAN_ATTRIBUTES
 
 
 def test_telemetry_is_off_without_any_destination(fresh_telemetry: None) -> None:

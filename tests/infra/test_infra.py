@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from byok_pipeline.adapters.telemetry import SPAN_ATTRIBUTES, SPAN_NAME
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INFRA_DIR = REPO_ROOT / "infra"
 PYCEP_DUMP = Path(__file__).resolve().with_name("pycep_dump.py")
@@ -1436,8 +1438,34 @@ def workbook_queries(node: Any) -> Iterator[str]:
             yield from workbook_queries(item)
 
 
+# The package spans (one per delivery) in the workspace: table AppRequests, Name "byok.package",
+# their attributes in Properties (byok_pipeline.adapters.telemetry.SPAN_ATTRIBUTES).
+SPAN_TABLE = "AppRequests"
+SPAN_NAME_RE = re.compile(r"\bName\s*==\s*\"([^\"]+)\"")
+
+
+def span_query_findings(query: str) -> Findings:
+    """A query over the package spans: it picks them by name and reads only attributes the
+    pipeline sets on them (never an audit field or event)."""
+    findings: Findings = []
+    names = SPAN_NAME_RE.findall(query)
+    if names != [SPAN_NAME]:
+        findings.append(f"span query must pick Name == {SPAN_NAME!r}, picks {names}")
+    for dotted, indexed in PROPERTY_RE.findall(query):
+        name = dotted or indexed
+        if name not in SPAN_ATTRIBUTES:
+            findings.append(f"span query reads Properties.{name}, which no package span carries")
+    for event in sorted(set(EVENT_RE.findall(query)) - {SPAN_NAME}):
+        findings.append(f"span query names {event!r}, which is neither the span nor read here")
+    if "AppTraces" in query:
+        findings.append("a query reads Properties of spans or of audit events, not both")
+    return findings
+
+
 def query_findings(query: str, schema: AuditSchema) -> Findings:
     query = KQL_COMMENT_RE.sub("", query)
+    if SPAN_TABLE in query:
+        return span_query_findings(query)
     findings: Findings = []
     for dotted, indexed in PROPERTY_RE.findall(query):
         name = dotted or indexed
@@ -1485,6 +1513,49 @@ def workbook_findings(workbook: Any, schema: AuditSchema) -> Findings:
         r"percentile\([^)]*,\s*95\)", text
     ):
         findings.append("workbook: time from drop to import needs p50 and p95")
+    return findings + panel_findings(workbook, queries)
+
+
+def _parameter_names(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        is_parameter = node.get("version") == "KqlParameterItem/1.0" and "name" in node
+        found = {str(node["name"])} if is_parameter else set()
+        return found.union(*(_parameter_names(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_parameter_names(v) for v in node))
+    return set()
+
+
+def panel_findings(workbook: Any, queries: list[str]) -> Findings:
+    """The panels beyond the audit events: retries in flight (spans), each package's current
+    state, and blobs waiting past a threshold (lost events, from the storage logs)."""
+    findings: Findings = []
+    texts = [KQL_COMMENT_RE.sub("", q) for q in queries]
+    retry_filter = re.compile(r'\bwhere\s+outcome\s+(?:in\s*\(|==\s*)"retry"')
+    if not any(
+        SPAN_TABLE in t and "Properties.outcome" in t and retry_filter.search(t) for t in texts
+    ):
+        findings.append("workbook: no panel shows retries in flight (package spans, outcome retry)")
+    if not any(
+        re.search(r"arg_max\([^)]*\)[^|]*\bby\s+package_sha256", t) and "AppTraces" in t
+        for t in texts
+    ):
+        findings.append("workbook: no panel shows each package's current state")
+    params = _parameter_names(workbook)
+    lost = [
+        t
+        for t in texts
+        if "StorageBlobLogs" in t and "/byok-incoming/" in t and '"byok.received"' in t
+    ]
+    if not lost:
+        findings.append("workbook: no panel shows blobs waiting in byok-incoming (lost events)")
+    for t in lost:
+        used = set(re.findall(r"\{(\w+)\}", t))
+        if not used or not used <= params:
+            findings.append(
+                f"workbook: the lost-events panel needs its threshold parameter: uses {sorted(used)}, "
+                f"the workbook defines {sorted(params)}"
+            )
     return findings
 
 
@@ -2685,6 +2756,10 @@ def test_alert_queries_name_only_emitted_events_and_fields(audit_schema: AuditSc
         ("Properties.drop_time", 'Properties["dropped_at"]', "Properties.dropped_at"),
         ("AppTraces", "traces", "AppTraces"),
         ("Properties.duplicate_of", "Properties.kek_spki_sha256", "Properties.kek_spki_sha256"),
+        ("Properties.error_reason", "Properties.retry_reason", "Properties.retry_reason"),
+        ('"byok.package"', '"byok.delivery"', "byok.delivery"),
+        ("by package_sha256, etag", "by etag", "current state"),
+        ('| where outcome in ("retry"', '| where outcome in ("failed"', "retries in flight"),
     ],
     ids=[
         "unknown-field",
@@ -2692,6 +2767,10 @@ def test_alert_queries_name_only_emitted_events_and_fields(audit_schema: AuditSc
         "unknown-indexed-field",
         "wrong-table",
         "field-of-another-event",
+        "unknown-span-attribute",
+        "wrong-span-name",
+        "no-current-state",
+        "no-retries-panel",
     ],
 )
 def test_workbook_check_catches_unknown_names(
@@ -2702,6 +2781,16 @@ def test_workbook_check_catches_unknown_names(
     broken = json.loads(text.replace(old.replace('"', '\\"'), new.replace('"', '\\"')))
     findings = workbook_findings(broken, audit_schema)
     assert any(phrase in f for f in findings), findings
+
+
+def test_workbook_check_needs_the_lost_events_threshold(audit_schema: AuditSchema) -> None:
+    workbook = json.loads(WORKBOOK.read_text(encoding="utf-8"))
+    for item in workbook["items"]:
+        if item["name"] == "parameters":
+            params = item["content"]["parameters"]
+            params[:] = [p for p in params if p["name"] != "WaitMinutes"]
+    findings = workbook_findings(workbook, audit_schema)
+    assert any("threshold parameter" in f for f in findings), findings
 
 
 # --------------------------------------------------------------------------- tests: HSM roles

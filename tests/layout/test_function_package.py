@@ -58,6 +58,8 @@ def test_the_zip_holds_exactly_what_the_function_needs(tmp_path: Path) -> None:
         "byok_pipeline/processing/runtime.py",
         "byok_pipeline/core/status.py",
         "byok_pipeline/schemas/status.schema.json",
+        "byok_pipeline/core/dashboard_assets/dashboard.css",  # the page's assets ship inside
+        "byok_pipeline/core/dashboard_assets/dashboard.js",
         "offline_packager/package_format.py",
     ):
         assert needed in names
@@ -148,6 +150,7 @@ def test_the_unpacked_zip_imports_in_a_fresh_venv_from_requirements_alone(tmp_pa
             "list_packages",
             "get_package",
             "get_kek",
+            "dashboard",
         ]
     )
     assert result["bad"] == []

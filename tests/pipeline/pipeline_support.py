@@ -70,6 +70,25 @@ class Stack:
     def close(self) -> None:
         self.service.close()
 
+    def env(self) -> dict[str, str]:
+        """The settings a ``byok`` command (or a Function) needs for this stack's emulator,
+        Azurite account and containers."""
+        s = self.settings
+        return {
+            "BYOK_HSM_URL": self.hsm.url,
+            "BYOK_HSM_CA_BUNDLE": str(self.hsm.ca),
+            "BYOK_HSM_EMULATOR_DIR": str(self.hsm.data_dir),
+            "BYOK_STORAGE": self.azurite.connection_string,
+            "BYOK_INCOMING_CONTAINER": s.incoming_container,
+            "BYOK_STATUS_CONTAINER": s.status_container,
+            "BYOK_ARCHIVE_CONTAINER": s.archive_container,
+            "BYOK_QUARANTINE_CONTAINER": s.quarantine_container,
+            "BYOK_AUDIT_CONTAINER": s.audit_container,
+            "BYOK_AUDIT_PEOPLE_CONTAINER": s.audit_people_container,
+            "BYOK_CONFIG_CONTAINER": s.config_container,
+            "BYOK_APPROVALS_CONTAINER": s.approvals_container,
+        }
+
     def package(self, type_name: str, name: str | None = None, *, kid: str | None = None,
                 key_ops: tuple[str, ...] | None = None) -> Package:  # fmt: skip
         target = generate_target(type_name)

@@ -45,21 +45,9 @@ def audit_keys(hsm: EmulatorHandle, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture
 def cli_env(stack: Stack, monkeypatch: pytest.MonkeyPatch, audit_keys: dict[str, str]) -> Stack:
-    s = stack.settings
     for key, value in {
         **audit_keys,
-        "BYOK_AUDIT_PEOPLE_CONTAINER": s.audit_people_container,
-        "BYOK_HSM_URL": stack.hsm.url,
-        "BYOK_HSM_CA_BUNDLE": str(stack.hsm.ca),
-        "BYOK_HSM_EMULATOR_DIR": str(stack.hsm.data_dir),
-        "BYOK_STORAGE": stack.azurite.connection_string,
-        "BYOK_INCOMING_CONTAINER": s.incoming_container,
-        "BYOK_STATUS_CONTAINER": s.status_container,
-        "BYOK_ARCHIVE_CONTAINER": s.archive_container,
-        "BYOK_QUARANTINE_CONTAINER": s.quarantine_container,
-        "BYOK_AUDIT_CONTAINER": s.audit_container,
-        "BYOK_CONFIG_CONTAINER": s.config_container,
-        "BYOK_APPROVALS_CONTAINER": s.approvals_container,
+        **stack.env(),
         "BYOK_AUDIT_LOG": str(stack.tmp / "audit.jsonl"),
         "BYOK_RETRY_BACKOFF_SECONDS": "0.05",
     }.items():

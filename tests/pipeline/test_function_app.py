@@ -48,6 +48,7 @@ def test_function_app_declares_the_triggers(functions: dict[str, Callable[..., A
         "list_packages",
         "get_package",
         "get_kek",
+        "dashboard",
         "reconcile",
     }
     source = (function_app.__file__ and open(function_app.__file__).read()) or ""  # noqa: PTH123, SIM115  # read our own source
@@ -305,3 +306,45 @@ def test_status_documents_match_their_schema(stack: Stack) -> None:
         jsonschema.validate(doc, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**docs[0], "d": "secret"}, schema)
+
+
+def test_the_dashboard_route_serves_the_page_byok_serve_serves(
+    wired: Stack, functions: dict[str, Callable[..., Any]]
+) -> None:
+    """Function-key auth, and byte for byte the page (and security headers) of `byok serve`:
+    both ask the same runtime function, here with one clock."""
+    import threading
+    import urllib.request
+    from datetime import UTC, datetime
+
+    import function_app
+    from byok_pipeline.localdev.server import DashboardServer
+
+    stack = wired
+    stack.drop("<b>dash-fn</b>.byok", b"{}")  # refused for its name, shown escaped
+    assert stack.deliver("<b>dash-fn</b>.byok").reason_code == "bad_key_name"
+    stack.deps.clock = lambda: datetime(2026, 5, 14, 12, 0, tzinfo=UTC)
+
+    source = Path(function_app.__file__ or "").read_text()
+    assert (
+        '@app.route(route="dashboard", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)'
+        in source
+    )
+    req = func.HttpRequest(method="GET", url="/api/dashboard", body=b"")
+    resp = functions["dashboard"](req)
+    assert resp.status_code == 200
+    page = resp.get_body()
+    assert b"&lt;b&gt;dash-fn&lt;/b&gt;.byok" in page
+    assert b"<b>" not in page
+
+    server = DashboardServer("127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with urllib.request.urlopen(f"{server.url}api/dashboard", timeout=30) as served:  # noqa: S310  # our own loopback URL
+            assert served.read() == page
+            for name in ("Content-Security-Policy", "X-Content-Type-Options", "Content-Type"):
+                assert served.headers[name] == resp.headers[name], name
+    finally:
+        server.shutdown()
+        server.server_close()
