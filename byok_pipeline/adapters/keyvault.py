@@ -15,7 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from azure.core.exceptions import AzureError, HttpResponseError, ResourceNotFoundError
+from azure.core.exceptions import (
+    AzureError,
+    HttpResponseError,
+    ResourceNotFoundError,
+    ServiceResponseError,
+)
 from azure.core.rest import HttpRequest
 from azure.keyvault.keys import JsonWebKey, KeyClient, KeyVaultKey
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -29,6 +34,7 @@ from byok_pipeline.core.settings import Settings
 from offline_packager.kid import KeyId
 
 TAG_PACKAGE_SHA256 = "byok-package-sha256"
+TAG_PACKAGE_ID = "byok-package-id"  # the canonical identity (core.identity): reformatted copies
 TAG_KEK_KID = "byok-kek-kid"
 # Key attestation: the api-version of Microsoft's instructions (az rest ... attestation?
 # api-version=7.6-preview.1). azure-keyvault-keys 4.11 also has KeyClient.get_key_attestation,
@@ -60,6 +66,7 @@ class ImportedKey:
     x: bytes | None
     y: bytes | None
     tags: dict[str, str]
+    enabled: bool = True
 
 
 def _s(value: Any) -> str:
@@ -86,6 +93,7 @@ def _imported(key: KeyVaultKey) -> ImportedKey:
         x=jwk.x,
         y=jwk.y,
         tags=dict(key.properties.tags or {}),
+        enabled=key.properties.enabled is not False,
     )
 
 
@@ -105,6 +113,15 @@ QUOTA_CODES = {
     "KeyVersionLimitExceeded": "key_version_limit",
     "HsmKeyLimitExceeded": "hsm_key_limit",
 }
+
+
+def is_ours(tags: dict[str, str] | None, package_sha256: str, package_id: str | None) -> bool:
+    """A version's tags say it is this package's import: its digest, or (a reformatted copy)
+    its canonical identity."""
+    tags = tags or {}
+    if tags.get(TAG_PACKAGE_SHA256) == package_sha256:
+        return True
+    return package_id is not None and tags.get(TAG_PACKAGE_ID) == package_id
 
 
 def _error_code(exc: HttpResponseError) -> str | None:
@@ -223,16 +240,19 @@ class HsmAdapter:
         except AzureError as exc:
             raise translate(exc, "reading the existing key") from None
         jwk = _jwk(key)
+        tags = key.properties.tags or {}
         return ExistingKey(
             kid=str(key.id),
             key_ops=tuple(_s(o) for o in (jwk.key_ops or ())),
-            package_sha256_tag=(key.properties.tags or {}).get(TAG_PACKAGE_SHA256),
+            package_sha256_tag=tags.get(TAG_PACKAGE_SHA256),
+            package_id_tag=tags.get(TAG_PACKAGE_ID),
         )
 
     def find_imported(
-        self, name: str, package_sha256: str, *, request_id: str
+        self, name: str, package_sha256: str, *, package_id: str | None = None, request_id: str
     ) -> ImportedKey | None:
-        """The version of ``name`` tagged with this package's digest, if any (idempotency).
+        """The version of ``name`` tagged with this package's digest or its canonical identity
+        (a reformatted copy's), if any (idempotency). Needs keys/read.
 
         Raises:
             TransientError: the listing failed.
@@ -240,7 +260,7 @@ class HsmAdapter:
         """
         try:
             for props in self.client.list_properties_of_key_versions(name, request_id=request_id):
-                if (props.tags or {}).get(TAG_PACKAGE_SHA256) == package_sha256:
+                if is_ours(props.tags, package_sha256, package_id):
                     return _imported(
                         self.client.get_key(name, props.version, request_id=request_id)
                     )
@@ -261,6 +281,7 @@ class HsmAdapter:
         key_ops: tuple[str, ...],
         tags: dict[str, str],
         request_id: str,
+        package_id: str | None = None,
         look_first: bool = True,
         before_put: Callable[[], None] | None = None,
     ) -> ImportedKey:
@@ -292,7 +313,9 @@ class HsmAdapter:
         hold = 0.0  # the service's wait after a 429
         while True:
             if look:
-                existing = self.find_imported(name, package_sha256, request_id=request_id)
+                existing = self.find_imported(
+                    name, package_sha256, package_id=package_id, request_id=request_id
+                )
                 if existing is not None:
                     return existing
             waited += self._pace(waited, hold)
@@ -312,6 +335,8 @@ class HsmAdapter:
                 )
             except AzureError as exc:
                 err = translate(exc, "importing the key")
+                if isinstance(exc, ServiceResponseError) and isinstance(err, TransientError):
+                    err.outcome_unknown = True  # sent, then the connection broke: may still run
                 if isinstance(err, Rejected) or err.outcome_unknown:
                     # unknown: the PUT may still land; only a later delivery, after it can no
                     # longer land, may look again and retry (see processor.import_in_flight)
@@ -365,24 +390,46 @@ class HsmAdapter:
         self._sleep(wait)
         return wait
 
-    def count_versions(self, name: str, *, stop_at: int, request_id: str) -> int:
-        """How many versions ``name`` has, counting no further than ``stop_at`` (one listing
-        page per 25 versions). Needs keys/read.
+    def scan_versions(
+        self,
+        name: str,
+        *,
+        stop_at: int,
+        package_sha256: str,
+        package_id: str | None,
+        request_id: str,
+    ) -> tuple[int, str | None]:
+        """How many versions ``name`` has (counting no further than ``stop_at``; one listing
+        page per 25 versions), and the version tagged with this package, if the listing met
+        one. Needs keys/read.
 
         Raises:
             TransientError / Rejected: the listing failed.
         """
-        count = 0
+        count, ours = 0, None
         try:
-            for _ in self.client.list_properties_of_key_versions(name, request_id=request_id):
+            for props in self.client.list_properties_of_key_versions(name, request_id=request_id):
                 count += 1
+                if ours is None and is_ours(props.tags, package_sha256, package_id):
+                    ours = str(props.version)
                 if count >= stop_at:
                     break
         except ResourceNotFoundError:
-            return 0
+            return 0, None
         except AzureError as exc:
             raise translate(exc, "counting key versions") from None
-        return count
+        return count, ours
+
+    def get_imported(self, name: str, version: str, *, request_id: str) -> ImportedKey:
+        """One version, as an :class:`ImportedKey`. Needs keys/read.
+
+        Raises:
+            TransientError / Rejected: the read failed.
+        """
+        try:
+            return _imported(self.client.get_key(name, version, request_id=request_id))
+        except AzureError as exc:
+            raise translate(exc, "reading the imported version") from None
 
     def count_keys(self, *, stop_at: int, request_id: str) -> int:
         """How many (not deleted) keys the HSM holds, from this worker's count when it is recent

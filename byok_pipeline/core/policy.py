@@ -233,6 +233,7 @@ class ExistingKey:
     kid: str
     key_ops: tuple[str, ...]
     package_sha256_tag: str | None  # the pipeline's tag: set when the pipeline imported it
+    package_id_tag: str | None = None  # the package's canonical identity (same import)
 
 
 def check_existing_key(

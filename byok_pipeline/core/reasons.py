@@ -47,6 +47,7 @@ REASONS: dict[str, str] = {
     # the HSM
     "key_version_limit": "The key already has as many versions as Managed HSM keeps (100 per key, BYOK_HSM_MAX_VERSIONS_PER_KEY); versions cannot be deleted one by one: import under a new key name (and move its users), then upload again.",
     "hsm_key_limit": "The HSM holds as many keys as Managed HSM allows (5,000, BYOK_HSM_MAX_KEYS): delete and purge keys you no longer need, or use another HSM, then upload again.",
+    "earlier_version_disabled": "This package was imported before and that version is disabled (it failed verification, or its import was uncertain): check it in the HSM, enable it by hand if it is right, or import the key under a new name.",
     "hsm_refused": "Managed HSM refused the import; the service's error code is kept.",
     "fingerprint_mismatch": "The imported key does not match the manifest fingerprint (version disabled).",
     "verification_error": "The key was imported but the HSM refused the check that verifies it (version disabled).",

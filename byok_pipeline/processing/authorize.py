@@ -141,12 +141,21 @@ def _signed_options(manifest: bytes, uploaded: ImportOptions, package_sha256: st
 
 
 def check_existing(
-    hsm: HsmAdapter, auth: Authorization, key_name: str, target_type: str, *, request_id: str
-) -> None:
+    hsm: HsmAdapter,
+    auth: Authorization,
+    key_name: str,
+    target_type: str,
+    *,
+    package_sha256: str,
+    package_id: str | None,
+    request_id: str,
+) -> str | None:
     """After the KEK checks: the inferred target type against the rule, then the key that
     already has this name, if any (one GET), then Managed HSM's limits: the versions of that
     key (listed only when it exists), or the HSM's key count for a new name (from the worker's
-    cached count). Needs keys/read.
+    cached count). Returns the version of ``key_name`` already tagged with this package (an
+    import by ``byok import``, or by an earlier record), which is taken over instead of
+    importing again; None when there is none. Needs keys/read.
 
     Raises:
         Rejected: ``target_type_not_allowed_for_name``, ``existing_key_protected``,
@@ -155,18 +164,32 @@ def check_existing(
     """
     check_target_type(auth.rule, key_name, target_type)
     existing = hsm.existing_key(key_name, request_id=request_id)
+    if existing is not None and (
+        existing.package_sha256_tag == package_sha256
+        or (package_id is not None and existing.package_id_tag == package_id)
+    ):
+        return existing.kid.rstrip("/").split("/")[-1]  # this very package: nothing to protect
     check_existing_key(existing, auth.rule, key_name, policy=auth.policy is not None)
     limits = hsm.settings
     if existing is not None:
         most = limits.hsm_max_versions_per_key
-        if hsm.count_versions(key_name, stop_at=most, request_id=request_id) >= most:
+        count, ours = hsm.scan_versions(
+            key_name,
+            stop_at=most,
+            package_sha256=package_sha256,
+            package_id=package_id,
+            request_id=request_id,
+        )
+        if ours is not None:
+            return ours
+        if count >= most:
             raise Rejected(
                 "key_version_limit",
                 f"{key_name!r} already has {most} versions, Managed HSM's limit per key, and "
                 "versions cannot be deleted one by one: import under a new key name (and move "
                 "its users to it), then upload again",
             )
-        return
+        return None
     most = limits.hsm_max_keys
     if hsm.count_keys(stop_at=most, request_id=request_id) >= most:
         raise Rejected(
@@ -174,3 +197,4 @@ def check_existing(
             f"the HSM holds {most} keys, Managed HSM's limit: delete and purge keys that are "
             "no longer needed, or import into another HSM, then upload again",
         )
+    return None

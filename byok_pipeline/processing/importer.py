@@ -6,7 +6,13 @@ import hmac
 from collections.abc import Callable
 from datetime import datetime
 
-from byok_pipeline.adapters.keyvault import TAG_KEK_KID, TAG_PACKAGE_SHA256, HsmAdapter, ImportedKey
+from byok_pipeline.adapters.keyvault import (
+    TAG_KEK_KID,
+    TAG_PACKAGE_ID,
+    TAG_PACKAGE_SHA256,
+    HsmAdapter,
+    ImportedKey,
+)
 from byok_pipeline.core.errors import Rejected
 from byok_pipeline.core.metadata import ImportOptions
 from byok_pipeline.core.settings import Settings
@@ -60,11 +66,12 @@ def import_validated(
     validated: ValidatedPackage,
     options: ImportOptions,
     request_id: str,
+    package_id: str | None = None,
     look_first: bool = True,
     before_put: Callable[[], None] | None = None,
 ) -> ImportedKey:
-    """Import once: the version is tagged with the package digest and KEK kid. ``look_first``
-    as :meth:`HsmAdapter.import_once`.
+    """Import once: the version is tagged with the package digest, its canonical identity and
+    the KEK kid. ``look_first`` as :meth:`HsmAdapter.import_once`.
 
     Raises:
         Rejected: the HSM refused (``hsm_refused`` with its code).
@@ -72,6 +79,8 @@ def import_validated(
     """
     tags = dict(options.tags)
     tags[TAG_PACKAGE_SHA256] = package_sha256
+    if package_id is not None:
+        tags[TAG_PACKAGE_ID] = package_id
     tags[TAG_KEK_KID] = validated.kek_kid.kid
     t = validated.target_type
     return hsm.import_once(
@@ -83,6 +92,7 @@ def import_validated(
         key_ops=validated.key_ops,
         tags=tags,
         request_id=request_id,
+        package_id=package_id,
         look_first=look_first,
         before_put=before_put,
     )

@@ -185,6 +185,7 @@ class _Run:
         self._attempt_noted = float("-inf")  # monotonic time the last import attempt was saved
         self._policy: ImportPolicy | None = None
         self._policy_error: PolicyInvalid | None = None
+        self._policy_sha256: str | None = None
 
     def load_policy(self) -> None:
         """Read the import policy and its SHA-256 together (from the worker's cache, or one
@@ -195,6 +196,7 @@ class _Run:
             TransientError: storage failed.
         """
         outcome, sha = self.deps.authorization.snapshot()
+        self._policy_sha256 = sha
         if isinstance(outcome, PolicyInvalid):
             self._policy, self._policy_error = None, PolicyInvalid(outcome.message)
         else:
@@ -236,7 +238,8 @@ class _Run:
         the reconciler) audits it; no event ever names a state the status did not hold."""
         doc = self.doc
         doc.reason_code = reason
-        doc.message = message
+        if message is not None:  # else the message set for this outcome (a duplicate's) stays
+            doc.message = message
         doc.throttled_until = None
         doc.advance(state, self.deps.clock())
         doc.disposition = self._destination()[2]
@@ -286,16 +289,11 @@ class _Run:
             self._finish_duplicate(*first)
             return
         imported = self._earlier_import()
-        if imported is None:
+        if imported is None or not self.doc.reached("importing"):
+            # a version found for a record that never sent a PUT itself (an earlier, refused
+            # record of these bytes did) is taken over only through the same checks
             auth = self._authorize(options)
-            imported = self._validate_and_import(data, auth)
-        elif not self.doc.reached("importing"):
-            # imported by the retired record of these bytes (its history says how): this
-            # record takes the version over, then verifies it like its own
-            self.doc.imported_kid = imported.kid
-            if options.target_type is not None and self.doc.target_type is None:
-                self.doc.target_type = options.target_type.name  # what the AES check needs
-            self.record("validated", "importing")
+            imported = self._validate_and_import(data, auth, found=imported)
         self.doc.imported_kid = imported.kid  # from here on a crash is recovered by its tag
         self._verify(imported)
 
@@ -323,18 +321,33 @@ class _Run:
         doc, store = self.doc, self.deps.store
         if doc.package_id == identity:
             return None  # claimed by an earlier attempt of this record
+        refused: StatusDoc | None = None
         for _ in range(3):
             owner, etag = store.claim_identity(identity, self.path)
             if owner == self.path:
                 break
             first = store.load_status(owner)
             if first is not None and first.state not in _RETRYABLE_REFUSALS:
+                if not first.terminal:  # it may still fail: then this copy is the package
+                    raise InProgress(
+                        f"the first drop of this package ({first.blob_name[:200]!r}) is still "
+                        "being processed; this copy waits for its outcome"
+                    )
                 return owner, first
             if store.take_identity(identity, self.path, etag):
+                refused = first
                 break
         else:
             raise InProgress("another drop of the same package is claiming it; retry later")
         doc.package_id = identity
+        if refused is not None and refused.reached("importing"):
+            # the refused record sent an import PUT: this copy looks for its version (by the
+            # identity tag) and waits while that PUT may still land
+            doc.import_may_exist = True
+            doc.import_attempt_at = refused.import_attempt_at
+            if self.import_in_flight():
+                self.save()
+                raise InProgress("an import PUT of an earlier copy may still land; retry later")
         return None
 
     def _finish_duplicate(self, first_path: str, first: StatusDoc) -> None:
@@ -357,7 +370,10 @@ class _Run:
         if not doc.key_name or not doc.package_sha256:
             return None
         return self.deps.hsm.find_imported(
-            doc.key_name, doc.package_sha256, request_id=doc.correlation_id
+            doc.key_name,
+            doc.package_sha256,
+            package_id=doc.package_id,
+            request_id=doc.correlation_id,
         )
 
     def _authorize(self, options: ImportOptions) -> Authorization:
@@ -371,6 +387,7 @@ class _Run:
         assert doc.package_sha256 is not None  # noqa: S101  # data was read, so it was hashed
         if self._policy_error is not None:
             raise self._policy_error
+        doc.policy_sha256 = self._policy_sha256  # the policy that authorizes this attempt
         now = deps.clock()
         dropped = _parse_utc(doc.drop_time or doc.history[0].time)
         try:
@@ -400,7 +417,17 @@ class _Run:
         doc.fingerprint_expected = f"{fp.kind}:{fp.value}" if fp else None
         return auth
 
-    def _validate_and_import(self, data: bytes, auth: Authorization) -> ImportedKey:
+    def _validate_and_import(
+        self, data: bytes, auth: Authorization, *, found: ImportedKey | None = None
+    ) -> ImportedKey:
+        """Validate against the KEK and the existing key, then import (audited before the PUT),
+        or take over the version already tagged with this package (``found``, or one the
+        existing-key check met): an import by ``byok import`` or by an earlier record.
+
+        Raises:
+            Rejected: a check refused; ``earlier_version_disabled`` for a disabled version.
+            TransientError: a dependency failed.
+        """
         doc, deps, options = self.doc, self.deps, auth.options
         assert doc.key_name is not None  # noqa: S101  # set by _check_drop
         assert doc.package_sha256 is not None  # noqa: S101  # data was read, so it was hashed
@@ -415,9 +442,19 @@ class _Run:
         doc.target_type = validated.target_type.name
         doc.target_type_source = "inferred" if validated.target_type_inferred else "stated"
         doc.key_ops = list(validated.key_ops)
-        check_existing(
-            deps.hsm, auth, doc.key_name, validated.target_type.name, request_id=doc.correlation_id
+        ours = check_existing(
+            deps.hsm,
+            auth,
+            doc.key_name,
+            validated.target_type.name,
+            package_sha256=doc.package_sha256,
+            package_id=doc.package_id,
+            request_id=doc.correlation_id,
         )
+        if found is None and ours is not None:
+            found = deps.hsm.get_imported(doc.key_name, ours, request_id=doc.correlation_id)
+        if found is not None:
+            return self._take_over(found)
         # both states in one write, with the import attempt noted and the lease renewed if it
         # would not outlive the PUT: the first PUT follows at once (see _before_put). No look
         # for an earlier import: _earlier_import looked if an earlier attempt got this far.
@@ -437,11 +474,32 @@ class _Run:
             validated=validated,
             options=options,
             request_id=doc.correlation_id,
+            package_id=doc.package_id,
             look_first=False,
             before_put=self._before_put,
         )
         deps.fault("after_import")
         return imported
+
+    def _take_over(self, found: ImportedKey) -> ImportedKey:
+        """This package is already imported (a version tagged with it): recorded as this
+        record's import, then verified like one. A disabled version is never taken over: it was
+        disabled for a reason (a failed verification, an unknown outcome) a person must see.
+
+        Raises:
+            Rejected: ``earlier_version_disabled``.
+            TransientError: storage or the audit sink failed.
+        """
+        if not found.enabled:
+            raise Rejected(
+                "earlier_version_disabled",
+                f"this package was imported before as {found.kid}, and that version is "
+                "disabled (it failed verification, or its import was uncertain): check it in "
+                "the HSM (`byok status` shows the earlier record), enable it by hand if it is "
+                "right, or import the key under a new name",
+            )
+        self.record("validated", "importing")
+        return found
 
     def _verify(self, imported: ImportedKey) -> None:
         """Compare the imported key with the fingerprint recorded when the package was
@@ -463,6 +521,26 @@ class _Run:
             )
         else:
             self.finish("imported")
+
+    def settle_exhausted(self) -> None:
+        """Every attempt is spent and the last PUT's outcome was unknown; it can no longer
+        land now. Its version, if it landed, is verified like any import; else ``failed``.
+
+        Raises:
+            Rejected: verifying the version was refused.
+            TransientError: a dependency failed (retried; this settles again next time).
+        """
+        found = self._earlier_import()
+        if found is not None:
+            self.doc.imported_kid = found.kid
+            self._verify(found)
+            return
+        self.finish(
+            "failed",
+            reason="attempts_exhausted",
+            message=f"gave up after {self.doc.attempts} attempts: {self.doc.last_error}; "
+            "the last import request did not create a version",
+        )
 
     def _before_put(self) -> None:
         """Right before each import PUT: the attempt is noted and the lease renewed, so the lease
@@ -742,14 +820,19 @@ def _run_leased(run: _Run, *, counted: bool = False) -> Outcome:
         return Outcome(doc.state or "", run.path, doc)
     if run.import_in_flight():
         raise InProgress("an earlier import attempt may still be in flight; retry after it settles")
-    if not counted:
+    # the last attempt's PUT had an unknown outcome: now that it can no longer land, settle it
+    settle = doc.attempts >= run.deps.settings.max_attempts and doc.reached("importing")
+    if not counted and not settle:
         doc.attempts += 1
         run.save()
     try:
         run.load_policy()
         if any(entry.state != "received" for entry in doc.unaudited()):
             run.flush_audit()  # an earlier attempt's records first: nothing goes on unaudited
-        run.run()  # a fresh `received` goes with this attempt's first batch (one append less)
+        if settle:
+            run.settle_exhausted()
+        else:
+            run.run()  # a fresh `received` goes with this attempt's first batch
     except AwaitingApproval:
         doc.attempts -= 1  # waiting for people is not an attempt
         doc.last_error = None
@@ -797,7 +880,9 @@ def _failed_try(run: _Run, err: TransientError) -> None:
         run.save()
         raise err from None
     doc.throttled_until = None
-    if doc.attempts < deps.settings.max_attempts:
+    if doc.attempts < deps.settings.max_attempts or err.outcome_unknown:
+        # an unknown outcome is never the end: the next delivery, once that PUT can no longer
+        # land, settles it (``_Run.settle_exhausted``) before anything ends `failed`
         run.save()
         raise err from None
     note = run.disable_after_import()
@@ -842,7 +927,13 @@ def _duplicate(
         else:
             doc.reason_code, doc.message = refused.reason, refused.message
             doc.advance("rejected", deps.clock())
-        deps.store.put_status(path, doc)
+        if deps.store.create_status(path, doc) is None:  # a concurrent delivery made it first
+            made = deps.store.load_status(path)
+            if made is None:
+                raise TransientError(
+                    "the duplicate's record vanished; retry", reason="storage_error"
+                )
+            doc = made
     entries = doc.unaudited()
     emit_or_retry(  # one batch: one signed append
         deps.audit, *(event_for_state(doc, e.state, e.attempt, e.time) for e in entries)

@@ -9,11 +9,12 @@ the host's poison threshold). The reconciler, run by a timer trigger and by ``by
    lease (their events were lost, dead-lettered, or gave up), through the same
    :func:`~byok_pipeline.processing.processor.process_blob` the trigger calls; a package paced
    by the HSM (``throttled_until`` ahead) waits for its time, and a throttled redelivery ends
-   the pass (the HSM is at its pace; the next pass goes on).
+   the pass (the HSM is at its pace); each pass takes the packages in another order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -42,24 +43,31 @@ def reconcile(deps: Deps, *, now: datetime | None = None) -> ReconcileReport:
             except PipelineError as exc:
                 report.errors += 1
                 log.warning("byok reconcile: %s: %s", path, exc.reason)
-    stale_before = (now or deps.clock()) - timedelta(seconds=deps.settings.lease_seconds)
-    for name, modified in store.list_incoming_items():
+    at = now or deps.clock()
+    stale_before = at - timedelta(seconds=deps.settings.lease_seconds)
+    # each pass in another order (by the pass's time), so a pass cut short by throttling does
+    # not always leave the same packages for last
+    items = sorted(
+        store.list_incoming_items(),
+        key=lambda item: hashlib.sha256(f"{at.isoformat()}|{item[0]}".encode()).digest(),
+    )
+    for name, modified in items:
         if modified is not None and modified > stale_before:
             continue  # just dropped: its own event is on the way
-        latest = store.status_by_name(name)
-        if latest is not None and latest.updated and _parse(latest.updated) > stale_before:
-            continue  # delivered recently: its own retries are still running
-        paced_until = latest.throttled_until if latest is not None else None
-        if paced_until and _parse(paced_until) > (now or deps.clock()):
-            continue  # paced by the HSM: its next try is later
         try:
+            latest = store.status_by_name(name)
+            if latest is not None and latest.updated and _parse(latest.updated) > stale_before:
+                continue  # delivered recently: its own retries are still running
+            paced_until = latest.throttled_until if latest is not None else None
+            if paced_until and _parse(paced_until) > at:
+                continue  # paced by the HSM: its next try is later
             report.redelivered[name] = process_blob(name, deps).state
         except InProgress:
             report.redelivered[name] = "in_progress"
         except TransientError as exc:
             report.errors += 1
             report.redelivered[name] = f"error: {exc.reason}"
-            if exc.throttled:  # the HSM is at its pace: the next pass goes on from here
+            if exc.throttled:  # the HSM is at its pace: the next pass (in another order)
                 break
         except Exception as exc:  # noqa: BLE001  # one failing package must not stop the pass
             report.errors += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -56,12 +57,18 @@ _REQUESTS_ENV = (
 )  # fmt: skip
 
 
-def env_settings_kwargs(env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """``use_env_settings=False`` for the SDK clients when no proxy or CA-bundle variable is
-    set: the requests library would otherwise scan the whole environment on every request (a
-    few ms a package). With one set, the default (read it) stays."""
+def env_settings_kwargs(
+    env: Mapping[str, str] | None = None, *, platform: str = sys.platform
+) -> dict[str, Any]:
+    """``use_env_settings=False`` for the SDK clients on Linux when no proxy or CA-bundle
+    variable is set (in any letter case): the requests library would otherwise scan the whole
+    environment on every request (a few ms a package). With one set, or on another platform
+    (system proxy settings), the default (read them) stays."""
     env = os.environ if env is None else env
-    return {} if any(name in env for name in _REQUESTS_ENV) else {"use_env_settings": False}
+    wanted = {name.lower() for name in _REQUESTS_ENV}
+    if not platform.startswith("linux") or any(name.lower() in wanted for name in env):
+        return {}
+    return {"use_env_settings": False}
 
 
 def _retry_kwargs(settings: Settings) -> dict[str, Any]:

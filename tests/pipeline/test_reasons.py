@@ -228,9 +228,15 @@ def _expired_kek(stack: Stack) -> str:
 PER_APPROVAL = {"approval_unknown_approver", "approval_wrong_package"}
 
 
+#: Reasons that need a history of earlier records: each is produced by the named test.
+STAGED_ELSEWHERE = {
+    "earlier_version_disabled": "test_review_regressions_2.py::test_a_disabled_version_is_never_taken_over",
+}
+
+
 def test_every_documented_reason_has_a_case() -> None:
     # kek_wrong_size cannot be staged (the HSM creates only valid KEK sizes): unit-tested below
-    assert set(REASONS) == set(CASES) | {"kek_wrong_size"} | PER_APPROVAL
+    assert set(REASONS) == set(CASES) | {"kek_wrong_size"} | PER_APPROVAL | set(STAGED_ELSEWHERE)
 
 
 def test_every_reason_is_in_the_readme() -> None:

@@ -48,6 +48,8 @@ def test_storage_only_commands_need_no_hsm() -> None:
 def test_sdk_clients_skip_the_environment_scan_unless_a_proxy_or_ca_bundle_is_set() -> None:
     from byok_pipeline.processing.wiring import env_settings_kwargs
 
-    assert env_settings_kwargs({"PATH": "/usr/bin"}) == {"use_env_settings": False}
-    for name in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "REQUESTS_CA_BUNDLE"):
-        assert env_settings_kwargs({name: "x"}) == {}, name
+    linux = {"platform": "linux"}
+    assert env_settings_kwargs({"PATH": "/usr/bin"}, **linux) == {"use_env_settings": False}
+    for name in ("HTTPS_PROXY", "https_proxy", "Https_Proxy", "NO_PROXY", "REQUESTS_CA_BUNDLE"):
+        assert env_settings_kwargs({name: "x"}, **linux) == {}, name
+    assert env_settings_kwargs({}, platform="win32") == {}  # system proxy settings count there
