@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -135,3 +136,22 @@ def _pem_of(key: Any) -> bytes:
         .public_key()
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
+
+
+def key_versions(stack: Stack, key: str) -> list[Any]:
+    """The versions of ``key`` in the emulator (the SDK's properties)."""
+    return list(stack.hsm.key_client().list_properties_of_key_versions(key))
+
+
+def deliver_soon(stack: Stack, name: str, tries: int = 10) -> Outcome:
+    """Deliver again a few times, 0.1 s apart, while the pipeline hands the package back."""
+    from byok_pipeline.core.errors import InProgress, TransientError
+
+    last: Exception | None = None
+    for _ in range(tries):
+        try:
+            return stack.deliver(name)
+        except (TransientError, InProgress) as exc:
+            last = exc
+            time.sleep(0.1)
+    raise AssertionError(f"not done: {last!r}")

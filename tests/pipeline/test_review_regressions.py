@@ -5,30 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
 import pytest
 from pipeline_support import Stack
+from pipeline_support import deliver_soon as _deliver
+from pipeline_support import key_versions as _versions
 
-from byok_pipeline.core.errors import InProgress, TransientError
-
-
-def _versions(stack: Stack, key: str) -> list[Any]:
-    return list(stack.hsm.key_client().list_properties_of_key_versions(key))
-
-
-def _deliver(stack: Stack, name: str, tries: int = 10) -> Any:
-    last: Exception | None = None
-    for _ in range(tries):
-        try:
-            return stack.deliver(name)
-        except (TransientError, InProgress) as exc:
-            last = exc
-            time.sleep(0.1)
-    raise AssertionError(f"not done: {last!r}")
+from byok_pipeline.core.errors import TransientError
 
 
 @contextlib.contextmanager

@@ -11,25 +11,11 @@ from typing import Any
 
 import pytest
 from pipeline_support import Stack
+from pipeline_support import deliver_soon as _deliver
+from pipeline_support import key_versions as _versions
 
 from byok_pipeline.audit.events import utc_now
 from byok_pipeline.core.errors import InProgress, TransientError
-from byok_pipeline.processing.processor import Outcome
-
-
-def _versions(stack: Stack, key: str) -> list[Any]:
-    return list(stack.hsm.key_client().list_properties_of_key_versions(key))
-
-
-def _deliver(stack: Stack, name: str, tries: int = 10) -> Outcome:
-    last: Exception | None = None
-    for _ in range(tries):
-        try:
-            return stack.deliver(name)
-        except (TransientError, InProgress) as exc:
-            last = exc
-            time.sleep(0.1)
-    raise AssertionError(f"not done: {last!r}")
 
 
 def _later(stack: Stack, seconds: float) -> None:
