@@ -559,12 +559,17 @@ def main(argv: list[str] | None = None) -> int:
         print("build: interrupted; nothing written", file=sys.stderr)
         return 130
     hsm_note = "with python-pkcs11" if summary.pkcs11 else "without python-pkcs11"
-    print(
-        f"{out}: {len(summary.wheels)} wheels ({hsm_note}), {summary.size} bytes, "
-        f"sha256 {summary.sha256}"
-    )
-    for name in summary.wheels:
-        print(f"  {name}")
+    lines = [
+        (
+            f"{out}: {len(summary.wheels)} wheels ({hsm_note}), {summary.size} bytes, "
+            f"sha256 {summary.sha256}"
+        ),
+        *(f"  {name}" for name in summary.wheels),
+    ]
+    try:
+        print("\n".join(lines), flush=True)
+    except BrokenPipeError:  # `| head`: the bundle is built all the same
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as Python's docs do
     return 0
 
 

@@ -53,6 +53,14 @@ class Failed(Exception):
     """A step failed (virtualenv, pip): the bundle may be fine, the machine needs attention."""
 
 
+def say(line: str) -> None:
+    """Print a progress line; a closed stdout (``install.py | head``) does not stop the install."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as Python's docs do
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -240,19 +248,19 @@ def installed_version(venv: Path) -> str:
 def install(bundle: Path, venv: Path) -> int:
     """Verify, create the virtualenv, install, show the version. Returns the exit code."""
     checked = verify_bundle(bundle)
-    print(f"{NAME}: {checked} files match {SUMS}")
+    say(f"{NAME}: {checked} files match {SUMS}")
     target = read_target(bundle)
     check_python(target)
     created = make_venv(venv)
-    print(f"{NAME}: {'created' if created else 'using'} the virtualenv {venv}")
+    say(f"{NAME}: {'created' if created else 'using'} the virtualenv {venv}")
     pip_install(venv, bundle)
-    print(installed_version(venv))
+    say(installed_version(venv))
     hsm = (
         "HSM mode available: python-pkcs11 is installed"
         if target.get("pkcs11")
         else "no HSM mode: python-pkcs11 is not in this bundle"
     )
-    print(f"{NAME}: done: run {_venv_bin(venv, 'byok-package')}; {hsm}")
+    say(f"{NAME}: done: run {_venv_bin(venv, 'byok-package')}; {hsm}")
     return EXIT_OK
 
 
