@@ -9,7 +9,8 @@ PY := $(VENV)/bin/python
 INFRA_VENV := .venv-infra
 APT_PACKAGES := softhsm2 openssl chromium
 
-.PHONY: help test demo lint typecheck unit deps system-deps node-deps infra-deps bench clean package fuzz
+.PHONY: help test demo lint typecheck unit deps system-deps node-deps infra-deps bench clean package fuzz \
+	offline-bundle
 
 help:
 	@echo "make test   - install dependencies, run ruff, mypy and pytest"
@@ -17,6 +18,8 @@ help:
 	@echo "make bench  - print benchmark figures (not part of the tests)"
 	@echo "make fuzz   - the mutation campaign: 100,000 hostile packages (not part of the tests)"
 	@echo "make package - build dist/function-app.zip, the Function's deployment package"
+	@echo "make offline-bundle - build dist/byok-package-offline-VERSION.tar.gz, byok-package for"
+	@echo "               the air-gapped machine (BUNDLE_ARGS=\"--python-version 3.12 --platform TAG --out F\")"
 
 # System packages: SoftHSM2 (the PKCS#11 HSM for tests), the OpenSSL CLI (independent
 # implementation of the wrap) and Chromium (the dashboard's browser test drives Debian's build
@@ -77,6 +80,11 @@ demo: deps
 # The deployment package: exactly what .funcignore admits (see infra/README.md, "Publish").
 package: $(VENV)/.stamp
 	$(PY) scripts/build_function_zip.py --out dist/function-app.zip
+
+# byok-package for the air-gapped machine: its wheel and its dependencies' wheels, install.py,
+# SHA256SUMS (README "Install byok-package on the air-gapped machine"). Downloads from the index.
+offline-bundle: $(VENV)/.stamp
+	$(PY) scripts/build_offline_bundle.py $(BUNDLE_ARGS)
 
 bench: deps
 	$(PY) benchmarks/packager_bench.py
