@@ -9,7 +9,10 @@ the host's poison threshold). The reconciler, run by a timer trigger and by ``by
    lease (their events were lost, dead-lettered, or gave up), through the same
    :func:`~byok_pipeline.processing.processor.process_blob` the trigger calls; a package paced
    by the HSM (``throttled_until`` ahead) waits for its time, and a throttled redelivery ends
-   the pass (the HSM is at its pace; the next pass goes on).
+   the pass (the HSM is at its pace; the next pass goes on);
+3. reports the ``byok.waiting`` and ``byok.throttled`` gauges from what it has just read (every
+   status document, the incoming listing: no request of its own), as the pass began: in Azure
+   the gauges are as fresh as the last pass (``BYOK_RECONCILE_SCHEDULE``, every 10 minutes).
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from byok_pipeline.adapters.telemetry import observe_backlog
 from byok_pipeline.core.errors import InProgress, PipelineError, TransientError
+from byok_pipeline.core.metrics import backlog
+from byok_pipeline.core.status import StatusDoc
 from byok_pipeline.processing.processor import Deps, complete_audit, process_blob
 
 log = logging.getLogger("byok_pipeline")
@@ -35,15 +41,20 @@ def reconcile(deps: Deps, *, now: datetime | None = None) -> ReconcileReport:
     """One pass. Never raises for one bad package; counts it in ``errors``."""
     report = ReconcileReport()
     store = deps.store
+    docs: list[StatusDoc] = []
     for path, doc in store.iter_status_items():
+        docs.append(doc)
         if doc.unaudited():
             try:
                 report.audits_completed += int(complete_audit(path, deps))
             except PipelineError as exc:
                 report.errors += 1
                 log.warning("byok reconcile: %s: %s", path, exc.reason)
-    stale_before = (now or deps.clock()) - timedelta(seconds=deps.settings.lease_seconds)
-    for name, modified in store.list_incoming_items():
+    listed_at = now or deps.clock()
+    stale_before = listed_at - timedelta(seconds=deps.settings.lease_seconds)
+    incoming = store.list_incoming_items()
+    observe_backlog(backlog(docs, incoming, listed_at), deps.settings)
+    for name, modified in incoming:
         if modified is not None and modified > stale_before:
             continue  # just dropped: its own event is on the way
         latest = store.status_by_name(name)
