@@ -1,8 +1,13 @@
-"""OpenTelemetry: one span per package, one log record per audit event. Set up lazily, once.
+"""OpenTelemetry: one span per package, one log record per audit event, and the pipeline's
+metrics (:mod:`byok_pipeline.core.metrics`: names, units, attributes). Set up lazily, once.
 
 - With ``APPLICATIONINSIGHTS_CONNECTION_STRING`` set, ``azure-monitor-opentelemetry`` exports
   to Application Insights: audit events land in table ``AppTraces`` (``Message`` is the event
-  name, the event's fields are in ``Properties``), spans in ``AppRequests``/``AppDependencies``.
+  name, the event's fields are in ``Properties``), spans in ``AppRequests``/``AppDependencies``,
+  metrics in ``AppMetrics`` (``Name`` is the metric's name, its attributes in ``Properties``;
+  a counter or histogram row holds the delta of one export interval, 60 s: ``Sum``,
+  ``ItemCount``, ``Min``, ``Max``; a histogram's buckets are not sent, so percentiles come from
+  the audit events; a gauge's value is in ``Sum``).
   Spans are sampled at 100 % (``sampling_ratio=1.0``) and log records are never dropped for
   belonging to an unsampled trace (``enable_trace_based_sampling_for_logs=False``). The
   distro lets ``OTEL_TRACES_SAMPLER`` (and ``OTEL_LOGS_EXPORTER=none``) in the environment
@@ -10,12 +15,17 @@
   ``APPLICATIONINSIGHTS_AUTHENTICATION_STRING`` (``Authorization=AAD;ClientId=...``) the
   exporter authenticates with that managed identity (Entra ID).
 - Otherwise, when ``BYOK_TELEMETRY_LOG`` is set (or ``BYOK_AUDIT_LOG``: ``telemetry.jsonl``
-  beside it), spans and log records are written there as JSON lines; with neither, nothing is
-  exported and spans cost nothing.
+  beside it), spans and log records are written there as JSON lines, and the metrics as one
+  JSON line per collection (every ``OTEL_METRIC_EXPORT_INTERVAL`` ms, default 60 s, and at
+  exit); with neither, nothing is exported and spans and metrics cost nothing.
+
+Metrics are recorded beside the events (:class:`TelemetryAuditSink`: ``byok.packages`` and
+``byok.drop_to_import`` from each state's audit event) and by whoever computes the backlog
+(:func:`observe_backlog`: the reconciler's pass, the dashboard).
 
 Nothing is imported or configured at import time (the Function's cold start stays small): the
-first span or audit event calls :func:`configure_once`. Tests install in-memory exporters with
-:func:`install` and undo it with :func:`reset`.
+first span, audit event or backlog calls :func:`configure_once`. Tests install in-memory
+exporters (and an in-memory metric reader) with :func:`install` and undo it with :func:`reset`.
 
 Telemetry is not the audit record (Application Insights can sample or drop): the trail in blob
 storage is. :class:`TelemetryAuditSink` therefore does not fail an event for an exporter's
@@ -31,13 +41,16 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from byok_pipeline.core import metrics as m
+
 if TYPE_CHECKING:
     from opentelemetry._logs import Logger
+    from opentelemetry.metrics import CallbackOptions, Meter, Observation
     from opentelemetry.trace import Span, Tracer
 
     from byok_pipeline.core.settings import Settings
@@ -69,14 +82,76 @@ _KEEPS_EVERY_SPAN = frozenset({"always_on", "parentbased_always_on"})
 TELEMETRY_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, RuntimeError)
 
 
+class PipelineMetrics:
+    """The pipeline's instruments on one meter (:data:`byok_pipeline.core.metrics.METRICS`)."""
+
+    def __init__(self, meter: Meter) -> None:
+        specs = m.METRICS
+        self.packages = meter.create_counter(
+            m.PACKAGES, unit=specs[m.PACKAGES].unit, description=specs[m.PACKAGES].description
+        )
+        self.drop_to_import = meter.create_histogram(
+            m.DROP_TO_IMPORT,
+            unit=specs[m.DROP_TO_IMPORT].unit,
+            description=specs[m.DROP_TO_IMPORT].description,
+            explicit_bucket_boundaries_advisory=m.DROP_TO_IMPORT_BUCKETS,
+        )
+        self._lock = threading.Lock()
+        self._pending: dict[str, int] = {}
+        for name in (m.WAITING, m.THROTTLED):
+            meter.create_observable_gauge(
+                name,
+                callbacks=[self._observer(name)],
+                unit=specs[name].unit,
+                description=specs[name].description,
+            )
+
+    def record_event(self, event: Mapping[str, Any]) -> None:
+        """Count the state an audit event records; with ``byok.imported``, its drop-to-import
+        seconds. Other events (``byok.verified``, KEK and policy events) record nothing."""
+        state = m.state_of_event(event)
+        if state is None:
+            return
+        reason = event.get("reason_code")
+        self.packages.add(
+            1, m.package_attributes(state, reason if isinstance(reason, str) else None)
+        )
+        if state == "imported":
+            dropped, imported = event.get("drop_time"), event.get("time")
+            seconds = m.drop_to_import_seconds(
+                dropped if isinstance(dropped, str) else None,
+                imported if isinstance(imported, str) else None,
+            )
+            if seconds is not None:
+                self.drop_to_import.record(seconds)
+
+    def observe_backlog(self, backlog: m.Backlog) -> None:
+        """The gauges' figures, reported once at the next collection (a newer call replaces
+        them; no call, no observation)."""
+        with self._lock:
+            self._pending = {m.WAITING: backlog.waiting, m.THROTTLED: backlog.throttled}
+
+    def _observer(self, name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(_options: CallbackOptions) -> list[Observation]:
+            from opentelemetry.metrics import Observation
+
+            with self._lock:
+                value = self._pending.pop(name, None)
+            return [] if value is None else [Observation(value)]
+
+        return observe
+
+
 @dataclass
 class Telemetry:
-    """The tracer and logger every span and audit log record goes through."""
+    """The tracer, logger and instruments every span, audit log record and metric goes
+    through."""
 
     tracer: Tracer
     logger: Logger
     exporter: str  # "azure-monitor", "jsonl:<path>", "memory", "none"
     providers: tuple[Any, ...] = ()  # kept for force_flush/shutdown
+    metrics: PipelineMetrics | None = None  # None: built without instruments (records nothing)
 
     def force_flush(self) -> None:
         for provider in self.providers:
@@ -114,18 +189,26 @@ def configure_once(
         return _state
 
 
-def install(tracer_provider: Any, logger_provider: Any) -> Telemetry:
-    """Use these SDK providers (tests: in-memory exporters). Replaces any earlier set-up for
-    this module only; the global OpenTelemetry providers are left alone."""
+def install(
+    tracer_provider: Any, logger_provider: Any, meter_provider: Any | None = None
+) -> Telemetry:
+    """Use these SDK providers (tests: in-memory exporters and metric reader; without a meter
+    provider, metrics are recorded nowhere). Replaces any earlier set-up for this module only;
+    the global OpenTelemetry providers are left alone."""
     global _state  # noqa: PLW0603  # one telemetry set-up per process, by design
     from byok_pipeline import __version__
 
+    if meter_provider is None:
+        from opentelemetry.metrics import NoOpMeterProvider
+
+        meter_provider = NoOpMeterProvider()
     with _lock:
         _state = Telemetry(
             tracer_provider.get_tracer(SCOPE, __version__),
             logger_provider.get_logger(SCOPE, __version__),
             "memory",
-            (tracer_provider, logger_provider),
+            (tracer_provider, logger_provider, meter_provider),
+            PipelineMetrics(meter_provider.get_meter(m.METER, __version__)),
         )
         return _state
 
@@ -169,6 +252,12 @@ def azure_monitor_options(env: Mapping[str, str]) -> dict[str, Any]:
             "OTEL_LOGS_EXPORTER=none is set: audit events are not sent to Application "
             "Insights (the trail still records them)"
         )
+    if env.get("OTEL_METRICS_EXPORTER", "").strip().lower() == "none":
+        log.warning(
+            "OTEL_METRICS_EXPORTER=none is set: the pipeline's metrics (byok.packages, "
+            "byok.drop_to_import, byok.waiting, byok.throttled) are not sent to Application "
+            "Insights; the workbook's metric panels and the failed-packages alert stay empty"
+        )
     options: dict[str, Any] = {
         "connection_string": env["APPLICATIONINSIGHTS_CONNECTION_STRING"],
         "sampling_ratio": 1.0,
@@ -194,14 +283,17 @@ def _configure(settings: Settings | None, env: Mapping[str, str]) -> Telemetry:
         from azure.monitor.opentelemetry import configure_azure_monitor
         from opentelemetry import trace
         from opentelemetry._logs import get_logger_provider
+        from opentelemetry.metrics import get_meter_provider
 
         configure_azure_monitor(**azure_monitor_options(env))
         tracer_provider, logger_provider = trace.get_tracer_provider(), get_logger_provider()
+        meter_provider = get_meter_provider()  # the distro's: a 60 s periodic reader
         return Telemetry(
             tracer_provider.get_tracer(SCOPE, __version__),
             logger_provider.get_logger(SCOPE, __version__),
             "azure-monitor",
-            (tracer_provider, logger_provider),
+            (tracer_provider, logger_provider, meter_provider),
+            PipelineMetrics(meter_provider.get_meter(m.METER, __version__)),
         )
     path = telemetry_log_path(settings, env)
     if path is None:
@@ -211,15 +303,24 @@ def _configure(settings: Settings | None, env: Mapping[str, str]) -> Telemetry:
 
 def _noop() -> Telemetry:
     from opentelemetry._logs import NoOpLogger
+    from opentelemetry.metrics import NoOpMeter
     from opentelemetry.trace import NoOpTracer
 
-    return Telemetry(NoOpTracer(), NoOpLogger(SCOPE), "none")
+    return Telemetry(
+        NoOpTracer(), NoOpLogger(SCOPE), "none", (), PipelineMetrics(NoOpMeter(m.METER))
+    )
 
 
 def _jsonl(path: Path) -> Telemetry:
-    """Spans and log records as JSON lines in ``path`` (synchronous: local runs only)."""
+    """Spans and log records as JSON lines in ``path`` (synchronous: local runs only), and the
+    metrics as one JSON line per collection (a periodic reader; the last at exit)."""
     from opentelemetry.sdk._logs import LoggerProvider
     from opentelemetry.sdk._logs.export import ConsoleLogRecordExporter, SimpleLogRecordProcessor
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import (
+        ConsoleMetricExporter,
+        PeriodicExportingMetricReader,
+    )
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
@@ -241,11 +342,16 @@ def _jsonl(path: Path) -> Telemetry:
             ConsoleLogRecordExporter(out=out, formatter=lambda r: r.to_json(indent=None) + "\n")
         )
     )
+    reader = PeriodicExportingMetricReader(
+        ConsoleMetricExporter(out=out, formatter=lambda data: data.to_json(indent=None) + "\n")
+    )
+    meter_provider = MeterProvider(metric_readers=[reader], resource=resource)
     return Telemetry(
         tracer_provider.get_tracer(SCOPE, __version__),
         logger_provider.get_logger(SCOPE, __version__),
         f"jsonl:{path}",
-        (tracer_provider, logger_provider),
+        (tracer_provider, logger_provider, meter_provider),
+        PipelineMetrics(meter_provider.get_meter(m.METER, __version__)),
     )
 
 
@@ -322,6 +428,21 @@ def current_package_span() -> PackageSpan | None:
     return _current.get()
 
 
+# -- metrics ------------------------------------------------------------------------------------
+
+
+def observe_backlog(backlog: m.Backlog, settings: Settings | None = None) -> None:
+    """Report the ``byok.waiting`` and ``byok.throttled`` gauges' figures (computed by the
+    reconciler's pass or the dashboard from what they read anyway). Best effort, like every
+    telemetry call: an exporter's error is logged, never raised."""
+    try:
+        instruments = configure_once(settings).metrics
+        if instruments is not None:
+            instruments.observe_backlog(backlog)
+    except TELEMETRY_ERRORS as exc:
+        log.warning("could not record the backlog gauges: %s", type(exc).__name__)
+
+
 # -- audit events as log records ----------------------------------------------------------------
 
 
@@ -341,9 +462,11 @@ def event_attributes(event: Mapping[str, Any]) -> dict[str, str | int | float | 
 class TelemetryAuditSink:
     """Writes each audit event as an OpenTelemetry log record: body = the event name,
     attributes = the event's fields (in Application Insights: ``AppTraces``, ``Message`` and
-    ``Properties.<field>``). Best effort: an exporter's failure (:data:`TELEMETRY_ERRORS`) is
-    logged, never raised; anything else (a ``TypeError`` from an SDK without the keyword form
-    of ``Logger.emit``, opentelemetry-sdk < 1.38) is a bug and propagates."""
+    ``Properties.<field>``), and records the metrics it makes (``byok.packages``,
+    ``byok.drop_to_import``: :meth:`PipelineMetrics.record_event`). Best effort: an exporter's
+    failure (:data:`TELEMETRY_ERRORS`) is logged, never raised; anything else (a ``TypeError``
+    from an SDK without the keyword form of ``Logger.emit``, opentelemetry-sdk < 1.38) is a
+    bug and propagates."""
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings
@@ -367,6 +490,8 @@ class TelemetryAuditSink:
             span = _current.get()
             if span is not None:
                 span.note_event(event)
+            if tel.metrics is not None:
+                tel.metrics.record_event(event)
         except TELEMETRY_ERRORS as exc:  # the trail is the record: an exporter's error is logged
             log.warning(
                 "could not write audit event %s to telemetry: %s",

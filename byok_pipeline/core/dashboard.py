@@ -6,7 +6,9 @@ Pure: :func:`compute` takes the documents, the waiting blobs and the time, and r
 ``dashboard`` route.
 
 - **Counts per state**: every status document by its current state, plus ``waiting`` (blobs
-  still in the incoming container) and ``throttled`` (unfinished packages the HSM paced).
+  still in the incoming container) and ``throttled`` (unfinished packages the HSM paced, whose
+  ``throttled_until`` is ahead): the figures of the ``byok.waiting`` and ``byok.throttled``
+  gauges, from the same :func:`~byok_pipeline.core.metrics.backlog` (``Dashboard.backlog``).
 - **Imports per day**: ``imported`` history entries per UTC day, the last :data:`DAYS` days.
 - **Refusals by reason**: ``rejected`` documents per reason code.
 - **Failures**: ``failed`` and ``verification_failed`` documents.
@@ -27,7 +29,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from byok_pipeline.core.status import STATES, TERMINAL, StatusDoc, utc
+from byok_pipeline.core.metrics import Backlog, backlog, drop_to_import_seconds, throttled_ahead
+from byok_pipeline.core.status import STATES, TERMINAL, StatusDoc, parse_time, utc
 
 #: Days of the imports-per-day chart (today included).
 DAYS = 14
@@ -37,17 +40,6 @@ LOST_AFTER = timedelta(minutes=10)
 IN_PROGRESS = tuple(s for s in STATES if s not in TERMINAL)
 #: States that mean something went wrong after validation.
 FAILURE_STATES = ("failed", "verification_failed")
-
-
-def parse_time(text: str | None) -> datetime | None:
-    """An RFC 3339 time as the pipeline writes it (``...Z``); None for None or anything else."""
-    if not text:
-        return None
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 def percentile(values: Sequence[float], pct: float) -> float | None:
@@ -161,30 +153,35 @@ class Dashboard:
     drop_to_import: DropToImport
     audit_pending: int
     packages: list[PackageRow]
+    #: the ``byok.waiting`` and ``byok.throttled`` gauges' figures (``counts`` shows them too)
+    backlog: Backlog = field(default_factory=lambda: Backlog(0, 0))
     trail: TrailStatus | None = None
     lost_after_seconds: float = field(default=LOST_AFTER.total_seconds())
 
 
+def _imported_time(doc: StatusDoc) -> str | None:
+    return next((h.time for h in doc.history if h.state == "imported"), None)
+
+
 def _imported_at(doc: StatusDoc) -> datetime | None:
-    for h in doc.history:
-        if h.state == "imported":
-            return parse_time(h.time)
-    return None
+    return parse_time(_imported_time(doc))
 
 
-def _dropped_at(doc: StatusDoc) -> datetime | None:
-    return parse_time(doc.drop_time) or (parse_time(doc.history[0].time) if doc.history else None)
+def _dropped_time(doc: StatusDoc) -> str | None:
+    return doc.drop_time or (doc.history[0].time if doc.history else None)
 
 
 def drop_to_import(docs: Iterable[StatusDoc]) -> DropToImport:
-    """p50/p95 seconds from drop to import of the imported documents among ``docs``."""
+    """p50/p95 seconds from drop to import of the imported documents among ``docs``: each the
+    figure the ``byok.drop_to_import`` histogram recorded for it
+    (:func:`~byok_pipeline.core.metrics.drop_to_import_seconds`)."""
     seconds: list[float] = []
     for doc in docs:
         if doc.state != "imported":
             continue
-        dropped, imported = _dropped_at(doc), _imported_at(doc)
-        if dropped is not None and imported is not None and imported >= dropped:
-            seconds.append((imported - dropped).total_seconds())
+        took = drop_to_import_seconds(_dropped_time(doc), _imported_time(doc))
+        if took is not None:
+            seconds.append(took)
     return DropToImport(len(seconds), percentile(seconds, 50), percentile(seconds, 95))
 
 
@@ -250,13 +247,15 @@ def compute(
         key=lambda r: (r.updated or "", r.blob_name),
         reverse=True,
     )
+    incoming = list(incoming)
     waiting_rows = waiting(incoming, docs, now, lost_after)
-    throttled = [r for r in rows if r.throttled_until is not None]
+    throttled = [r for r in rows if throttled_ahead(r.state, r.throttled_until, now)]
+    gauges = backlog(docs, incoming, now)
     counts: dict[str, int] = dict.fromkeys(STATES, 0)
     for r in rows:
         counts[r.state] = counts.get(r.state, 0) + 1
-    counts["waiting"] = len(waiting_rows)
-    counts["throttled"] = len(throttled)
+    counts["waiting"] = gauges.waiting
+    counts["throttled"] = gauges.throttled
     refusals = Counter(r.reason_code or "unknown" for r in rows if r.state == "rejected")
     return Dashboard(
         generated=utc(now.astimezone(UTC)),
@@ -269,6 +268,7 @@ def compute(
         drop_to_import=drop_to_import(docs),
         audit_pending=sum(r.audit_pending for r in rows),
         packages=rows,
+        backlog=gauges,
         trail=trail,
         lost_after_seconds=lost_after.total_seconds(),
     )

@@ -19,8 +19,10 @@ from html import escape
 from importlib import resources
 from urllib.parse import quote
 
+from byok_pipeline.core import metrics
 from byok_pipeline.core.dashboard import Dashboard, PackageRow, TrailStatus
 from byok_pipeline.core.reasons import REASONS
+from byok_pipeline.core.status import TERMINAL
 
 #: Where the page links a package's JSON (the Function's ``get_package`` route).
 PACKAGE_API = "/api/packages/"
@@ -306,6 +308,42 @@ def _audit(d: Dashboard) -> str:
     )
 
 
+def _metric_rows(d: Dashboard) -> Iterable[tuple[str, str]]:
+    """(metric name, the figure of this page it carries), in :data:`metrics.METRICS` order."""
+    finals = " · ".join(
+        f"{state} {d.counts.get(state, 0)}" for state, _ in _TILES if state in TERMINAL
+    )
+    m = d.drop_to_import
+    figures = {
+        metrics.PACKAGES: f"packages per state (the tiles): {finals}",
+        metrics.DROP_TO_IMPORT: (
+            f"drop to import: {m.count} import(s), p50 {duration(m.p50_seconds)}, "
+            f"p95 {duration(m.p95_seconds)}"
+        ),
+        metrics.WAITING: f"waiting in the incoming container: {d.backlog.waiting}",
+        metrics.THROTTLED: f"throttled by the HSM: {d.backlog.throttled}",
+    }
+    for name in metrics.METRICS:
+        yield name, figures[name]
+
+
+def _metrics(d: Dashboard) -> str:
+    rows = (
+        f'<tr data-metric-name="{_e(name)}"><td><code>{_e(name)}</code></td>'
+        f"<td>{_e(metrics.METRICS[name].instrument.replace('_', ' '))}</td>"
+        f"<td>{_e(figure)}</td></tr>"
+        for name, figure in _metric_rows(d)
+    )
+    note = (
+        '<p class="muted">The same figures as OpenTelemetry metrics (Application Insights: '
+        "table <code>AppMetrics</code>). The gauges are reported from this very computation, "
+        "at each view and each reconciler pass; the counter and the histogram are recorded "
+        "with each package's audit event, so over the same packages they add up to the counts "
+        "and durations shown here.</p>"
+    )
+    return _table(("metric", "instrument", "figure on this page"), rows, "") + note
+
+
 def _history(row: PackageRow, ident: str) -> str:
     steps = "".join(
         f'<li>{_time(s.time)} {_state(s.state)} <span class="muted">attempt {s.attempt}</span></li>'
@@ -371,6 +409,7 @@ def render(d: Dashboard) -> str:
             _section("waiting", "Waiting in the incoming container", _waiting(d)),
             _section("throttled", "Throttled by the HSM", _throttled(d, ids)),
             _section("audit", "Audit trail", _audit(d)),
+            _section("metrics", "Metrics", _metrics(d)),
             _section("packages", "Packages", _packages(d, ids), wide=True),
         )
     )

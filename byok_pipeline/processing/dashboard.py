@@ -2,7 +2,8 @@
 listing, handed to the pure :func:`byok_pipeline.core.dashboard.compute`.
 
 Needs read access to the status and incoming containers (what ``GET /api/packages`` needs).
-What the Function's ``dashboard`` route and ``byok serve`` both call.
+What the Function's ``dashboard`` route and ``byok serve`` both call. Each view also reports the
+``byok.waiting`` and ``byok.throttled`` gauges from the figures it shows (one computation).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
+from byok_pipeline.adapters.telemetry import observe_backlog
 from byok_pipeline.audit.verify import KeyFetcher, TrailReader, Trust
 from byok_pipeline.core.dashboard import Dashboard, TrailStatus, compute
 from byok_pipeline.core.dashboard_page import render
@@ -32,7 +34,9 @@ def collect(
     incoming = deps.store.list_incoming_items()
     docs = list(deps.store.iter_statuses())
     trail = trail_check() if trail_check is not None else None
-    return compute(docs, incoming, now=now or deps.clock(), trail=trail)
+    figures = compute(docs, incoming, now=now or deps.clock(), trail=trail)
+    observe_backlog(figures.backlog, deps.settings)
+    return figures
 
 
 def page(deps: Deps, *, trail_check: TrailCheck | None = None) -> str:

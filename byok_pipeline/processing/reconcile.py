@@ -9,7 +9,10 @@ the host's poison threshold). The reconciler, run by a timer trigger and by ``by
    lease (their events were lost, dead-lettered, or gave up), through the same
    :func:`~byok_pipeline.processing.processor.process_blob` the trigger calls; a package paced
    by the HSM (``throttled_until`` ahead) waits for its time, and a throttled redelivery ends
-   the pass (the HSM is at its pace); each pass takes the packages in another order.
+   the pass (the HSM is at its pace); each pass takes the packages in another order;
+3. reports the ``byok.waiting`` and ``byok.throttled`` gauges from what it has just read (every
+   status document, the incoming listing: no request of its own), as the pass began: in Azure
+   the gauges are as fresh as the last pass (``BYOK_RECONCILE_SCHEDULE``, every 10 minutes).
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from byok_pipeline.adapters.telemetry import observe_backlog
 from byok_pipeline.core.errors import InProgress, PipelineError, TransientError
+from byok_pipeline.core.metrics import backlog
+from byok_pipeline.core.status import StatusDoc
 from byok_pipeline.processing.processor import Deps, complete_audit, process_blob
 
 log = logging.getLogger("byok_pipeline")
@@ -36,7 +42,9 @@ def reconcile(deps: Deps, *, now: datetime | None = None) -> ReconcileReport:
     """One pass. Never raises for one bad package; counts it in ``errors``."""
     report = ReconcileReport()
     store = deps.store
+    docs: list[StatusDoc] = []
     for path, doc in store.iter_status_items():
+        docs.append(doc)
         if doc.unaudited():
             try:
                 report.audits_completed += int(complete_audit(path, deps))
@@ -45,10 +53,12 @@ def reconcile(deps: Deps, *, now: datetime | None = None) -> ReconcileReport:
                 log.warning("byok reconcile: %s: %s", path, exc.reason)
     at = now or deps.clock()
     stale_before = at - timedelta(seconds=deps.settings.lease_seconds)
+    incoming = store.list_incoming_items()
+    observe_backlog(backlog(docs, incoming, at), deps.settings)
     # each pass in another order (by the pass's time), so a pass cut short by throttling does
     # not always leave the same packages for last
     items = sorted(
-        store.list_incoming_items(),
+        incoming,
         key=lambda item: hashlib.sha256(f"{at.isoformat()}|{item[0]}".encode()).digest(),
     )
     for name, modified in items:

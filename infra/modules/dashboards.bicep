@@ -1,6 +1,7 @@
 // The BYOK workbook (infra/workbook.json) and the alert rules (infra/queries/*.kql).
-// Both query the shared workspace: the pipeline's audit events in table AppTraces, and the
-// storage account's blob and queue logs (StorageBlobLogs, StorageQueueLogs).
+// Both query the shared workspace: the pipeline's audit events in table AppTraces, its metrics
+// in table AppMetrics (byok_pipeline/core/metrics.py), and the storage account's blob and queue
+// logs (StorageBlobLogs, StorageQueueLogs).
 //
 // Alert windows: every rule runs every 5 minutes over the last 20 minutes, so a record that
 // arrives late (Log Analytics ingestion usually takes a few minutes) is still inside the window;
@@ -85,14 +86,15 @@ resource verificationFailedAlert 'Microsoft.Insights/scheduledQueryRules@2021-08
   }
 }
 
-// Severity 2 (warning): a package could not be imported.
+// Severity 2 (warning): packages could not be imported. A count, from the metric byok.packages
+// (state "failed"), one alert per reason code.
 resource failedAlert 'Microsoft.Insights/scheduledQueryRules@2021-08-01' = {
   name: 'alert-${appName}-byok-failed'
   location: location
   tags: tags
   properties: {
     displayName: 'BYOK: package import failed'
-    description: 'A byok.failed audit event: a package could not be imported into Managed HSM. See its status document and the workbook.'
+    description: 'Packages ended failed (metric byok.packages, state failed, by reason_code): they could not be imported into Managed HSM. The Failures panel of the workbook and byok status --state failed name them.'
     severity: 2
     enabled: true
     evaluationFrequency: 'PT5M'
@@ -104,7 +106,17 @@ resource failedAlert 'Microsoft.Insights/scheduledQueryRules@2021-08-01' = {
       allOf: [
         {
           query: loadTextContent('../queries/alert-failed.kql')
-          timeAggregation: 'Count'
+          timeAggregation: 'Total'
+          metricMeasureColumn: 'failed'
+          dimensions: [
+            {
+              name: 'reason_code'
+              operator: 'Include'
+              values: [
+                '*'
+              ]
+            }
+          ]
           operator: 'GreaterThan'
           threshold: 0
           failingPeriods: {

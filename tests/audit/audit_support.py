@@ -13,6 +13,7 @@ from typing import Any
 from jsonschema import Draft202012Validator, FormatChecker
 from opentelemetry.sdk._logs import ReadableLogRecord
 from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pipeline_support import Stack
@@ -31,12 +32,68 @@ def schema_errors(event: Mapping[str, Any]) -> list[str]:
     return [f"{list(e.path)}: {e.message}" for e in VALIDATOR.iter_errors(dict(event))]
 
 
+@dataclass(frozen=True)
+class Point:
+    """One metric data point as read back: its attributes and value (a counter's or gauge's
+    ``value``; a histogram's ``count``, ``sum``, ``min``, ``max``)."""
+
+    metric: str
+    attributes: dict[str, Any]
+    value: float | None = None
+    count: int | None = None
+    sum: float | None = None
+    min: float | None = None
+    max: float | None = None
+
+
+@dataclass
+class Metrics:
+    """One collection of the in-memory metric reader (gauges report each backlog once)."""
+
+    points: list[Point]
+    units: dict[str, str]
+    descriptions: dict[str, str]
+    json: str
+
+    def of(self, name: str) -> list[Point]:
+        return [p for p in self.points if p.metric == name]
+
+    def counter(self, name: str, **attributes: str) -> float:
+        """The counter's value for exactly these attributes (0 when never counted)."""
+        return sum(p.value or 0 for p in self.of(name) if p.attributes == attributes)
+
+    def gauge(self, name: str) -> float | None:
+        values = [p.value for p in self.of(name)]
+        assert len(values) <= 1, values
+        return values[0] if values else None
+
+
 @dataclass
 class Otel:
-    """The in-memory exporters behind telemetry."""
+    """The in-memory exporters (and metric reader) behind telemetry."""
 
     spans: InMemorySpanExporter
     logs: InMemoryLogRecordExporter
+    metrics: InMemoryMetricReader
+
+    def collect(self) -> Metrics:
+        """Collect every metric now (cumulative since the fixture started)."""
+        data = self.metrics.get_metrics_data()
+        points: list[Point] = []
+        units: dict[str, str] = {}
+        descriptions: dict[str, str] = {}
+        for resource in data.resource_metrics if data is not None else ():
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    units[metric.name] = metric.unit or ""
+                    descriptions[metric.name] = metric.description or ""
+                    for p in metric.data.data_points:
+                        fields = {
+                            k: getattr(p, k, None) for k in ("value", "count", "sum", "min", "max")
+                        }
+                        points.append(Point(metric.name, dict(p.attributes or {}), **fields))
+        text = data.to_json(indent=None) if data is not None else ""
+        return Metrics(points, units, descriptions, text)
 
     def finished_spans(self) -> list[ReadableSpan]:
         return list(self.spans.get_finished_spans())

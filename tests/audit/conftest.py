@@ -14,6 +14,8 @@ from audit_support import Audited, Otel
 from azure.storage.blob import BlobServiceClient
 from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -66,18 +68,22 @@ def stack(azurite: Azurite, hsm: EmulatorHandle, kek_name: str, tmp_path: Path) 
 
 @pytest.fixture
 def otel() -> Iterator[Otel]:
-    """In-memory span and log exporters behind :mod:`byok_pipeline.adapters.telemetry`."""
+    """In-memory span and log exporters and an in-memory metric reader behind
+    :mod:`byok_pipeline.adapters.telemetry`."""
     spans = InMemorySpanExporter()
     logs = InMemoryLogRecordExporter()  # type: ignore[no-untyped-call]  # the SDK leaves it unannotated
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
     logger_provider = LoggerProvider()
     logger_provider.add_log_record_processor(SimpleLogRecordProcessor(logs))
-    telemetry.install(tracer_provider, logger_provider)
-    yield Otel(spans, logs)
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+    telemetry.install(tracer_provider, logger_provider, meter_provider)
+    yield Otel(spans, logs, reader)
     telemetry.reset()
     tracer_provider.shutdown()
     logger_provider.shutdown()
+    meter_provider.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,9 @@ from typing import Any
 import pytest
 
 from byok_pipeline.adapters.telemetry import SPAN_ATTRIBUTES, SPAN_NAME
+from byok_pipeline.core.metrics import METRICS, OTHER_REASON, PACKAGES, REASON_CODE, STATE
+from byok_pipeline.core.reasons import REASONS
+from byok_pipeline.core.status import STATES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INFRA_DIR = REPO_ROOT / "infra"
@@ -1334,15 +1337,54 @@ def check_dashboards(dep: Deployment) -> Findings:
                     f"dashboards: {rule.symbol} must count records ingested in the last "
                     f"{frequency} min (ingestion_time()), or overlapping windows alert twice"
                 )
-    for event in ("byok.verification_failed", "byok.failed"):
-        if event not in alert_events:
-            findings.append(f"dashboards: no alert rule for {event}")
+            if METRIC_TABLE in text:
+                findings.extend(
+                    f"dashboards: {rule.symbol}: {f}"
+                    for f in metric_alert_findings(criterion, text)
+                )
+    if "byok.verification_failed" not in alert_events:
+        findings.append("dashboards: no alert rule for byok.verification_failed")
+    if "byok.failed" not in alert_events and not any(
+        METRIC_TABLE in text
+        and _metric_names(text) == [PACKAGES]
+        and _metric_values(text, STATE) == {"failed"}
+        for text in alert_texts
+    ):
+        findings.append(
+            f"dashboards: no alert rule for byok.failed (the event, or the metric {PACKAGES} "
+            'with state "failed")'
+        )
     for table, marker, what in (
         ("StorageBlobLogs", "/byok-deadletter/", "dead-lettered events"),
         ("StorageQueueLogs", "webjobs-blobtrigger-poison", "poison blob-trigger messages"),
     ):
         if not any(table in text and marker in text for text in alert_texts):
             findings.append(f"dashboards: no alert rule for {what} ({table}, {marker})")
+    return findings
+
+
+def metric_alert_findings(criterion: dict[str, Any], query: str) -> Findings:
+    """An alert over a metric counts the column it sums (``metricMeasureColumn``, a
+    ``timeAggregation`` of ``Total``), splits only by columns the query groups by, and names
+    only recorded metrics and their attributes."""
+    findings: Findings = metric_query_findings(query)
+    column = criterion.get("metricMeasureColumn")
+    if not isinstance(column, str) or not re.search(rf"\b{re.escape(column)}\s*=\s*sum\(", query):
+        findings.append(
+            f"a metric alert needs metricMeasureColumn naming a sum() of its query, has {column!r}"
+        )
+    if criterion.get("timeAggregation") != "Total":
+        findings.append(
+            f"a metric alert totals its measure column (timeAggregation 'Total'), "
+            f"has {criterion.get('timeAggregation')!r}"
+        )
+    by = re.search(r"\bsummarize\b[^|]*\bby\b([^|]*)", query)
+    grouped = set(re.findall(r"\b(\w+)\s*=", by.group(1))) if by else set()
+    for dimension in criterion.get("dimensions") or []:
+        if dimension.get("name") not in grouped:
+            findings.append(
+                f"alert dimension {dimension.get('name')!r} is not a column of its query"
+            )
     return findings
 
 
@@ -1462,8 +1504,61 @@ def span_query_findings(query: str) -> Findings:
     return findings
 
 
+# The pipeline's metrics in the workspace: table AppMetrics, Name the metric's name
+# (byok_pipeline.core.metrics.METRICS), its attributes in Properties.
+METRIC_TABLE = "AppMetrics"
+METRIC_NAME_RE = re.compile(r"\bName\s*(?:==\s*\"([^\"]+)\"|in\s*\(([^)]*)\))")
+# A metric attribute compared with a value: tostring(Properties.state) == "imported".
+METRIC_VALUE_RE = re.compile(r"Properties\.(\w+)\)?\s*(?:==\s*\"([^\"]*)\"|in\s*\(([^)]*)\))")
+
+
+def _metric_names(query: str) -> list[str]:
+    names: list[str] = []
+    for single, listed in METRIC_NAME_RE.findall(query):
+        names.extend([single] if single else re.findall(r"\"([^\"]+)\"", listed))
+    return names
+
+
+def _metric_values(query: str, attribute: str) -> set[str]:
+    """The values a query compares the metric attribute ``attribute`` with."""
+    values: set[str] = set()
+    for name, single, listed in METRIC_VALUE_RE.findall(query):
+        if name == attribute:
+            values.update([single] if single else re.findall(r"\"([^\"]*)\"", listed))
+    return values
+
+
+def metric_query_findings(query: str) -> Findings:
+    """A query over the pipeline's metrics picks them by name and reads only the attributes
+    those metrics carry, compared only with values they can hold (states, reason codes)."""
+    findings: Findings = []
+    names = _metric_names(query)
+    if not names:
+        findings.append(f"metric query must pick its metrics by Name ({sorted(METRICS)})")
+    for name in names:
+        if name not in METRICS:
+            findings.append(f"metric query names {name!r}, which the pipeline never records")
+    carried = set().union(*(METRICS[n].attributes for n in names if n in METRICS))
+    for dotted, indexed in PROPERTY_RE.findall(query):
+        name = dotted or indexed
+        if name not in carried:
+            findings.append(
+                f"metric query reads Properties.{name}, which none of {sorted(set(names))} carries"
+            )
+    allowed = {STATE: set(STATES), REASON_CODE: set(REASONS) | {OTHER_REASON}}
+    for attribute, values in allowed.items():
+        for value in sorted(_metric_values(query, attribute) - values):
+            findings.append(f"metric query compares Properties.{attribute} with {value!r}")
+    for other in ("AppTraces", SPAN_TABLE, "customDimensions"):
+        if other in query:
+            findings.append(f"a metric query reads {METRIC_TABLE} only, not {other}")
+    return findings
+
+
 def query_findings(query: str, schema: AuditSchema) -> Findings:
     query = KQL_COMMENT_RE.sub("", query)
+    if METRIC_TABLE in query:
+        return metric_query_findings(query)
     if SPAN_TABLE in query:
         return span_query_findings(query)
     findings: Findings = []
@@ -1541,6 +1636,10 @@ def panel_findings(workbook: Any, queries: list[str]) -> Findings:
         for t in texts
     ):
         findings.append("workbook: no panel shows each package's current state")
+    charted = {n for t in texts if METRIC_TABLE in t for n in _metric_names(t)}
+    findings.extend(
+        f"workbook: no panel charts the metric {name}" for name in sorted(set(METRICS) - charted)
+    )
     params = _parameter_names(workbook)
     lost = [
         t
@@ -1817,6 +1916,27 @@ MUTATIONS = [
             "      allOf: [\n        {\n          query: loadTextContent('../queries/alert-failed.kql')"
         ),
         "ingestion delay",
+    ),
+    (
+        "failed-alert-unknown-metric",
+        "queries/alert-failed.kql",
+        'Name == "byok.packages"',
+        'Name == "byok.package_count"',
+        "byok.package_count",
+    ),
+    (
+        "failed-alert-no-measure-column",
+        "modules/dashboards.bicep",
+        "metricMeasureColumn: 'failed'",
+        "metricMeasureColumn: 'failures'",
+        "metricMeasureColumn",
+    ),
+    (
+        "failed-alert-on-another-state",
+        "queries/alert-failed.kql",
+        'tostring(Properties.state) == "failed"',
+        'tostring(Properties.state) == "rejected"',
+        "no alert rule for byok.failed",
     ),
     (
         "no-poison-alert",
@@ -2760,6 +2880,11 @@ def test_alert_queries_name_only_emitted_events_and_fields(audit_schema: AuditSc
         ('"byok.package"', '"byok.delivery"', "byok.delivery"),
         ("by package_sha256, etag", "by etag", "current state"),
         ('| where outcome in ("retry"', '| where outcome in ("failed"', "retries in flight"),
+        ('"byok.drop_to_import"', '"byok.drop_to_imports"', "byok.drop_to_imports"),
+        ('"byok.throttled"', '"byok.paced"', "byok.paced"),
+        ('Properties.state) == "rejected"', 'Properties.state) == "refused"', "'refused'"),
+        ('Name == "byok.packages"', 'Name == "byok.drop_to_import"', "Properties.state"),
+        ("AppMetrics", "AppTraces", "no panel charts the metric"),
     ],
     ids=[
         "unknown-field",
@@ -2771,6 +2896,11 @@ def test_alert_queries_name_only_emitted_events_and_fields(audit_schema: AuditSc
         "wrong-span-name",
         "no-current-state",
         "no-retries-panel",
+        "unknown-metric",
+        "unknown-gauge",
+        "unknown-state-value",
+        "attribute-of-another-metric",
+        "no-metric-panels",
     ],
 )
 def test_workbook_check_catches_unknown_names(

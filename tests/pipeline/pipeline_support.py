@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from azure.storage.blob import BlobServiceClient
 from cryptography.hazmat.primitives import serialization
 
 from byok_pipeline.audit.events import MemoryAuditSink
+from byok_pipeline.core.errors import TransientError
 from byok_pipeline.core.metadata import ImportOptions, options_from_manifest
 from byok_pipeline.core.settings import Settings
 from byok_pipeline.localdev.azurite import Azurite
@@ -113,6 +114,28 @@ class Stack:
 
     def deliver(self, blob_name: str) -> Outcome:
         return process_blob(blob_name, self.deps)
+
+    def deliver_throttled(self, pkg: Package, *, retry_after: int = 120) -> TransientError:
+        """Deliver ``pkg`` (dropped) while the HSM answers its import PUT with 429 and no wait
+        is allowed (``throttle_wait_seconds`` 0): the package is handed back with
+        ``throttled_until`` ``retry_after`` seconds ahead and stays in incoming. Returns the
+        throttled error the delivery raised."""
+        self.deps.settings = replace(self.deps.settings, throttle_wait_seconds=0.0)
+        self.deps.hsm.settings = self.deps.settings
+        key_name = pkg.name.removesuffix(".byok")
+        self.hsm.inject_fault(
+            "429", method="PUT", path=f"/keys/{key_name}", retry_after=retry_after
+        )
+        caught: TransientError | None = None
+        try:
+            self.deliver(pkg.name)
+        except TransientError as exc:
+            caught = exc
+        finally:
+            self.hsm.clear_faults()
+        if caught is None or not caught.throttled:
+            raise AssertionError(f"{pkg.name} was not handed back throttled: {caught!r}")
+        return caught
 
     def blobs(self, container: str) -> list[str]:
         return sorted(b.name for b in self.service.get_container_client(container).list_blobs())

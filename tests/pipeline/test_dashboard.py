@@ -14,15 +14,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 from pipeline_support import Stack
 from testsupport import REPO
-
-from byok_pipeline.core.errors import TransientError
 
 pytestmark = pytest.mark.azurite
 
@@ -106,17 +103,9 @@ def processed(stack: Stack) -> Stack:
     stack.drop(HOSTILE, b"{}")
     assert stack.deliver(HOSTILE).reason_code == "bad_key_name"
 
-    stack.deps.settings = replace(stack.settings, throttle_wait_seconds=0.0)
-    stack.deps.hsm.settings = stack.deps.settings
     slow = stack.package("ec-p256", "dash-throttled")
     stack.drop_package(slow)
-    stack.hsm.inject_fault("429", method="PUT", path="/keys/dash-throttled", retry_after=120)
-    try:
-        with pytest.raises(TransientError) as caught:
-            stack.deliver(slow.name)
-    finally:
-        stack.hsm.clear_faults()
-    assert caught.value.throttled
+    stack.deliver_throttled(slow)
 
     waiting = stack.package("ec-p384", "dash-waiting")
     stack.drop_package(waiting)
