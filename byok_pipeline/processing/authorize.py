@@ -11,13 +11,15 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Protocol
 
-from byok_pipeline.adapters.authorization_store import AuthorizationStore
+from byok_pipeline.adapters.authorization_store import Attachments
 from byok_pipeline.adapters.keyvault import HsmAdapter
 from byok_pipeline.core.approvals import ApprovalTally, refused_summary, tally
 from byok_pipeline.core.errors import Rejected
 from byok_pipeline.core.metadata import ImportOptions, options_from_manifest
 from byok_pipeline.core.policy import (
+    ExistingKey,
     ImportPolicy,
     Rule,
     check_existing_key,
@@ -27,6 +29,14 @@ from byok_pipeline.core.policy import (
 from byok_pipeline.core.settings import Settings
 from offline_packager.manifest import parse_manifest
 from offline_packager.package_format import load_json_strict
+
+
+class AttachmentSource(Protocol):
+    """Where a package's manifest and approvals are read: the approvals container
+    (:class:`~byok_pipeline.adapters.authorization_store.AuthorizationStore`), or the files
+    beside a package that ``byok upload`` is about to send."""
+
+    def attachments(self, package_sha256: str) -> Attachments: ...
 
 
 class AwaitingApproval(Exception):  # a state, not an error
@@ -52,7 +62,7 @@ class Authorization:
 def authorize(
     *,
     policy: ImportPolicy | None,
-    authz: AuthorizationStore,
+    authz: AttachmentSource,
     settings: Settings,
     key_name: str,
     package_sha256: str,
@@ -142,11 +152,11 @@ def _signed_options(manifest: bytes, uploaded: ImportOptions, package_sha256: st
 
 def check_existing(
     hsm: HsmAdapter, auth: Authorization, key_name: str, target_type: str, *, request_id: str
-) -> None:
+) -> ExistingKey | None:
     """After the KEK checks: the inferred target type against the rule, then the key that
     already has this name, if any (one GET), then Managed HSM's limits: the versions of that
     key (listed only when it exists), or the HSM's key count for a new name (from the worker's
-    cached count). Needs keys/read.
+    cached count). Needs keys/read. Returns the existing key (None: a new name).
 
     Raises:
         Rejected: ``target_type_not_allowed_for_name``, ``existing_key_protected``,
@@ -166,7 +176,7 @@ def check_existing(
                 "versions cannot be deleted one by one: import under a new key name (and move "
                 "its users to it), then upload again",
             )
-        return
+        return existing
     most = limits.hsm_max_keys
     if hsm.count_keys(stop_at=most, request_id=request_id) >= most:
         raise Rejected(
@@ -175,3 +185,4 @@ def check_existing(
             "are purged): purge keys that are no longer needed, or import into another HSM, "
             "then upload again",
         )
+    return None

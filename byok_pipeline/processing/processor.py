@@ -29,6 +29,7 @@ from byok_pipeline.adapters.authorization_store import AuthorizationStore
 from byok_pipeline.adapters.blobstore import BlobGone, BlobStore, IncomingBlob
 from byok_pipeline.adapters.keyvault import HsmAdapter, ImportedKey
 from byok_pipeline.adapters.telemetry import PackageSpan, package_span
+from byok_pipeline.adapters.transient import PERSON_FIXES
 from byok_pipeline.audit.events import AuditSink, event_for_state, utc_now, verified_event
 from byok_pipeline.core.errors import InProgress, Rejected, TransientError
 from byok_pipeline.core.identity import package_id
@@ -522,10 +523,11 @@ def emit_or_retry(audit: AuditSink, *events: dict[str, object]) -> None:
     try:
         audit.emit_many(events)
     except TransientError as exc:  # keep the trail's own reason (e.g. audit_trail_broken)
+        keep = exc.reason.startswith("audit") or exc.reason in PERSON_FIXES
         raise TransientError(
             f"audit append failed: {exc.message}",
             retry_after=exc.retry_after,
-            reason=exc.reason if exc.reason.startswith("audit") else "audit_failed",
+            reason=exc.reason if keep else "audit_failed",
         ) from None
     except Exception as exc:  # noqa: BLE001  # any sink failure means the record is not durable
         raise TransientError(
