@@ -47,7 +47,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from offline_packager import cli
+from offline_packager import cli, cli_exit
 from offline_packager.kek import load_kek_pem
 from offline_packager.package_format import b64url_encode, parse_package
 from offline_packager.wrap import unwrap_target
@@ -134,7 +134,7 @@ def run_cli_subprocess(ws: Workspace, type_name: str, out: Path) -> None:
 def run_cli_in_process(ws: Workspace, type_name: str, out: Path) -> None:
     with contextlib.redirect_stdout(io.StringIO()):
         code = cli.main(wrap_args(ws, type_name, out))
-    if code != cli.EXIT_OK:
+    if code != cli_exit.EXIT_OK:
         raise RuntimeError(f"byok-package wrap exited {code} for {type_name}")
 
 

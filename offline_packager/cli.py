@@ -1,8 +1,9 @@
 """``byok-package``: the air-gapped packager's command line.
 
-Exit codes: 0 success; 2 refused (a one-line reason on stderr, no file written); 1 failure.
-``wrap-batch`` (:mod:`.cli_batch`): 0 every key wrapped; 2 any key, or the batch, refused; 1
-interrupted. Modules only some commands need (approvals, attestation, package checks, PKCS#11,
+Exit codes (:mod:`.cli_exit`): 0 success; 2 refused (a one-line reason on stderr, no file
+written) or a usage error; 130 interrupted (Ctrl-C: nothing partial is left); 141 the output's
+reader went away (``| head``). ``wrap-batch`` (:mod:`.cli_batch`): 0 every key wrapped; 2 any
+key, or the batch, refused; 130 interrupted. Modules only some commands need (approvals, attestation, package checks, PKCS#11,
 the batch) are imported by those commands, so a plain ``wrap`` starts faster.
 """
 
@@ -30,6 +31,7 @@ from .cli_common import (
     verify_attestation,
     warn,
 )
+from .cli_exit import EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, ending, one_line
 from .errors import ApprovalError, AttestationError, ByokError, OutputError
 from .kek import Kek, load_kek_pem
 from .keytypes import TARGET_TYPES, TYPE_NAMES
@@ -52,7 +54,6 @@ if TYPE_CHECKING:  # imported where used: a plain `wrap` starts without x509 and
     from .approval import ApprovalClaims, ApprovalSigner, Approver
     from .checks import PackageReport
 
-EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
 Clock = Callable[[], datetime]
 DEFAULT_VALID_DAYS = 7
 MAX_VALID_DAYS = 366
@@ -463,8 +464,10 @@ def cmd_inspect(args: argparse.Namespace, clock: Clock) -> tuple[dict[str, Any],
     beside it (``NAME.approval-*.json``); with ``--approvers``, verify each."""
     from .approval import load_approvers
     from .checks import check_package
+    from .plaintext import refuse_plaintext_key
 
     data = read_file(args.package, "package", limit=1024 * 1024)
+    refuse_plaintext_key(data, args.package, advice="keep it on this offline machine")
     kek = load_kek_pem(read_file(args.kek, "KEK file", limit=64 * 1024)) if args.kek else None
     manifest_path = (
         Path(args.manifest) if args.manifest else Path(args.package).with_suffix(".manifest.json")
@@ -486,6 +489,13 @@ def cmd_inspect(args: argparse.Namespace, clock: Clock) -> tuple[dict[str, Any],
     kek_kid = args.kek_kid or (manifest["kek"]["kid"] if manifest else None)
     stated = args.type or (manifest["target"]["type"] if manifest else None)
     report = check_package(data, kek=kek, kek_kid=kek_kid, stated_type=stated)
+    if report.package is None:
+        first = report.findings[0]
+        raise NotAPackage(
+            f"{args.package} is not a .byok package: {first.message}",
+            reason=first.reason,
+            findings=[{"reason": f.reason, "message": f.message} for f in report.findings],
+        )
     attestation = _inspect_attestation(
         args, kek, kid_text=kek_kid, manifest=manifest, report=report, clock=clock
     )
@@ -892,26 +902,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class NotAPackage(ByokError):
+    """``inspect`` was given something that is no .byok package at all: one refusal instead
+    of a report of empty fields (its findings stay in the JSON)."""
+
+    def __init__(self, message: str, *, reason: str, findings: list[dict[str, str]]) -> None:
+        super().__init__(message, reason=reason)
+        self.findings = findings
+
+
 def _refuse(exc: ByokError, *, as_json: bool) -> int:
-    message = exc.message.replace("\n", " ")
+    message = one_line(exc.message)
     print(f"{TOOL_NAME}: refused [{exc.reason}]: {message}", file=sys.stderr)
     if as_json:
-        print(json.dumps({"status": "refused", "reason": exc.reason, "message": message}))
+        doc: dict[str, Any] = {"status": "refused", "reason": exc.reason, "message": message}
+        if isinstance(exc, NotAPackage):
+            doc |= {"valid": False, "findings": exc.findings}
+        print(json.dumps(doc))
     return EXIT_REFUSED
 
 
 def main(argv: Sequence[str] | None = None, *, clock: Clock | None = None) -> int:
-    """Entry point. ``clock`` is a seam for tests (defaults to UTC now)."""
-    args = build_parser().parse_args(argv)
-    now: Clock = clock or (lambda: datetime.now(UTC))
-    as_json = bool(getattr(args, "json", False))
-    try:
-        return _run(args, now, as_json=as_json)
-    except ByokError as exc:
-        return _refuse(exc, as_json=as_json)
-    except KeyboardInterrupt:
-        print(f"{TOOL_NAME}: interrupted; no file written", file=sys.stderr)
-        return EXIT_FAILED
+    """Entry point. ``clock`` is a seam for tests (defaults to UTC now). Ctrl-C ends with
+    130 and a reader that went away (``| head``) with 141, never with a traceback."""
+
+    def command() -> int:
+        args = build_parser().parse_args(argv)
+        now: Clock = clock or (lambda: datetime.now(UTC))
+        as_json = bool(getattr(args, "json", False))
+        try:
+            return _run(args, now, as_json=as_json)
+        except ByokError as exc:
+            return _refuse(exc, as_json=as_json)
+
+    return ending(TOOL_NAME, "nothing partial was written", command)
 
 
 def _run(args: argparse.Namespace, now: Clock, *, as_json: bool) -> int:
@@ -946,7 +970,7 @@ def _run(args: argparse.Namespace, now: Clock, *, as_json: bool) -> int:
                 "flight left nothing",
                 file=sys.stderr,
             )
-            return EXIT_FAILED
+            return EXIT_INTERRUPTED
         return EXIT_OK if summary["status"] == "ok" else EXIT_REFUSED
     if args.command == "approve":
         result = cmd_approve(args, now, as_json=as_json)

@@ -46,7 +46,7 @@ One process, one KEK load and check, many keys: each key gets NAME.byok and NAME
 in --out-dir exactly as `wrap` writes them (atomically; an existing file is refused for that
 key unless --force). A key `wrap` would refuse is refused with the same reason and the batch
 goes on; the exit code is 0 when every key was wrapped, 2 when any was refused (or the batch
-as a whole: the KEK, the list, the token), 1 when interrupted (the keys before are complete,
+as a whole: the KEK, the list, the token), 130 when interrupted (the keys before are complete,
 the key in flight left nothing).
 
 key sources (combine them; every name must be unique):

@@ -41,6 +41,15 @@ def run(args: list[str], env: dict[str, str], *, capture: bool = False) -> str:
     return proc.stdout if capture else ""
 
 
+def run_refused(args: list[str], env: dict[str, str]) -> None:
+    """Run a command that must be refused (exit 2); show its one-line reason."""
+    print(f"$ {shlex.join(args)}   # must be refused", flush=True)
+    proc = subprocess.run(args, env=env, text=True, capture_output=True, check=False)
+    sys.stdout.write(proc.stderr)
+    if proc.returncode != 2:
+        raise SystemExit(f"demo: expected a refusal (exit 2), got {proc.returncode}")
+
+
 def load_env(path: Path) -> dict[str, str]:
     env = dict(os.environ)
     for line in path.read_text().splitlines():
@@ -195,7 +204,9 @@ def protected_names(
     byok: list[str], pkg: list[str], kek_args: list[str], offline: Path, env: dict[str, str]
 ) -> list[dict[str, Any]]:
     """An insider wraps keys of their own under the public KEK and drops them under protected
-    names: none is imported. Returns every status document."""
+    names: `byok upload` refuses each (the gate), and when the insider skips the gate
+    (--force-offline: the HSM is not asked), the pipeline refuses them all the same: none is
+    imported. Returns every status document."""
     banner("Protected names: packages an insider wraps under the public KEK and drops")
     rogue = offline / "rogue"  # keys of the insider's own, wrapped under the public KEK
     rogue.mkdir()
@@ -217,7 +228,8 @@ def protected_names(
             ],
             env,
         )
-        run([*byok, "upload", str(rogue / f"{name}.byok")], env)  # fmt: skip
+        run_refused([*byok, "upload", str(rogue / f"{name}.byok")], env)
+        run([*byok, "upload", str(rogue / f"{name}.byok"), "--force-offline"], env)
     run([*byok, "watch", "--once"], env)
     run([*byok, "status"], env)
     statuses: list[dict[str, Any]] = json.loads(run([*byok, "status", "--json"], env, capture=True))
@@ -380,4 +392,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: the finally above has stopped the stack
+        print("demo: interrupted (Ctrl-C); the local stack is stopped", file=sys.stderr)
+        sys.exit(130)

@@ -34,3 +34,29 @@ def write_kek(tmp: Path, key: rsa.RSAPrivateKey) -> tuple[Path, Path]:
 
 def make_kid(name: str = "kek", host: str = "contoso.managedhsm.azure.net") -> str:
     return f"https://{host}/keys/{name}/{secrets.token_hex(16)}"
+
+
+def closed_port() -> int:
+    """A 127.0.0.1 port nothing listens on (bound once to find it free, then closed): a
+    connection to it is refused at once, as to a stopped service."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def write_ec_key(path: Path) -> Path:
+    """A fresh EC P-256 private key as unencrypted PKCS#8 PEM at ``path`` (a person's audit
+    key, an approver's key)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    path.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return path

@@ -6,13 +6,25 @@ import math
 from typing import Any
 
 from azure.core.exceptions import (
+    ClientAuthenticationError,
     HttpResponseError,
     ServiceRequestError,
     ServiceResponseError,
     ServiceResponseTimeoutError,
 )
 
+from byok_pipeline.adapters.endpoints import (
+    HSM_UNREACHABLE,
+    STORAGE_UNREACHABLE,
+    EndpointUnreachable,
+)
 from byok_pipeline.core.errors import TransientError
+
+#: A credential that cannot get a token (no ``az login``, no managed identity, an expired login).
+LOGIN_REQUIRED = "login_required"
+#: Failures a person fixes (a login, a stopped service): their reason is kept wherever they
+#: surface, so that the message that says what to do reaches them.
+PERSON_FIXES = frozenset({LOGIN_REQUIRED, HSM_UNREACHABLE, STORAGE_UNREACHABLE})
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 # A gateway timeout may leave the request running behind it. (A dropped or reset connection or a
@@ -55,7 +67,17 @@ def is_throttling(exc: Exception) -> bool:
 
 
 def as_transient(exc: Exception, what: str) -> TransientError | None:
-    """A :class:`TransientError` if ``exc`` is a connection error or 408/429/5xx, else None."""
+    """A :class:`TransientError` if ``exc`` is a connection error, a credential that could not
+    get a token (``login_required``: fixed by signing in, not by refusing the package) or
+    408/429/5xx, else None."""
+    if isinstance(exc, EndpointUnreachable):  # the CLI's clients name the endpoint and the fix
+        return TransientError(f"{what}: {exc.message}", reason=exc.reason)
+    if isinstance(exc, ClientAuthenticationError) and exc.response is None:
+        return TransientError(
+            f"{what}: no Azure access token (the credential failed): sign in with `az login`, "
+            "or give the managed identity (AZURE_CLIENT_ID) access",
+            reason=LOGIN_REQUIRED,
+        )
     if isinstance(exc, ServiceResponseTimeoutError):  # no answer in time: may still be running
         return TransientError(f"{what}: timed out waiting for the answer", outcome_unknown=True)
     if isinstance(exc, ServiceRequestError | ServiceResponseError):  # refused, reset or dropped

@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any
 from azure.core.exceptions import AzureError, HttpResponseError, ResourceExistsError
 
 from byok_pipeline import __version__
-from byok_pipeline.adapters.transient import is_throttling
+from byok_pipeline.adapters.endpoints import EndpointUnreachable
+from byok_pipeline.adapters.transient import LOGIN_REQUIRED, as_transient, is_throttling
 from byok_pipeline.audit.events import AuditSink, utc_now
 from byok_pipeline.audit.records import (
     SEAL_EVENT,
@@ -221,6 +222,11 @@ class AuditTrail:
                 pending = None
                 self._advance(head, data, batch)
                 return self._events_of(batch)
+            except EndpointUnreachable as exc:  # nothing was sent; a person is told at once
+                raise TransientError(
+                    f"audit trail append to {self.container_name}: {exc.message}",
+                    reason=exc.reason,
+                ) from None
             except _Lost as exc:
                 why, throttled = str(exc), False
             except _Foreign as exc:
@@ -229,16 +235,8 @@ class AuditTrail:
                 self._leave_chain(str(exc))
             except HttpResponseError as exc:  # answered: the request did not land
                 pending = None
-                code = getattr(exc, "error_code", "") or ""
-                why = f"{exc.status_code} {code}".strip()
                 throttled = is_throttling(exc)
-                if exc.status_code == 409 or code == "BlobNotFound":
-                    self._leave_chain(f"its blob answers {why}")  # deleted, sealed, retyped
-                elif exc.status_code in (400, 401, 403, 404, 405):
-                    raise TransientError(
-                        f"audit trail append to {self.container_name} refused: {why}",
-                        reason="audit_trail",
-                    ) from None
+                why = self._answered(exc)
             except AzureError as exc:
                 why, throttled = type(exc).__name__, False
         if pending is not None:
@@ -250,6 +248,28 @@ class AuditTrail:
             outcome_unknown=pending is not None,
             throttled=throttled and pending is None,
         )
+
+    def _answered(self, exc: HttpResponseError) -> str:
+        """Why an append was answered with an error (then it did not land); leaves a chain
+        whose blob is gone or sealed.
+
+        Raises:
+            TransientError: no token (``login_required``), or a refusal a retry cannot fix
+                (400, 401, 403, 404, 405).
+        """
+        login = as_transient(exc, f"audit trail append to {self.container_name}")
+        if login is not None and login.reason == LOGIN_REQUIRED:  # no token: no request sent
+            raise login from None
+        code = getattr(exc, "error_code", "") or ""
+        why = f"{exc.status_code} {code}".strip()
+        if exc.status_code == 409 or code == "BlobNotFound":
+            self._leave_chain(f"its blob answers {why}")  # deleted, sealed, retyped
+        elif exc.status_code in (400, 401, 403, 404, 405):
+            raise TransientError(
+                f"audit trail append to {self.container_name} refused: {why}",
+                reason="audit_trail",
+            ) from None
+        return why
 
     def _settle_earlier(self) -> None:
         """A batch of an earlier append whose outcome stayed unknown: if it is in the chain the
@@ -384,6 +404,8 @@ class AuditTrail:
                     return
                 raise _Foreign(f"{head.blob} holds bytes this writer did not write") from None
             raise
+        except EndpointUnreachable:  # no connection: nothing was sent
+            raise
         except AzureError as exc:
             raise _Lost(f"{type(exc).__name__} appending to {head.blob}") from None
 
@@ -396,7 +418,7 @@ class AuditTrail:
             # created by our own earlier attempt (a lost response), or by someone else: an
             # empty blob is ours to use; one with content is found by the append's 412
             return
-        except HttpResponseError:
+        except (HttpResponseError, EndpointUnreachable):
             raise
         except AzureError as exc:
             raise _Lost(f"{type(exc).__name__} creating {blob.blob_name}") from None
@@ -423,6 +445,8 @@ class AuditTrail:
             if exc.status_code == 404:
                 return False
             raise _Lost(f"{exc.status_code} looking at {head.blob}") from None
+        except EndpointUnreachable:
+            raise
         except AzureError as exc:
             raise _Lost(f"{type(exc).__name__} looking at {head.blob}") from None
         if found == data:

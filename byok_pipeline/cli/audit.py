@@ -3,8 +3,8 @@
 ``verify [--from DATE] [--to DATE] [--trust FILE] [--expect-heads FILE] [--json]`` reads every
 chain of both trail containers (the pipeline's, ``BYOK_AUDIT_CONTAINER``; the people's,
 ``BYOK_AUDIT_PEOPLE_CONTAINER``), checks hashes, links, seals, signatures, signers and roles, and
-prints one line per break (chain, first bad sequence, kind, blob:line): exit 0 intact, 2 broken,
-1 failure (storage, settings, a bad trust or heads file). ``--trust`` (default
+prints one line per break (chain, first bad sequence, kind, blob:line): exit 0 intact, 2 broken
+(or a usage error), 1 failure (storage, settings, a bad trust or heads file). ``--trust`` (default
 ``$BYOK_AUDIT_TRUST_FILE``) pins the signers (without it, HSM signers are fetched from the HSM
 and reported as unpinned); ``--expect-heads`` takes the
 ``heads`` of an earlier ``--json`` report (or the telemetry copy) and reports chains cut short
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     from byok_pipeline.audit.verify import Report, TrailReader, TrailRecord, Trust
 
-EXIT_OK, EXIT_FAILED, EXIT_BROKEN = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_BROKEN, EXIT_USAGE = 0, 1, 2, 2
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 #: CSV columns, in this order; fields outside the list follow, sorted.
 CSV_COLUMNS = (
@@ -159,6 +159,7 @@ def _env(args: argparse.Namespace) -> dict[str, str]:
 def _reader(args: argparse.Namespace, env: Mapping[str, str]) -> TrailReader:
     """Raises: ConfigError: storage is not configured."""
     from byok_pipeline.audit.verify import TrailReader
+    from byok_pipeline.cli.failures import cli_clients
     from byok_pipeline.core.settings import DEFAULTS, Settings
     from byok_pipeline.processing.wiring import blob_service
 
@@ -170,9 +171,10 @@ def _reader(args: argparse.Namespace, env: Mapping[str, str]) -> TrailReader:
         or env.get("BYOK_AUDIT_PEOPLE_CONTAINER")
         or DEFAULTS["BYOK_AUDIT_PEOPLE_CONTAINER"]
     )
-    # Only storage is read here: any valid HSM URL satisfies Settings.
-    settings = Settings(hsm_url="https://unused.invalid", audit_container=container)
-    return TrailReader(blob_service(settings, env), container, people)
+    settings = Settings.from_env(env, require_hsm=False)  # only storage is read here
+    return TrailReader(
+        blob_service(settings, env, profile=cli_clients(settings)), container, people
+    )
 
 
 def hsm_key_fetcher(
@@ -195,6 +197,7 @@ def hsm_key_fetcher(
 
         from byok_pipeline.adapters.transient import as_transient
         from byok_pipeline.audit.signers import p256_public_key
+        from byok_pipeline.cli.failures import cli_clients
         from byok_pipeline.core.errors import TransientError
         from byok_pipeline.core.settings import Settings
         from byok_pipeline.processing.wiring import key_client
@@ -207,10 +210,12 @@ def hsm_key_fetcher(
         if only_vault is not None and vault != only_vault.rstrip("/"):
             return None
         if vault not in clients:
+            settings = Settings(hsm_url=vault)
             clients[vault] = key_client(
-                Settings(hsm_url=vault),
+                settings,
                 credential or _credential(env),
                 ca_bundle=env.get("BYOK_HSM_CA_BUNDLE"),
+                profile=cli_clients(settings),
             )
         try:
             key = clients[vault].get_key(ident.name, ident.version)
@@ -311,10 +316,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _usage_error(args: argparse.Namespace, message: str) -> int:
-    print(f"byok: {message}", file=sys.stderr)
+    """A usage error found after parsing: as argparse's (one line, exit 2)."""
+    print(f"byok: usage error: {message}", file=sys.stderr)
     if getattr(args, "json", False):
-        print(json.dumps({"status": "failed", "reason": "usage", "message": message}))
-    return EXIT_FAILED
+        print(json.dumps({"status": "usage", "reason": "usage", "message": message}))
+    return EXIT_USAGE
 
 
 def _break_lines(report: Report) -> list[str]:

@@ -7,12 +7,21 @@ import argparse
 import hashlib
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from byok_pipeline.core.errors import Rejected
 from byok_pipeline.core.policy import load_policy
-from offline_packager.approval import MAX_APPROVAL_BYTES, ApprovalError, parse_approval
+from offline_packager.approval import (
+    MAX_APPROVAL_BYTES,
+    ApprovalClaims,
+    ApprovalError,
+    parse_approval,
+)
+
+if TYPE_CHECKING:  # the storage SDK is imported by the commands that use it
+    from byok_pipeline.adapters.authorization_store import Attachments
 
 Out = Callable[[argparse.Namespace, dict[str, Any], str], None]
 
@@ -55,14 +64,11 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _read(path: str, limit: int, what: str) -> bytes:
-    """Raises: Rejected (``malformed_package``-like refusal with the file named)."""
-    p = Path(path)
-    try:
-        if p.stat().st_size > limit:
-            raise Rejected(f"{what}_invalid", f"{path} is over {limit} bytes")
-        return p.read_bytes()
-    except OSError as exc:
-        raise Rejected(f"{what}_invalid", f"cannot read {path}: {exc.strerror}") from None
+    """Raises: Rejected (``file_not_found``, ``unreadable_input``, ``plaintext_key``;
+    ``{what}_invalid`` over ``limit`` bytes)."""
+    from byok_pipeline.cli.files import read_local
+
+    return read_local(path, what=what, limit=limit, too_large=f"{what}_invalid")
 
 
 def cmd_policy(
@@ -137,16 +143,12 @@ def approval_leaf(data: bytes, approver_id: str) -> str:
     return f"approval-{approver_id}-{hashlib.sha256(data).hexdigest()[:12]}.json"
 
 
-def store_approval(
-    authz: Any, data: bytes, path: str, *, package_sha256: str | None = None
-) -> dict[str, Any]:
-    """Check an approval's form locally (and, given ``package_sha256``, that it approves that
-    package), then store it under its package's SHA-256.
+def check_approval(data: bytes, path: str, *, package_sha256: str | None = None) -> ApprovalClaims:
+    """An approval's form, checked locally (and, given ``package_sha256``, that it approves
+    that package).
 
     Raises:
-        Rejected: ``approval_invalid`` (not an approval; another file under that name),
-            ``approval_wrong_package``.
-        TransientError: storage failed.
+        Rejected: ``approval_invalid`` (not an approval), ``approval_wrong_package``.
     """
     try:
         claims = parse_approval(data)
@@ -156,6 +158,31 @@ def store_approval(
         raise Rejected(
             "approval_wrong_package", f"{path} approves another package (SHA-256 differs)"
         )
+    return claims
+
+
+def store_approval(
+    authz: Any, data: bytes, path: str, *, package_sha256: str | None = None
+) -> dict[str, Any]:
+    """Check an approval (:func:`check_approval`), then store it under its package's SHA-256.
+
+    Raises:
+        Rejected: as :func:`check_approval`; ``approval_invalid`` (another file under that
+            name).
+        TransientError: storage failed.
+    """
+    return put_approval(
+        authz, data, path, check_approval(data, path, package_sha256=package_sha256)
+    )
+
+
+def put_approval(authz: Any, data: bytes, path: str, claims: ApprovalClaims) -> dict[str, Any]:
+    """Store a checked approval under its package's SHA-256.
+
+    Raises:
+        Rejected: ``approval_invalid``: another file is already stored under that name.
+        TransientError: storage failed.
+    """
     leaf = approval_leaf(data, claims.approver_id)
     created = authz.put_attachment(claims.package_sha256, leaf, data)
     return {
@@ -185,23 +212,53 @@ def cmd_approve(args: argparse.Namespace, *, store: Callable[[], Any], out: Out)
     return 0
 
 
-def upload_attachments(
-    authz: Any, package: Path, package_sha256: str, manifest: Path | None
-) -> dict[str, Any]:
-    """Store the manifest's exact bytes and every ``NAME.approval-*.json`` beside the package
-    (before the package itself, so that its processing finds them).
+@dataclass(frozen=True)
+class Beside:
+    """What ``byok upload`` sends with a package, read and checked before anything is sent:
+    its manifest's exact bytes and every ``NAME.approval-*.json`` beside it."""
+
+    package_sha256: str
+    manifest: bytes | None
+    approvals: tuple[tuple[str, bytes, ApprovalClaims], ...]
+
+    def attachments(self, package_sha256: str) -> Attachments:
+        """As :meth:`AuthorizationStore.attachments` will hold them after the upload (the
+        import policy's approvals are counted over these before anything is sent)."""
+        from byok_pipeline.adapters.authorization_store import Attachments
+
+        assert package_sha256 == self.package_sha256  # noqa: S101  # one package per upload
+        return Attachments(self.manifest, tuple((p, d) for p, d, _ in self.approvals))
+
+
+def read_beside(package: Path, package_sha256: str, manifest: bytes | None) -> Beside:
+    """The approvals beside ``package``, each read and checked locally.
 
     Raises:
-        Rejected: ``approval_invalid`` (a file beside it is not an approval of this package).
-        TransientError: storage failed.
+        Rejected: ``approval_invalid`` / ``approval_wrong_package`` (a file beside it is not an
+            approval of this package), ``plaintext_key``, ``unreadable_input``.
     """
-    stored: dict[str, Any] = {"manifest": None, "approvals": []}
-    if manifest is not None:
-        authz.put_attachment(package_sha256, "manifest.json", manifest.read_bytes())
-        stored["manifest"] = f"{package_sha256}/manifest.json"
     stem = package.name.removesuffix(".byok")
+    approvals = []
     for path in sorted(package.parent.glob(f"{stem}.approval-*.json")):
         data = _read(str(path), MAX_APPROVAL_BYTES, "approval")
-        row = store_approval(authz, data, str(path), package_sha256=package_sha256)
-        stored["approvals"].append(row)
+        claims = check_approval(data, str(path), package_sha256=package_sha256)
+        approvals.append((str(path), data, claims))
+    return Beside(package_sha256, manifest, tuple(approvals))
+
+
+def upload_attachments(authz: Any, beside: Beside) -> dict[str, Any]:
+    """Store the manifest and the approvals (before the package itself, so that its
+    processing finds them).
+
+    Raises:
+        Rejected: ``approval_invalid`` (another file is stored under an approval's name).
+        TransientError: storage failed.
+    """
+    sha = beside.package_sha256
+    stored: dict[str, Any] = {"manifest": None, "approvals": []}
+    if beside.manifest is not None:
+        authz.put_attachment(sha, "manifest.json", beside.manifest)
+        stored["manifest"] = f"{sha}/manifest.json"
+    for path, data, claims in beside.approvals:
+        stored["approvals"].append(put_approval(authz, data, path, claims))
     return stored

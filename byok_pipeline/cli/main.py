@@ -1,7 +1,9 @@
 """``byok``: the connected side's command line (KEKs, upload, import, status, watch, dev stack).
 
 Settings come from the same environment variables as the Function (flags override).
-Exit codes: 0 success; 2 refused (the reason code on stderr); 1 failure (retry may help).
+Exit codes: 0 success; 2 refused (the reason code on stderr) or a usage error; 1 failure (a
+retry, a login or a setting may help); 130 interrupted; 141 the output's reader went away
+(:mod:`byok_pipeline.cli.failures`).
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from typing import Any
 from byok_pipeline import __version__
 from byok_pipeline.cli.audit import add_audit_parser, cmd_audit
 from byok_pipeline.cli.authorization import add_parsers as add_authorization_parsers
+from byok_pipeline.cli.failures import CliParser, cli_clients, run
 from byok_pipeline.cli.serve import add_serve_parser
 from byok_pipeline.cli.storage_arg import add_storage_option
 from byok_pipeline.core.errors import ConfigError, PipelineError, Rejected, TransientError
-from byok_pipeline.core.reasons import REASONS
+from byok_pipeline.core.reasons import CLI_REASONS, REASONS
 from byok_pipeline.core.settings import Settings
 from offline_packager.atomic import write_files_atomically
-from offline_packager.errors import ByokError
 from offline_packager.kid import is_key_name, parse_kid
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
@@ -48,7 +50,7 @@ def _store(settings: Settings) -> Any:
     from byok_pipeline.adapters.blobstore import BlobStore
     from byok_pipeline.processing.wiring import blob_service
 
-    return BlobStore(blob_service(settings), settings)
+    return BlobStore(blob_service(settings, profile=cli_clients(settings)), settings)
 
 
 def _credential() -> Any:
@@ -67,7 +69,12 @@ def _credential() -> Any:
 def _hsm(settings: Settings) -> Any:
     from byok_pipeline.processing.wiring import hsm_adapter
 
-    return hsm_adapter(settings, _credential(), ca_bundle=os.environ.get("BYOK_HSM_CA_BUNDLE"))
+    return hsm_adapter(
+        settings,
+        _credential(),
+        ca_bundle=os.environ.get("BYOK_HSM_CA_BUNDLE"),
+        profile=cli_clients(settings),
+    )
 
 
 def _deps(settings: Settings) -> Any:
@@ -77,7 +84,11 @@ def _deps(settings: Settings) -> Any:
     if settings is not None and getattr(settings, "hsm_url", None):
         env["BYOK_HSM_URL"] = settings.hsm_url
     return build_deps(
-        settings, env=env, credential=_credential(), ca_bundle=os.environ.get("BYOK_HSM_CA_BUNDLE")
+        settings,
+        env=env,
+        credential=_credential(),
+        ca_bundle=os.environ.get("BYOK_HSM_CA_BUNDLE"),
+        profile=cli_clients(settings),
     )
 
 
@@ -97,6 +108,7 @@ def _audit_sink(settings: Settings) -> Any:
         if (settings.audit_person_key or "").startswith("https://")
         else None,
         ca_bundle=os.environ.get("BYOK_HSM_CA_BUNDLE"),
+        profile=cli_clients(settings),
     )
 
 
@@ -259,14 +271,11 @@ def cmd_kek_download(args: argparse.Namespace) -> int:
 
 # -- upload / import ------------------------------------------------------------------------------
 def _read_package(path: str, limit: int) -> bytes:
-    p = Path(path)
-    try:
-        size = p.stat().st_size
-        if size > limit:
-            raise Rejected("too_large", f"{path} is {size} bytes, over the {limit}-byte limit")
-        return p.read_bytes()
-    except OSError as exc:
-        raise Rejected("malformed_package", f"cannot read {path}: {exc.strerror}") from None
+    """Raises: Rejected (``file_not_found``, ``unreadable_input``, ``too_large``,
+    ``plaintext_key``)."""
+    from byok_pipeline.cli.files import read_local
+
+    return read_local(path, what="package", limit=limit)
 
 
 def _manifest_path(args: argparse.Namespace) -> Path | None:
@@ -295,29 +304,50 @@ def _with_tags(options: Any, tags: list[str]) -> Any:
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
-    from byok_pipeline.cli.upload import default_uploader, options_for, upload
+    """The gate (:mod:`byok_pipeline.cli.gate`), then the manifest, the approvals and the
+    package, in that order."""
+    from byok_pipeline.cli.authorization import upload_attachments
+    from byok_pipeline.cli.gate import check_locally, check_online
+    from byok_pipeline.cli.upload import (
+        default_uploader,
+        options_for,
+        read_manifest_file,
+        upload,
+    )
     from byok_pipeline.processing.processor import key_name_of
 
     settings = _settings(args, require_hsm=False)
     data = _read_package(args.package, settings.max_package_bytes)
     blob_name = args.name or Path(args.package).name
-    key_name_of(blob_name)
-    options = _with_tags(
-        options_for(data, _manifest_path(args), args.uploader or default_uploader()), args.tag
+    manifest = read_manifest_file(_manifest_path(args))
+    options = _with_tags(options_for(data, manifest, args.uploader or default_uploader()), args.tag)
+    local = check_locally(
+        Path(args.package),
+        data,
+        key_name=key_name_of(blob_name),
+        options=options,
+        manifest=manifest[1] if manifest else None,
+        settings=settings,
     )
+    online: dict[str, Any] | None = None
+    if args.force_offline or not settings.hsm_url:
+        skipped = "--force-offline" if args.force_offline else "BYOK_HSM_URL is not set"
+    else:
+        skipped = None
+        online = check_online(
+            local,
+            settings=settings,
+            hsm=_hsm(settings),
+            authz=_authz(settings),
+            new_version=args.new_version,
+            clock=lambda: datetime.now(UTC),
+        )
     from azure.core.exceptions import ResourceExistsError
 
-    store = _store(settings)
-    manifest = _manifest_path(args)
     from byok_pipeline.adapters.authorization_store import AuthorizationStore
-    from byok_pipeline.cli.authorization import upload_attachments
 
-    attached = upload_attachments(
-        AuthorizationStore(store.service, settings),
-        Path(args.package),
-        hashlib.sha256(data).hexdigest(),
-        manifest,
-    )
+    store = _store(settings)
+    attached = upload_attachments(AuthorizationStore(store.service, settings), local.beside)
     try:
         result = upload(store, blob_name, data, options)
     except ResourceExistsError:
@@ -325,15 +355,38 @@ def cmd_upload(args: argparse.Namespace) -> int:
             "duplicate_upload", f"{blob_name} is already waiting in {settings.incoming_container}"
         ) from None
     result["attachments"] = attached
-    approvals = len(attached["approvals"])
-    _out(
-        args,
-        result,
-        f"uploaded {blob_name} to {result['container']} (SHA-256 {result['package_sha256']})"
-        + ("" if options.fingerprint else "\n  no manifest: the import will be 'unverified'")
-        + (f"\n  with {approvals} approval(s)" if approvals else ""),
-    )
+    result["checks"] = {"local": "passed", "online": online or f"skipped: {skipped}"}
+    _out(args, result, _upload_text(result, options.fingerprint is not None, online, skipped))
     return EXIT_OK
+
+
+def _upload_text(
+    result: dict[str, Any], manifest: bool, online: dict[str, Any] | None, skipped: str | None
+) -> str:
+    lines = [
+        (
+            f"uploaded {result['blob_name']} to {result['container']} "
+            f"(SHA-256 {result['package_sha256']})"
+        )
+    ]
+    if online is None:
+        lines.append(f"  checked locally only ({skipped}): the pipeline checks it against the HSM")
+    else:
+        lines.append(f"  checked against the HSM: KEK {online['kek_kid']}, {online['target_type']}")
+        if online["new_version_of"]:
+            lines.append(f"  it will be the next version of {online['new_version_of']}")
+        if online["approvals_missing"]:
+            wait = online["approvals_missing"]
+            lines.append(
+                f"  waits for {wait['missing']} more of {wait['required']} approval(s) "
+                "(`byok approve upload`)"
+            )
+    if not manifest:
+        lines.append("  no manifest: the import will be 'unverified'")
+    approvals = len(result["attachments"]["approvals"])
+    if approvals:
+        lines.append(f"  with {approvals} approval(s)")
+    return "\n".join(lines)
 
 
 def _authorize_direct(settings: Settings, hsm: Any, doc: Any, target_type: str) -> None:
@@ -366,7 +419,7 @@ def _authorize_direct(settings: Settings, hsm: Any, doc: Any, target_type: str) 
 
 def cmd_import(args: argparse.Namespace) -> int:
     """Validate, import and verify one package without storage; audited like the pipeline."""
-    from byok_pipeline.cli.upload import default_uploader, options_for
+    from byok_pipeline.cli.upload import default_uploader, options_for, read_manifest_file
     from byok_pipeline.core.status import StatusDoc
     from byok_pipeline.processing.importer import fingerprint_result, import_validated, validate
     from byok_pipeline.processing.processor import key_name_of
@@ -374,7 +427,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     settings = _settings(args)
     data = _read_package(args.package, settings.max_package_bytes)
     key_name = args.name or key_name_of(Path(args.package).name)
-    options = _with_tags(options_for(data, _manifest_path(args), default_uploader()), args.tag)
+    manifest = read_manifest_file(_manifest_path(args))
+    options = _with_tags(options_for(data, manifest, default_uploader()), args.tag)
     sink = _audit_sink(settings)
     hsm = _hsm(settings)
     cid = uuid.uuid4().hex
@@ -585,7 +639,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         throttled = isinstance(exc, TransientError) and exc.throttled
         wait = getattr(exc, "retry_after", None)
         doc = None
-        with contextlib.suppress(PipelineError):  # the line is printed without the tally
+        with contextlib.suppress(PipelineError, ConfigError):  # the line goes without the tally
             doc = deps.store.status_by_name(name)
         print(
             view.watch_retry(
@@ -604,7 +658,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
         stats = watch(deps, once=True, interval=args.interval, workers=args.workers, report=report)
     else:
         print(f"watching {settings.incoming_container} (Ctrl-C to stop)", file=sys.stderr)
-        stats = run_forever(deps, interval=args.interval, workers=args.workers, report=report)
+        run_forever(deps, interval=args.interval, workers=args.workers, report=report)
+        raise KeyboardInterrupt  # it returns on Ctrl-C only: end as every command does (130)
     # packages awaiting approval are settled until people act; anything else left is not
     left = set(deps.store.list_incoming()) - stats.awaiting
     if not args.json:
@@ -647,10 +702,14 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_reasons(args: argparse.Namespace) -> int:
+    """The pipeline's reason codes, then the ``byok`` command's own."""
     if args.json:
-        print(json.dumps(REASONS, indent=2))
+        print(json.dumps({**REASONS, **CLI_REASONS}, indent=2))
     else:
         for code, text in REASONS.items():
+            print(f"{code:28} {text}")
+        print("\nthe byok command's own (never a package's outcome):")
+        for code, text in CLI_REASONS.items():
             print(f"{code:28} {text}")
     return EXIT_OK
 
@@ -721,16 +780,18 @@ def _add_kek_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = CliParser(add_help=False)
     common.add_argument("--hsm-url", help="Managed HSM URL (default: $BYOK_HSM_URL)")
     add_storage_option(common)
     common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--verbose", action="store_true", help="on an error, also show its causes")
 
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="byok",
         description="Connected side of BYOK into Azure Managed HSM. Settings come from the "
         "environment (see README); `byok dev up` writes them for a local stack. "
-        "Exit codes: 0 ok, 2 refused (reason code on stderr), 1 failure.",
+        "Exit codes: 0 ok, 1 failed (reason code on stderr), 2 refused or usage error, "
+        "130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"byok {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -747,6 +808,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--name", help="blob name (default: the file name)")
     up.add_argument("--uploader", help="who uploads, recorded in the audit (default: user@host)")
+    up.add_argument(
+        "--new-version",
+        action="store_true",
+        help="the key name exists in the HSM: make this package its next version (the import "
+        "policy must allow it; default: refuse)",
+    )
+    up.add_argument(
+        "--force-offline",
+        action="store_true",
+        help="skip the checks against the HSM and the import policy (the local checks stay; "
+        "the pipeline checks everything again)",
+    )
     up.add_argument(
         "--tag",
         action="append",
@@ -869,40 +942,17 @@ _COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == "kek":
-            if args.kek_command == "create":
-                return cmd_kek_create(args)
-            return cmd_kek_download(args)  # download, or attest (the attestation alone)
-        if args.command == "audit" and args.audit_command == "init":
-            from byok_pipeline.cli.audit_init import cmd_init
-
-            return cmd_init(args, hsm=_hsm(_settings(args)), out=_out)
-        return _COMMANDS[args.command](args)
-    except Rejected as exc:
-        _fail(args, exc.reason, exc.message)
-        return EXIT_REFUSED
-    except ByokError as exc:
-        if isinstance(exc, TransientError | ConfigError | PipelineError):
-            _fail(args, exc.reason, exc.message, refused=False)
-            return EXIT_FAILED
-        _fail(args, exc.reason, exc.message)
-        return EXIT_REFUSED
-    except KeyboardInterrupt:
-        return EXIT_FAILED
-    except Exception as exc:  # noqa: BLE001  # no traceback ever reaches a user: one line, exit 1
-        _fail(
-            args,
-            "internal_error",
-            f"unexpected {type(exc).__name__}; please report it with the command you ran",
-            refused=False,
-        )
-        return EXIT_FAILED
+    """``byok``: every ending is an exit code and one line (:func:`failures.run`)."""
+    return run(argv, build_parser, _dispatch)
 
 
-def _fail(args: argparse.Namespace, reason: str, message: str, *, refused: bool = True) -> None:
-    word = "refused" if refused else "failed"
-    print(f"byok: {word} [{reason}]: {message}", file=sys.stderr)
-    if getattr(args, "json", False):
-        print(json.dumps({"status": word, "reason": reason, "message": message}))
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "kek":
+        if args.kek_command == "create":
+            return cmd_kek_create(args)
+        return cmd_kek_download(args)  # download, or attest (the attestation alone)
+    if args.command == "audit" and args.audit_command == "init":
+        from byok_pipeline.cli.audit_init import cmd_init
+
+        return cmd_init(args, hsm=_hsm(_settings(args)), out=_out)
+    return _COMMANDS[args.command](args)

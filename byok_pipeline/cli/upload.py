@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from byok_pipeline.adapters.blobstore import BlobStore
+from byok_pipeline.cli.files import read_local
 from byok_pipeline.core.errors import Rejected
 from byok_pipeline.core.metadata import ImportOptions, options_from_manifest
 from offline_packager.manifest import parse_manifest
@@ -21,13 +22,30 @@ def default_uploader() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}"[:256]
 
 
-def read_manifest(path: Path) -> tuple[dict[str, Any], str]:
-    """A manifest and the SHA-256 of its bytes.
+#: A manifest larger than this is not a byok-package manifest.
+MAX_MANIFEST_BYTES = 1024 * 1024
+
+
+def read_manifest_file(path: Path | None) -> tuple[Path, bytes] | None:
+    """A manifest's path and exact bytes (None: no manifest).
+
+    Raises:
+        Rejected: ``file_not_found``, ``unreadable_input``, ``plaintext_key``,
+            ``bad_metadata`` (over 1 MiB).
+    """
+    if path is None:
+        return None
+    return path, read_local(
+        path, what="manifest", limit=MAX_MANIFEST_BYTES, too_large="bad_metadata"
+    )
+
+
+def read_manifest(path: Path, raw: bytes) -> tuple[dict[str, Any], str]:
+    """A manifest (read from ``path``) and the SHA-256 of its bytes.
 
     Raises:
         Rejected: ``bad_metadata`` if it is not a byok-package manifest.
     """
-    raw = path.read_bytes()
     try:
         doc = parse_manifest(load_json_strict(raw, what="manifest"))
     except Exception as exc:  # noqa: BLE001  # any parse failure is the same refusal
@@ -35,16 +53,20 @@ def read_manifest(path: Path) -> tuple[dict[str, Any], str]:
     return doc, hashlib.sha256(raw).hexdigest()
 
 
-def options_for(package: bytes, manifest_path: Path | None, uploader: str | None) -> ImportOptions:
+def options_for(
+    package: bytes, manifest: tuple[Path, bytes] | None, uploader: str | None
+) -> ImportOptions:
     """Import options for a package: from its manifest when given (checked to describe it).
 
     Raises:
-        Rejected: ``manifest_mismatch`` when the manifest describes other bytes.
+        Rejected: ``bad_metadata`` (not a manifest), ``manifest_mismatch`` when the manifest
+            describes other bytes.
     """
-    if manifest_path is None:
+    if manifest is None:
         return ImportOptions(uploader=uploader)
-    manifest, manifest_sha = read_manifest(manifest_path)
-    options = options_from_manifest(manifest, manifest_sha)
+    manifest_path, raw = manifest
+    doc, manifest_sha = read_manifest(manifest_path, raw)
+    options = options_from_manifest(doc, manifest_sha)
     if options.package_sha256 != hashlib.sha256(package).hexdigest():
         raise Rejected(
             "manifest_mismatch", f"{manifest_path} describes another package (SHA-256 differs)"

@@ -54,6 +54,31 @@ REASONS: dict[str, str] = {
     "attempts_exhausted": "Transient failures persisted for BYOK_MAX_ATTEMPTS deliveries.",
 }
 
+#: The ``byok`` command's own codes: it refuses (exit 2) or fails (exit 1) with them before or
+#: around the pipeline, never as a package's outcome in a status document. The README lists
+#: each; tests/pipeline/test_cli_reasons.py produces each.
+CLI_REASONS: dict[str, str] = {
+    # refused (exit 2)
+    "usage": "The command line does not parse: the message says what is wrong and suggests the command or option meant.",
+    "file_not_found": "A file named on the command line does not exist: check the path.",
+    "unreadable_input": "A file named on the command line cannot be read (a folder, no permission): check the path and its permissions.",
+    "plaintext_key": "The file holds a plaintext private key or a raw key, not a wrapped .byok package: nothing was sent; wrap the key on the offline machine (`byok-package wrap`) and treat a key that was on a connected machine as exposed.",
+    "already_imported": "`byok upload`: this exact package (its SHA-256) is already imported into the HSM: nothing to upload (`byok status NAME` shows it).",
+    "key_exists": "`byok upload`: a key of that name exists in the HSM: give --new-version to make the package its next version (the import policy must allow it), or wrap it under another name.",
+    "duplicate_upload": "`byok upload`: a blob of that name is already waiting in the incoming container: wait for it (`byok status NAME`), or upload under another --name.",
+    "kek_exists": "`byok kek create`: a key of that name exists: give --new-version to add a version, or choose another name.",
+    "audit_key_exists": "`byok audit init`: the signing key exists: give --new-version to rotate it.",
+    "not_found": "No package or key of that name: check the name (`byok status` lists the packages).",
+    # failed (exit 1)
+    "config_error": "A setting is missing or invalid: the message names it (see Settings).",
+    "login_required": "No Azure access token: sign in with `az login` (a managed identity needs access); --verbose shows why each credential failed.",
+    "hsm_unreachable": "The HSM cannot be reached: the message names the endpoint and the fix (`byok dev up` for the local stack, BYOK_HSM_URL, BYOK_CLI_CONNECT_TIMEOUT_SECONDS).",
+    "storage_unreachable": "Storage cannot be reached: the message names the endpoint and the fix (`byok dev up` for the local stack, BYOK_STORAGE, --storage).",
+    "service_error": "A service answered with an error the command cannot act on: the message has its status and code (often a missing role assignment).",
+    "os_error": "The operating system refused a file operation: the message names the file.",
+    "internal_error": "A bug: please report it with the command you ran (--verbose shows the cause).",
+}  # fmt: skip
+
 
 def describe(reason: str) -> str:
     """The documented sentence for ``reason`` (unknown codes are a programming error)."""

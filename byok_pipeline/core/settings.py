@@ -36,6 +36,7 @@ DEFAULTS = {
     "BYOK_HSM_MAX_KEYS": "5000",
     "BYOK_HSM_MAX_VERSIONS_PER_KEY": "100",
     "BYOK_POLICY_CACHE_SECONDS": "5",
+    "BYOK_CLI_CONNECT_TIMEOUT_SECONDS": "3",
 }
 
 #: Every setting, for the README table and local.settings.example.json (a test compares them).
@@ -76,6 +77,9 @@ SETTINGS_DOC: dict[str, str] = {
     "it is refused key_version_limit before the import",
     "BYOK_POLICY_CACHE_SECONDS": "How long a worker trusts the import policy it read before asking "
     "storage again (0: every package)",
+    "BYOK_CLI_CONNECT_TIMEOUT_SECONDS": "CLI only: seconds a `byok` command waits for a "
+    "connection to storage or the HSM (tried twice) before it names the unreachable endpoint "
+    "and the fix",
     "BYOK_ALLOWED_KEK_NAMES": "Comma list of KEK names packages may use; empty allows any",
     "BYOK_ALLOWED_TARGET_TYPES": "Comma list of target types (rsa-3072, oct-256, ...); empty allows any",
     "AZURE_CLIENT_ID": "Client id of the user-assigned managed identity (Azure)",
@@ -155,6 +159,7 @@ class Settings:
     hsm_max_keys: int = 5000
     hsm_max_versions_per_key: int = 100
     policy_cache_seconds: float = 5.0
+    cli_connect_timeout: float = 3.0
     allowed_kek_names: frozenset[str] = field(default_factory=frozenset)
     allowed_target_types: frozenset[str] = field(default_factory=frozenset)
     kek_kid: str | None = None
@@ -231,6 +236,7 @@ class Settings:
             hsm_max_keys=_number(merged, "BYOK_HSM_MAX_KEYS", 1, 1_000_000),
             hsm_max_versions_per_key=_number(merged, "BYOK_HSM_MAX_VERSIONS_PER_KEY", 1, 10_000),
             policy_cache_seconds=_number(merged, "BYOK_POLICY_CACHE_SECONDS", 0.0, 300.0),
+            cli_connect_timeout=_number(merged, "BYOK_CLI_CONNECT_TIMEOUT_SECONDS", 0.1, 120.0),
             allowed_kek_names=_csv(merged.get("BYOK_ALLOWED_KEK_NAMES")),
             allowed_target_types=_csv(merged.get("BYOK_ALLOWED_TARGET_TYPES")),
             kek_kid=merged.get("BYOK_KEK_KID") or None,

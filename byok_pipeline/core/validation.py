@@ -32,7 +32,8 @@ class ValidatedPackage:
 
 
 def read_package(data: bytes, settings: Settings) -> tuple[ByokPackage, KeyId]:
-    """Parse strictly and pin the kid to the configured HSM and KEK policy.
+    """Parse strictly and pin the kid to the configured HSM (when one is configured: ``byok
+    upload`` may run with storage alone) and KEK policy.
 
     Raises:
         Rejected: malformed_package, wrong_alg, wrong_enc, bad_base64, bad_kid,
@@ -40,7 +41,7 @@ def read_package(data: bytes, settings: Settings) -> tuple[ByokPackage, KeyId]:
     """
     try:
         package = parse_package(data, max_bytes=settings.max_package_bytes)
-        kid = parse_kid(package.kid, expected_host=settings.hsm_host)
+        kid = parse_kid(package.kid, expected_host=settings.hsm_host or None)
     except ByokError as exc:
         raise Rejected(exc.reason, exc.message) from None
     if settings.allowed_kek_names and kid.name not in settings.allowed_kek_names:
@@ -77,12 +78,15 @@ def check_kek_facts(kek: KekFacts, now: datetime) -> Kek:
     return checked
 
 
-def _check_options_fit(options: ImportOptions, target: TargetType) -> None:
-    """Metadata checked against the type (stated or inferred) before anything is imported.
+def check_target(target: TargetType, options: ImportOptions, settings: Settings) -> None:
+    """The target type (stated or inferred) against BYOK_ALLOWED_TARGET_TYPES, and the
+    metadata against the type, before anything is imported.
 
     Raises:
-        Rejected: ``bad_metadata``.
+        Rejected: ``target_type_not_allowed``, ``bad_metadata``.
     """
+    if settings.allowed_target_types and target.name not in settings.allowed_target_types:
+        raise Rejected("target_type_not_allowed", f"target type {target.name} is not allowed here")
     if options.key_ops is not None:
         bad = [o for o in options.key_ops if o not in target.allowed_key_ops]
         if bad:
@@ -121,9 +125,7 @@ def check_against_kek(
     assert report.package is not None  # noqa: S101  # no findings means it parsed
     assert report.target_type is not None  # noqa: S101  # no findings means a type was fixed
     target = report.target_type
-    if settings.allowed_target_types and target.name not in settings.allowed_target_types:
-        raise Rejected("target_type_not_allowed", f"target type {target.name} is not allowed here")
-    _check_options_fit(options, target)
+    check_target(target, options, settings)
     return ValidatedPackage(
         package=report.package,
         kek_kid=kek_kid,

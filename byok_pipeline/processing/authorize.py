@@ -11,13 +11,15 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Protocol
 
-from byok_pipeline.adapters.authorization_store import AuthorizationStore
+from byok_pipeline.adapters.authorization_store import Attachments
 from byok_pipeline.adapters.keyvault import HsmAdapter
 from byok_pipeline.core.approvals import ApprovalTally, refused_summary, tally
 from byok_pipeline.core.errors import Rejected
 from byok_pipeline.core.metadata import ImportOptions, options_from_manifest
 from byok_pipeline.core.policy import (
+    ExistingKey,
     ImportPolicy,
     Rule,
     check_existing_key,
@@ -27,6 +29,14 @@ from byok_pipeline.core.policy import (
 from byok_pipeline.core.settings import Settings
 from offline_packager.manifest import parse_manifest
 from offline_packager.package_format import load_json_strict
+
+
+class AttachmentSource(Protocol):
+    """Where a package's manifest and approvals are read: the approvals container
+    (:class:`~byok_pipeline.adapters.authorization_store.AuthorizationStore`), or the files
+    beside a package that ``byok upload`` is about to send."""
+
+    def attachments(self, package_sha256: str) -> Attachments: ...
 
 
 class AwaitingApproval(Exception):  # a state, not an error
@@ -52,7 +62,7 @@ class Authorization:
 def authorize(
     *,
     policy: ImportPolicy | None,
-    authz: AuthorizationStore,
+    authz: AttachmentSource,
     settings: Settings,
     key_name: str,
     package_sha256: str,
@@ -140,6 +150,15 @@ def _signed_options(manifest: bytes, uploaded: ImportOptions, package_sha256: st
     return replace(signed, uploader=uploaded.uploader, tags=uploaded.tags)
 
 
+@dataclass(frozen=True)
+class ExistingCheck:
+    """What :func:`check_existing` found: the key of that name (None: a new name) and the
+    version already tagged with this package, if any."""
+
+    existing: ExistingKey | None
+    ours: str | None
+
+
 def check_existing(
     hsm: HsmAdapter,
     auth: Authorization,
@@ -149,13 +168,13 @@ def check_existing(
     package_sha256: str,
     package_id: str | None,
     request_id: str,
-) -> str | None:
+) -> ExistingCheck:
     """After the KEK checks: the inferred target type against the rule, then the key that
     already has this name, if any (one GET), then Managed HSM's limits: the versions of that
     key (listed only when it exists), or the HSM's key count for a new name (from the worker's
-    cached count). Returns the version of ``key_name`` already tagged with this package (an
-    import by ``byok import``, or by an earlier record), which is taken over instead of
-    importing again; None when there is none. Needs keys/read.
+    cached count). Returns the existing key (None: a new name) and the version of
+    ``key_name`` already tagged with this package (an import by ``byok import``, or by an
+    earlier record), which is taken over instead of importing again. Needs keys/read.
 
     Raises:
         Rejected: ``target_type_not_allowed_for_name``, ``existing_key_protected``,
@@ -168,7 +187,8 @@ def check_existing(
         existing.package_sha256_tag == package_sha256
         or (package_id is not None and existing.package_id_tag == package_id)
     ):
-        return existing.kid.rstrip("/").split("/")[-1]  # this very package: nothing to protect
+        # this very package: nothing to protect
+        return ExistingCheck(existing, existing.kid.rstrip("/").split("/")[-1])
     check_existing_key(existing, auth.rule, key_name, policy=auth.policy is not None)
     limits = hsm.settings
     if existing is not None:
@@ -181,7 +201,7 @@ def check_existing(
             request_id=request_id,
         )
         if ours is not None:
-            return ours
+            return ExistingCheck(existing, ours)
         if count >= most:
             raise Rejected(
                 "key_version_limit",
@@ -189,7 +209,7 @@ def check_existing(
                 "versions cannot be deleted one by one: import under a new key name (and move "
                 "its users to it), then upload again",
             )
-        return None
+        return ExistingCheck(existing, None)
     most = limits.hsm_max_keys
     if hsm.count_keys(stop_at=most, request_id=request_id) >= most:
         raise Rejected(
@@ -197,4 +217,4 @@ def check_existing(
             f"the HSM holds {most} keys, Managed HSM's limit: delete and purge keys that are "
             "no longer needed, or import into another HSM, then upload again",
         )
-    return None
+    return ExistingCheck(None, None)

@@ -29,6 +29,7 @@ from byok_pipeline.adapters.authorization_store import AuthorizationStore
 from byok_pipeline.adapters.blobstore import BlobGone, BlobStore, IncomingBlob
 from byok_pipeline.adapters.keyvault import HsmAdapter, ImportedKey
 from byok_pipeline.adapters.telemetry import PackageSpan, package_span
+from byok_pipeline.adapters.transient import PERSON_FIXES
 from byok_pipeline.audit.events import AuditSink, event_for_state, utc_now, verified_event
 from byok_pipeline.core.errors import InProgress, Rejected, TransientError
 from byok_pipeline.core.identity import package_id
@@ -442,7 +443,7 @@ class _Run:
         doc.target_type = validated.target_type.name
         doc.target_type_source = "inferred" if validated.target_type_inferred else "stated"
         doc.key_ops = list(validated.key_ops)
-        ours = check_existing(
+        checked = check_existing(
             deps.hsm,
             auth,
             doc.key_name,
@@ -451,8 +452,8 @@ class _Run:
             package_id=doc.package_id,
             request_id=doc.correlation_id,
         )
-        if found is None and ours is not None:
-            found = deps.hsm.get_imported(doc.key_name, ours, request_id=doc.correlation_id)
+        if found is None and checked.ours is not None:
+            found = deps.hsm.get_imported(doc.key_name, checked.ours, request_id=doc.correlation_id)
         if found is not None:
             return self._take_over(found)
         # both states in one write, with the import attempt noted and the lease renewed if it
@@ -613,12 +614,11 @@ def emit_or_retry(audit: AuditSink, *events: dict[str, object]) -> None:
     try:
         audit.emit_many(events)
     except TransientError as exc:  # keep the trail's own reason (e.g. audit_trail_broken)
+        keep = exc.reason.startswith("audit") or exc.reason in PERSON_FIXES
         raise TransientError(
             f"audit append failed: {exc.message}",
             retry_after=exc.retry_after,
-            reason=exc.reason
-            if exc.reason.startswith("audit") or exc.throttled
-            else "audit_failed",
+            reason=exc.reason if keep or exc.throttled else "audit_failed",
             throttled=exc.throttled,
         ) from None
     except Exception as exc:  # noqa: BLE001  # any sink failure means the record is not durable

@@ -6,10 +6,10 @@ Production credentials: a user-assigned managed identity (``AZURE_CLIENT_ID``) o
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,6 +19,7 @@ from azure.keyvault.keys.crypto import CryptographyClient
 from azure.storage.blob import BlobServiceClient
 
 from byok_pipeline.adapters.blobstore import BlobStore
+from byok_pipeline.adapters.endpoints import EndpointHelp, NamingTransport, is_loopback
 from byok_pipeline.adapters.keyvault import HsmAdapter
 from byok_pipeline.audit.events import AuditSink, FanoutAuditSink, JsonLinesAuditSink
 from byok_pipeline.core.errors import ConfigError
@@ -27,6 +28,59 @@ from byok_pipeline.processing.processor import Deps
 
 CONNECTION_TIMEOUT = 10
 READ_TIMEOUT = 30  # well below the lease (>= 15 s ... 60 s) so a hung import cannot outlive it
+
+
+@dataclass(frozen=True)
+class ClientProfile:
+    """How the SDK clients connect and retry. The Function waits for its dependencies
+    (:data:`FUNCTION_CLIENTS`: the SDKs' retries, BYOK_RETRY_TOTAL); a person at a terminal is
+    told within seconds which endpoint is unreachable and what to do (the CLI's profile:
+    shorter connect timeout, one retry of a failed connection, short storage backoff, and
+    :class:`~byok_pipeline.adapters.endpoints.NamingTransport` for each service)."""
+
+    connection_timeout: float = CONNECTION_TIMEOUT
+    read_timeout: float = READ_TIMEOUT
+    retry_total: int | None = None  # None: BYOK_RETRY_TOTAL
+    retry_connect: int | None = None  # None: the SDK's default (3)
+    # storage's ExponentialRetry (initial backoff, increment base, jitter); None: the SDK's
+    # (15 s, 3, 3 s): right for a Function, a minute of silence for a person
+    storage_backoff: tuple[float, float, float] | None = None
+    hsm_help: EndpointHelp | None = None
+    storage_help: EndpointHelp | None = None
+
+    def retries(self, settings: Settings) -> int:
+        """Retries of one SDK call: BYOK_RETRY_TOTAL, at most the profile's."""
+        if self.retry_total is None:
+            return settings.retry_total
+        return min(self.retry_total, settings.retry_total)
+
+
+FUNCTION_CLIENTS = ClientProfile()
+
+
+def _connection_kwargs(
+    profile: ClientProfile, help_: EndpointHelp | None, *, verify: str | None = None
+) -> dict[str, Any]:
+    """Timeouts, and the transport that names an unreachable endpoint when the profile has
+    help for this service (then the transport carries the TLS settings)."""
+    kwargs: dict[str, Any] = {
+        "connection_timeout": profile.connection_timeout,
+        "read_timeout": profile.read_timeout,
+    }
+    if profile.retry_connect is not None:
+        kwargs["retry_connect"] = profile.retry_connect
+    if help_ is not None:
+        kwargs["transport"] = NamingTransport(
+            help_=help_,
+            connection_timeout=profile.connection_timeout,
+            read_timeout=profile.read_timeout,
+            connection_verify=verify or True,
+        )
+        return kwargs
+    kwargs |= env_settings_kwargs()
+    if verify:
+        kwargs["connection_verify"] = verify
+    return kwargs
 
 
 def default_credential(env: Mapping[str, str] | None = None) -> TokenCredential:
@@ -40,19 +94,10 @@ def default_credential(env: Mapping[str, str] | None = None) -> TokenCredential:
     return DefaultAzureCredential(managed_identity_client_id=client_id)
 
 
-def _is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 # Environment settings the requests library reads on every request when allowed to
 # (``trust_env``): proxies and CA bundles. Without any of them the scan is skipped.
 _REQUESTS_ENV = (
     "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
-    "http_proxy", "https_proxy", "all_proxy", "no_proxy",
     "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
 )  # fmt: skip
 
@@ -71,42 +116,45 @@ def env_settings_kwargs(
     return {"use_env_settings": False}
 
 
-def _retry_kwargs(settings: Settings) -> dict[str, Any]:
-    return {
-        "retry_total": settings.retry_total,
-        "retry_backoff_factor": settings.retry_backoff,
-        "retry_backoff_max": settings.retry_backoff_max,
-        "connection_timeout": CONNECTION_TIMEOUT,
-        "read_timeout": READ_TIMEOUT,
-        **env_settings_kwargs(),
-    }
-
-
 def key_client(
-    settings: Settings, credential: TokenCredential, *, ca_bundle: str | None = None
+    settings: Settings,
+    credential: TokenCredential,
+    *,
+    ca_bundle: str | None = None,
+    profile: ClientProfile = FUNCTION_CLIENTS,
 ) -> KeyClient:
     """A KeyClient for the configured HSM. Challenge-resource verification stays on except for
     a loopback HSM (the local emulator), where the SDK cannot verify it."""
-    kwargs = _retry_kwargs(settings)
-    if _is_loopback(settings.hsm_url):
+    kwargs = {
+        "retry_total": profile.retries(settings),
+        "retry_backoff_factor": settings.retry_backoff,
+        "retry_backoff_max": settings.retry_backoff_max,
+        **_connection_kwargs(profile, profile.hsm_help, verify=ca_bundle),
+    }
+    if is_loopback(settings.hsm_url):
         kwargs["verify_challenge_resource"] = False
-    if ca_bundle:
-        kwargs["connection_verify"] = ca_bundle
     return KeyClient(settings.hsm_url, credential, **kwargs)
 
 
 def hsm_adapter(
-    settings: Settings, credential: TokenCredential, *, ca_bundle: str | None = None
+    settings: Settings,
+    credential: TokenCredential,
+    *,
+    ca_bundle: str | None = None,
+    profile: ClientProfile = FUNCTION_CLIENTS,
 ) -> HsmAdapter:
     """The pipeline's HSM adapter: one KeyClient (one connection pool and token) for every
     call, the AES check value included."""
-    return HsmAdapter(key_client(settings, credential, ca_bundle=ca_bundle), settings)
+    client = key_client(settings, credential, ca_bundle=ca_bundle, profile=profile)
+    return HsmAdapter(client, settings)
 
 
 def blob_service(
     settings: Settings,
     env: Mapping[str, str] | None = None,
     credential: TokenCredential | None = None,
+    *,
+    profile: ClientProfile = FUNCTION_CLIENTS,
 ) -> BlobServiceClient:
     """``BYOK_STORAGE`` as a connection string, or identity-based ``BYOK_STORAGE__blobServiceUri``.
 
@@ -115,11 +163,16 @@ def blob_service(
     """
     env = os.environ if env is None else env
     kwargs: dict[str, Any] = {
-        "retry_total": settings.retry_total,
-        "connection_timeout": CONNECTION_TIMEOUT,
-        "read_timeout": READ_TIMEOUT,
-        **env_settings_kwargs(env),
+        "retry_total": profile.retries(settings),
+        **_connection_kwargs(profile, profile.storage_help),
     }
+    if profile.storage_backoff is not None:
+        initial, base, jitter = profile.storage_backoff
+        kwargs |= {
+            "initial_backoff": initial,
+            "increment_base": base,
+            "random_jitter_range": jitter,
+        }
     conn = env.get("BYOK_STORAGE")
     if conn:
         return BlobServiceClient.from_connection_string(conn, **kwargs)
@@ -135,6 +188,7 @@ def audit_signer(
     role: str,
     credential: TokenCredential | None = None,
     ca_bundle: str | None = None,
+    profile: ClientProfile = FUNCTION_CLIENTS,
 ) -> Any:
     """The key that signs this process's trail batches: for the pipeline the HSM key of
     BYOK_AUDIT_SIGNING_KID (needs keys/sign on it, and keys/read); for a person
@@ -159,10 +213,16 @@ def audit_signer(
         )
     if not ref.startswith("https://"):
         return FileSigner.from_pem(ref)
-    return hsm_signer(ref, credential or default_credential(), ca_bundle=ca_bundle)
+    return hsm_signer(ref, credential or default_credential(), ca_bundle=ca_bundle, profile=profile)
 
 
-def hsm_signer(kid: str, credential: TokenCredential, *, ca_bundle: str | None = None) -> Any:
+def hsm_signer(
+    kid: str,
+    credential: TokenCredential,
+    *,
+    ca_bundle: str | None = None,
+    profile: ClientProfile = FUNCTION_CLIENTS,
+) -> Any:
     """An :class:`~byok_pipeline.audit.signers.HsmSigner` for ``kid`` (read once).
 
     Raises:
@@ -175,23 +235,31 @@ def hsm_signer(kid: str, credential: TokenCredential, *, ca_bundle: str | None =
     from byok_pipeline.audit.signers import HsmSigner, p256_public_key
 
     # a signature is inside an audit append's deadline: one quick retry, short timeouts
-    kwargs: dict[str, Any] = {"retry_total": 1, "connection_timeout": 3, "read_timeout": 5}
-    if _is_loopback(kid):
-        kwargs["verify_challenge_resource"] = False
-    if ca_bundle:
-        kwargs["connection_verify"] = ca_bundle
+    quick = ClientProfile(
+        connection_timeout=min(3, profile.connection_timeout),
+        read_timeout=5,
+        retry_connect=profile.retry_connect,
+        hsm_help=profile.hsm_help,
+    )
+
+    def kwargs() -> dict[str, Any]:  # a transport of its own for each client
+        made = {"retry_total": 1, **_connection_kwargs(quick, quick.hsm_help, verify=ca_bundle)}
+        if is_loopback(kid):
+            made["verify_challenge_resource"] = False
+        return made
+
     parts = urlsplit(kid)
     path = parts.path.strip("/").split("/")
     if len(path) != 3 or path[0] != "keys":
         raise ConfigError(
             f"the audit signing key {kid!r} is not a versioned kid (keys/NAME/VERSION)"
         )
-    keys = KeyClient(f"{parts.scheme}://{parts.netloc}", credential, **kwargs)
+    keys = KeyClient(f"{parts.scheme}://{parts.netloc}", credential, **kwargs())
     try:
         key = keys.get_key(path[1], path[2])
     except AzureError as exc:
         raise translate(exc, "reading the audit signing key") from None
-    client = CryptographyClient(key, credential, **kwargs)
+    client = CryptographyClient(key, credential, **kwargs())
     jwk: Any = key.key  # JsonWebKey sets its fields dynamically
 
     def text(value: Any) -> str:  # the SDK's enums, or plain strings
@@ -211,6 +279,7 @@ def audit_sink(
     role: str = "pipeline",
     credential: TokenCredential | None = None,
     ca_bundle: str | None = None,
+    profile: ClientProfile = FUNCTION_CLIENTS,
 ) -> AuditSink:
     """Every audit event goes first to the signed trail (append blobs: the pipeline's chains in
     the audit container, a person's in the people container); once appended, the stored
@@ -235,14 +304,16 @@ def audit_sink(
     if settings.audit_log:
         after.append(JsonLinesAuditSink(settings.audit_log))
     try:
-        service = blob_service(settings)
+        service = blob_service(settings, profile=profile)
     except ConfigError:
         if settings.audit_log:
             return FanoutAuditSink(*after)
         raise ConfigError(
             "audit events need the audit trail (BYOK_STORAGE) or a local file (BYOK_AUDIT_LOG)"
         ) from None
-    signer = audit_signer(settings, role=role, credential=credential, ca_bundle=ca_bundle)
+    signer = audit_signer(
+        settings, role=role, credential=credential, ca_bundle=ca_bundle, profile=profile
+    )
     if role == "pipeline":
         container = settings.audit_container
         writer = f"{os.environ.get('WEBSITE_INSTANCE_ID', socket.gethostname())}:{os.getpid()}"
@@ -268,6 +339,7 @@ def build_deps(
     credential: TokenCredential | None = None,
     ca_bundle: str | None = None,
     audit: AuditSink | None = None,
+    profile: ClientProfile = FUNCTION_CLIENTS,
 ) -> Deps:
     """All dependencies of :func:`byok_pipeline.processing.processor.process_blob`."""
     env = os.environ if env is None else env
@@ -275,7 +347,7 @@ def build_deps(
     ca = ca_bundle or env.get("BYOK_HSM_CA_BUNDLE") or None
     return Deps(
         settings=settings,
-        store=BlobStore(blob_service(settings, env), settings),
-        hsm=hsm_adapter(settings, cred, ca_bundle=ca),
-        audit=audit or audit_sink(settings, credential=cred, ca_bundle=ca),
+        store=BlobStore(blob_service(settings, env, profile=profile), settings),
+        hsm=hsm_adapter(settings, cred, ca_bundle=ca, profile=profile),
+        audit=audit or audit_sink(settings, credential=cred, ca_bundle=ca, profile=profile),
     )

@@ -677,16 +677,21 @@ def test_cli_verify_json_heads_and_exit_codes(
     assert result["pinned"] is False
 
 
-def test_cli_usage_and_input_failures_exit_1(
+def test_cli_usage_errors_exit_2_and_input_failures_exit_1(
     world: World, cli_env: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     heads = tmp_path / "heads.json"
     heads.write_text('{"chains": {"x": {"sequence": "1"}}}', encoding="utf-8")
     bad_trust = tmp_path / "trust.json"
     bad_trust.write_text('{"signers": [{"kid": "file:x"}]}', encoding="utf-8")
-    cases = [
+    usage = [
         ["verify", "--from", "2026-11-29", "--expect-heads", str(heads)],
-        ["verify", "--from", "2026-11-30", "--to", "2026-11-29"],
+        ["verify", "--from", "2026-11-30", "--to", "2026-11-29", "--json"],
+    ]
+    for argv in usage:
+        assert audit_main([*argv, *cli_env]) == 2, argv
+    assert '"status": "usage"' in capsys.readouterr().out
+    cases = [
         ["verify", "--expect-heads", str(heads)],
         ["verify", "--json", "--trust", str(bad_trust)],
         ["verify", "--trust", str(tmp_path / "missing.json")],

@@ -401,11 +401,11 @@ def test_an_interrupt_leaves_complete_pairs_and_nothing_partial(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Ctrl-C between the second key's package and its manifest: the package is removed, the
-    first key's pair stays, the rest is not attempted; exit 1."""
+    first key's pair stays, the rest is not attempted; exit 130."""
     calls = _fail_link(monkeypatch, 4, KeyboardInterrupt())
     out = tmp_path / "out"
     out.mkdir()
-    summary, err = _batch(capsys, _argv(kek, out, "--generate", "oct-256:4"), expect=1)
+    summary, err = _batch(capsys, _argv(kek, out, "--generate", "oct-256:4"), expect=130)
     assert calls[-2:] == ["gen-oct-256-2.byok", "gen-oct-256-2.manifest.json"]  # half a pair
     assert summary["status"] == "interrupted"
     assert summary["totals"] == {"keys": 4, "wrapped": 1, "refused": 1, "not_attempted": 2}

@@ -73,8 +73,7 @@ def test_ceremony_through_the_cli(
     # a second create of the same name is refused unless a new version is asked for
     assert main(["kek", "create", "--name", "cli-kek", "--size", "2048"]) == 2
     assert "[kek_exists]" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["kek", "create", "--name", "x", "--expires-days", "0"])
+    assert main(["kek", "create", "--name", "x", "--expires-days", "0"]) == 2  # usage
     capsys.readouterr()
     kek_pem = tmp_path / "kek.pem"
     info = run_json(capsys, "kek", "download", "--kid", created["kid"], "--out", str(kek_pem))
@@ -212,9 +211,7 @@ def test_storage_option_never_takes_a_secret(
 ) -> None:
     """`--storage` refuses keys, SAS tokens and anything but an https account URL or @FILE, in
     one usage line that does not repeat the value."""
-    with pytest.raises(SystemExit) as exited:
-        main(["status", "--storage", value])
-    assert exited.value.code == 2
+    assert main(["status", "--storage", value]) == 2
     err = capsys.readouterr().err
     assert "--storage" in err
     assert "@FILE" in err
@@ -238,8 +235,7 @@ def test_storage_option_reads_a_connection_string_from_a_file(
     listed = run_json(capsys, "status", "--storage", f"@{conn}")
     assert isinstance(listed, dict | list)
     # an unreadable file is one usage line
-    with pytest.raises(SystemExit):
-        main(["status", "--storage", f"@{tmp_path / 'missing.conn'}"])
+    assert main(["status", "--storage", f"@{tmp_path / 'missing.conn'}"]) == 2
     assert "cannot read" in capsys.readouterr().err
 
 

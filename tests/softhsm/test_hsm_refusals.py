@@ -21,7 +21,8 @@ from softhsm_helpers import (
     wrap_args,
 )
 
-from offline_packager.cli import EXIT_REFUSED, main
+from offline_packager.cli import main
+from offline_packager.cli_exit import EXIT_REFUSED
 from offline_packager.pkcs11_source import EC_PARAMS_BY_CRV
 
 pytestmark = pytest.mark.softhsm
