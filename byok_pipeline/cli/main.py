@@ -306,23 +306,57 @@ def _with_tags(options: Any, tags: list[str]) -> Any:
 def cmd_upload(args: argparse.Namespace) -> int:
     """The gate (:mod:`byok_pipeline.cli.gate`), then the manifest, the approvals and the
     package, in that order."""
-    from byok_pipeline.cli.authorization import upload_attachments
-    from byok_pipeline.cli.gate import check_locally, check_online
-    from byok_pipeline.cli.upload import (
-        default_uploader,
-        options_for,
-        read_manifest_file,
-        upload,
-    )
-    from byok_pipeline.processing.processor import key_name_of
+    from byok_pipeline.cli.upload import default_uploader
 
     settings = _settings(args, require_hsm=False)
-    data = _read_package(args.package, settings.max_package_bytes)
-    blob_name = args.name or Path(args.package).name
-    manifest = read_manifest_file(_manifest_path(args))
-    options = _with_tags(options_for(data, manifest, args.uploader or default_uploader()), args.tag)
-    local = check_locally(
+    result, manifest = _gate_and_upload(
+        settings,
         Path(args.package),
+        blob_name=args.name or Path(args.package).name,
+        manifest_path=_manifest_path(args),
+        uploader=args.uploader or default_uploader(),
+        tags=args.tag,
+        new_version=args.new_version,
+        force_offline=args.force_offline,
+    )
+    online = result["checks"]["online"]
+    checked = online if isinstance(online, dict) else None
+    skipped = None if checked else online.removeprefix("skipped: ")
+    _out(args, result, _upload_text(result, manifest, checked, skipped))
+    return EXIT_OK
+
+
+def _gate_and_upload(
+    settings: Settings,
+    package: Path,
+    *,
+    blob_name: str,
+    manifest_path: Path | None,
+    uploader: str,
+    tags: list[str],
+    new_version: bool,
+    force_offline: bool,
+    same_is_done: bool = False,
+) -> tuple[dict[str, Any], bool]:
+    """``byok upload``'s work, shared with ``byok drop``: the gate, then the manifest, the
+    approvals and the package; the result and whether a manifest went with it.
+    ``same_is_done``: a blob of that name already waiting with the same bytes is this upload,
+    done before (``already_waiting`` in the result), not a ``duplicate_upload``.
+
+    Raises:
+        Rejected: the gate's refusals; ``duplicate_upload`` (other bytes wait under the name).
+        TransientError: the HSM or storage failed.
+    """
+    from byok_pipeline.cli.authorization import upload_attachments
+    from byok_pipeline.cli.gate import check_locally, check_online
+    from byok_pipeline.cli.upload import options_for, read_manifest_file, upload
+    from byok_pipeline.processing.processor import key_name_of
+
+    data = _read_package(str(package), settings.max_package_bytes)
+    manifest = read_manifest_file(manifest_path)
+    options = _with_tags(options_for(data, manifest, uploader), tags)
+    local = check_locally(
+        package,
         data,
         key_name=key_name_of(blob_name),
         options=options,
@@ -330,8 +364,8 @@ def cmd_upload(args: argparse.Namespace) -> int:
         settings=settings,
     )
     online: dict[str, Any] | None = None
-    if args.force_offline or not settings.hsm_url:
-        skipped = "--force-offline" if args.force_offline else "BYOK_HSM_URL is not set"
+    if force_offline or not settings.hsm_url:
+        skipped = "--force-offline" if force_offline else "BYOK_HSM_URL is not set"
     else:
         skipped = None
         online = check_online(
@@ -339,7 +373,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
             settings=settings,
             hsm=_hsm(settings),
             authz=_authz(settings),
-            new_version=args.new_version,
+            new_version=new_version,
             clock=lambda: datetime.now(UTC),
         )
     from azure.core.exceptions import ResourceExistsError
@@ -351,13 +385,69 @@ def cmd_upload(args: argparse.Namespace) -> int:
     try:
         result = upload(store, blob_name, data, options)
     except ResourceExistsError:
-        raise Rejected(
-            "duplicate_upload", f"{blob_name} is already waiting in {settings.incoming_container}"
-        ) from None
+        if not (same_is_done and _waiting_sha256(store, blob_name) == local.sha256):
+            raise Rejected(
+                "duplicate_upload",
+                f"{blob_name} is already waiting in {settings.incoming_container}",
+            ) from None
+        result = {
+            "blob_name": blob_name,
+            "container": settings.incoming_container,
+            "package_sha256": local.sha256,
+            "already_waiting": True,
+        }
     result["attachments"] = attached
     result["checks"] = {"local": "passed", "online": online or f"skipped: {skipped}"}
-    _out(args, result, _upload_text(result, options.fingerprint is not None, online, skipped))
-    return EXIT_OK
+    return result, options.fingerprint is not None
+
+
+def _waiting_sha256(store: Any, blob_name: str) -> str | None:
+    """The SHA-256 of the blob waiting under ``blob_name`` (None: over the size cap).
+
+    Raises:
+        TransientError: storage failed, or the blob went meanwhile (processed: the next try
+            finds it imported).
+    """
+    from byok_pipeline.adapters.blobstore import BlobGone
+
+    try:
+        blob = store.read_incoming(blob_name)
+    except BlobGone as exc:
+        raise TransientError(f"{exc.message}; it is checked again", reason="transient") from None
+    return None if blob.data is None else hashlib.sha256(blob.data).hexdigest()
+
+
+def cmd_drop(args: argparse.Namespace) -> int:
+    """``byok drop DIR``: every complete package in DIR through ``byok upload``
+    (:mod:`byok_pipeline.cli.drop`)."""
+    from byok_pipeline.cli.drop import run_drop
+    from byok_pipeline.cli.upload import default_uploader
+
+    settings = _settings(args, require_hsm=False)
+    uploader = args.uploader or default_uploader()
+
+    def upload_one(package: Path, manifest: Path | None) -> dict[str, Any]:
+        result, _ = _gate_and_upload(
+            settings,
+            package,
+            blob_name=package.name,
+            manifest_path=manifest,
+            uploader=uploader,
+            tags=[],
+            new_version=args.new_version,
+            force_offline=args.force_offline,
+            same_is_done=True,
+        )
+        return result
+
+    return run_drop(
+        Path(args.folder),
+        upload=upload_one,
+        as_json=args.json,
+        once=args.once,
+        interval=args.interval,
+        done_marker=args.done_marker,
+    )
 
 
 def _upload_text(
@@ -779,6 +869,49 @@ def _add_kek_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     ka.add_argument("--force", action="store_true", help="replace an existing file")
 
 
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def _add_drop_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``byok drop DIR``."""
+    dr = sub.add_parser(
+        "drop",
+        parents=[common],
+        help="upload each complete NAME.byok put into a folder, through the upload gate",
+    )
+    dr.add_argument("folder", metavar="DIR", help="the folder the packages are put into")
+    dr.add_argument("--once", action="store_true", help="take what is complete now, then exit")
+    dr.add_argument(
+        "--interval",
+        type=_positive_seconds,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between polls; a file without a marker is complete when its size and "
+        "time are the same at two polls in a row (default 2)",
+    )
+    dr.add_argument(
+        "--done-marker",
+        action="store_true",
+        help="take NAME.byok only once NAME.byok.done exists (default: the marker, or a "
+        "stable size and time)",
+    )
+    dr.add_argument("--uploader", help="who uploads, recorded in the audit (default: user@host)")
+    dr.add_argument(
+        "--new-version",
+        action="store_true",
+        help="as byok upload: a key name that exists gets the package as its next version",
+    )
+    dr.add_argument(
+        "--force-offline",
+        action="store_true",
+        help="as byok upload: skip the checks against the HSM and the import policy",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = CliParser(add_help=False)
     common.add_argument("--hsm-url", help="Managed HSM URL (default: $BYOK_HSM_URL)")
@@ -827,6 +960,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="tag for the imported key version (repeatable, at most 10)",
     )
+
+    _add_drop_parser(sub, common)
 
     im = sub.add_parser(
         "import",
@@ -930,6 +1065,7 @@ _COMMANDS = {
     "policy": cmd_policy,
     "approve": cmd_approve,
     "upload": cmd_upload,
+    "drop": cmd_drop,
     "import": cmd_import,
     "status": cmd_status,
     "watch": cmd_watch,

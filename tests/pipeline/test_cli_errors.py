@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, list[str]]] = {
     "kek download": ("network", ["--name", "dead-kek"]),
     "kek attest": ("network", ["--name", "dead-kek"]),
     "upload": ("network", []),
+    "drop": ("network", ["--once"]),
     "import": ("network", []),
     "status": ("network", []),
     "watch": ("network", ["--once"]),
@@ -113,6 +114,10 @@ def dead(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     approval = tmp / "dead-key.approval-alice.json"
     assert package_main(["approve", str(tmp / "dead-key.manifest.json"), "--approver-id", "alice",
                          "--signer-key", str(signer), "--out", str(approval)]) == 0  # fmt: skip
+    drop = tmp / "drop"  # a package with its marker: taken at the first look
+    drop.mkdir()
+    (drop / package.name).write_bytes(package.read_bytes())
+    (drop / f"{package.name}.done").touch()
     policy = tmp / "policy.json"
     policy.write_text(json.dumps({"policy_version": 1, "rules": [{"prefix": "dead-"}]}))
     (tmp / "emulator").mkdir()
@@ -135,6 +140,7 @@ def dead(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "approval": str(approval),
         "key": "dead-key",
         "dir": str(tmp / "no-stack"),
+        "folder": str(drop),
     }
     return {"env": env, "samples": samples, "endpoints": (hsm, blob.rsplit("/", 1)[0])}
 
@@ -171,7 +177,7 @@ def test_every_command_against_a_dead_stack(command: str, dead: dict[str, Any]) 
         f"the HSM at {hsm} is unreachable" in line or f"storage at {storage} is unreachable" in line
     )
     assert "`byok dev up`" in line
-    failure = json.loads(proc.stdout)
+    failure = json.loads(proc.stdout.splitlines()[-1])  # after `byok drop`'s log line
     assert failure["status"] == "failed"
     assert failure["reason"] in ("hsm_unreachable", "storage_unreachable")
 
