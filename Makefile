@@ -21,12 +21,15 @@ help:
 	@echo "make offline-bundle - build dist/byok-package-offline-VERSION.tar.gz, byok-package for"
 	@echo "               the air-gapped machine (BUNDLE_ARGS=\"--python-version 3.12 --platform TAG --out F\")"
 
-# System packages: SoftHSM2 (the PKCS#11 HSM for tests), the OpenSSL CLI (independent
-# implementation of the wrap) and Chromium (the dashboard's browser test drives Debian's build
-# through Playwright: Playwright's own browser download cannot work offline). Installed only
-# when missing; needs root (CI runs as root).
+# System packages: Node.js and npm (Azurite, the local Blob Storage), SoftHSM2 (the PKCS#11 HSM
+# for tests), the OpenSSL CLI (independent implementation of the wrap) and Chromium (the
+# dashboard's browser test drives Debian's build through Playwright: Playwright's own browser
+# download cannot work offline). Installed only when missing; needs root (CI runs as root).
+# Then the versions the project needs: Python >= 3.11, Node.js >= 18 (Azurite 3.37).
 system-deps:
 	@missing=""; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
 	command -v softhsm2-util >/dev/null || missing="$$missing softhsm2"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
@@ -35,6 +38,10 @@ system-deps:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	  echo "error: Python >= 3.11 is needed, $(PYTHON) is $$($(PYTHON) --version 2>&1 | head -1): install a newer python3 (and python3-venv), or run make PYTHON=python3.11"; exit 1; }
+	@node -e 'process.exit(Number(process.versions.node.split(".")[0]) < 18 ? 1 : 0)' || { \
+	  echo "error: Node.js >= 18 is needed for Azurite, node is $$(node --version): install a newer nodejs (Debian 12 has 18; on older releases use NodeSource or nvm), then run make again"; exit 1; }
 
 $(VENV)/.stamp: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)

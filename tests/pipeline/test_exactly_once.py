@@ -173,7 +173,7 @@ def test_redrop_while_the_first_record_is_stuck_takes_it_over(stack: Stack) -> N
 
 
 def test_imported_bytes_under_a_non_ascii_name_are_refused_by_name(stack: Stack) -> None:
-    """Name before duplicate (README, check order): the drop is refused for its own name and
+    """Name before duplicate (docs/reference.md, check order): the drop is refused for its own name and
     recorded, with the name escaped in the quarantined copy's metadata."""
     pkg = stack.package("ec-p256k", "ascii-first")
     stack.drop_package(pkg)

@@ -1,4 +1,4 @@
-"""The mutation campaign's fixed-seed sample (``make fuzz`` runs 100,000; README "Reliability"),
+"""The mutation campaign's fixed-seed sample (``make fuzz`` runs 100,000; docs/reference.md "Reliability"),
 its regression cases, and a check that its counters count.
 
 - 5,000 mutants through the pipeline's checks in order and the emulator's import (in process);
