@@ -31,7 +31,16 @@ from .cli_common import (
     verify_attestation,
     warn,
 )
-from .cli_exit import EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, ending, one_line
+from .cli_exit import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    CliParser,
+    UsageError,
+    ending,
+    one_line,
+    usage_error,
+)
 from .errors import ApprovalError, AttestationError, ByokError, OutputError
 from .kek import Kek, load_kek_pem
 from .keytypes import TARGET_TYPES, TYPE_NAMES
@@ -725,7 +734,7 @@ def cmd_types() -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog=TOOL_NAME,
         description="Air-gapped packager: wrap a target key under a Managed HSM KEK into a .byok "
         "file (CKM_RSA_AES_KEY_WRAP), sign import approvals (dual control) and inspect "
@@ -927,7 +936,10 @@ def main(argv: Sequence[str] | None = None, *, clock: Clock | None = None) -> in
     130 and a reader that went away (``| head``) with 141, never with a traceback."""
 
     def command() -> int:
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except UsageError as exc:  # one line (a JSON object too with --json), exit 2
+            return usage_error(exc, as_json="--json" in (sys.argv[1:] if argv is None else argv))
         now: Clock = clock or (lambda: datetime.now(UTC))
         as_json = bool(getattr(args, "json", False))
         try:

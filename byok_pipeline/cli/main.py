@@ -23,13 +23,14 @@ from typing import Any
 from byok_pipeline import __version__
 from byok_pipeline.cli.audit import add_audit_parser, cmd_audit
 from byok_pipeline.cli.authorization import add_parsers as add_authorization_parsers
-from byok_pipeline.cli.failures import CliParser, cli_clients, run
+from byok_pipeline.cli.failures import cli_clients, run
 from byok_pipeline.cli.serve import add_serve_parser
 from byok_pipeline.cli.storage_arg import add_storage_option
 from byok_pipeline.core.errors import ConfigError, PipelineError, Rejected, TransientError
 from byok_pipeline.core.reasons import CLI_REASONS, REASONS
 from byok_pipeline.core.settings import Settings
 from offline_packager.atomic import write_files_atomically
+from offline_packager.cli_exit import CliParser
 from offline_packager.kid import is_key_name, parse_kid
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
