@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from byok_pipeline.core.reasons import REASONS
-from byok_pipeline.core.status import STATES, StatusDoc
+from byok_pipeline.core.status import STATES, StatusDoc, parse_utc
 
 WAITING = "waiting"
 #: every state ``byok status --state`` accepts
@@ -44,7 +44,7 @@ def _parse(text: str | None) -> datetime | None:
     if not text:
         return None
     try:
-        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+        return parse_utc(text)
     except ValueError:
         return None
 

@@ -37,8 +37,20 @@ class IllegalTransition(RuntimeError):
     """A programming error: the processor asked for a transition the machine forbids."""
 
 
+_UTC_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
 def utc(ts: datetime) -> str:
-    return ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return ts.strftime(_UTC_FORMAT)
+
+
+def parse_utc(text: str) -> datetime:
+    """A time written by :func:`utc`, back as an aware UTC datetime.
+
+    Raises:
+        ValueError: not in that form.
+    """
+    return datetime.strptime(text, _UTC_FORMAT).replace(tzinfo=UTC)
 
 
 def parse_time(text: str | None) -> datetime | None:

@@ -36,7 +36,7 @@ from byok_pipeline.core.identity import package_id
 from byok_pipeline.core.metadata import ImportOptions, parse_fingerprint, parse_metadata
 from byok_pipeline.core.policy import ImportPolicy, PolicyInvalid
 from byok_pipeline.core.settings import Settings
-from byok_pipeline.core.status import ARCHIVED, TERMINAL, StatusDoc, utc
+from byok_pipeline.core.status import ARCHIVED, TERMINAL, StatusDoc, parse_utc, utc
 from byok_pipeline.core.validation import read_package
 from byok_pipeline.processing.authorize import (
     Authorization,
@@ -166,10 +166,6 @@ def check_drop(
             "manifest_mismatch", "the package differs from the one its manifest describes"
         )
     return key_name, options
-
-
-def _parse_utc(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
 
 
 class _Run:
@@ -390,7 +386,7 @@ class _Run:
             raise self._policy_error
         doc.policy_sha256 = self._policy_sha256  # the policy that authorizes this attempt
         now = deps.clock()
-        dropped = _parse_utc(doc.drop_time or doc.history[0].time)
+        dropped = parse_utc(doc.drop_time or doc.history[0].time)
         try:
             auth = authorize(
                 policy=self._policy,
@@ -562,7 +558,7 @@ class _Run:
         if not self.doc.import_attempt_at:  # set from `importing` on (or by a retired record)
             return False
         grace = self.deps.settings.lease_seconds + self.deps.hsm.put_timeout_seconds() + 5
-        age = (self.deps.clock() - _parse_utc(self.doc.import_attempt_at)).total_seconds()
+        age = (self.deps.clock() - parse_utc(self.doc.import_attempt_at)).total_seconds()
         return age < grace
 
     def disable_after_import(self) -> str:

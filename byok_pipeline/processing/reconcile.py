@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from byok_pipeline.adapters.telemetry import observe_backlog
 from byok_pipeline.core.errors import InProgress, PipelineError, TransientError
 from byok_pipeline.core.metrics import backlog
-from byok_pipeline.core.status import StatusDoc
+from byok_pipeline.core.status import StatusDoc, parse_utc
 from byok_pipeline.processing.processor import Deps, complete_audit, process_blob
 
 log = logging.getLogger("byok_pipeline")
@@ -66,10 +66,10 @@ def reconcile(deps: Deps, *, now: datetime | None = None) -> ReconcileReport:
             continue  # just dropped: its own event is on the way
         try:
             latest = store.status_by_name(name)
-            if latest is not None and latest.updated and _parse(latest.updated) > stale_before:
+            if latest is not None and latest.updated and parse_utc(latest.updated) > stale_before:
                 continue  # delivered recently: its own retries are still running
             paced_until = latest.throttled_until if latest is not None else None
-            if paced_until and _parse(paced_until) > at:
+            if paced_until and parse_utc(paced_until) > at:
                 continue  # paced by the HSM: its next try is later
             report.redelivered[name] = process_blob(name, deps).state
         except InProgress:
@@ -83,9 +83,3 @@ def reconcile(deps: Deps, *, now: datetime | None = None) -> ReconcileReport:
             report.errors += 1
             report.redelivered[name] = f"error: {getattr(exc, 'reason', type(exc).__name__)}"
     return report
-
-
-def _parse(text: str) -> datetime:
-    from datetime import UTC
-
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
