@@ -63,14 +63,7 @@ class AuthorizationStore:
         self.settings = settings
         self._lock = threading.Lock()
         self._cached: tuple[str, ImportPolicy | PolicyInvalid, str] | None = None
-        self._cached_sha256: str | None = None
         self._checked: tuple[float, ImportPolicy | PolicyInvalid | None, str | None] | None = None
-
-    @property
-    def policy_sha256(self) -> str | None:
-        """SHA-256 of the policy blob last read (None: there was none), invalid ones included."""
-        with self._lock:
-            return self._cached_sha256
 
     # -- the policy ---------------------------------------------------------------------------
     def policy_bytes(self) -> tuple[bytes, str] | None:
@@ -128,7 +121,6 @@ class AuthorizationStore:
             outcome, sha = exc, None
         with self._lock:
             self._checked = (now, outcome, sha)
-            self._cached_sha256 = sha
         return outcome, sha
 
     def _read(self) -> tuple[ImportPolicy | PolicyInvalid | None, str | None]:

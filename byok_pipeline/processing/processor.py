@@ -677,7 +677,7 @@ def _process_blob(name: str, deps: Deps, span: PackageSpan) -> Outcome:
                 return redropped
             doc = redropped
         outcome = _run_leased(_Run(deps, blob, path, doc, lease), counted=created is not None)
-        settled = _settled(outcome, path)
+        settled = outcome.status_path == path and _settled(outcome.doc)
         return outcome
     finally:
         # a settled record keeps its lease until it runs out (one request less): nobody writes
@@ -685,12 +685,10 @@ def _process_blob(name: str, deps: Deps, span: PackageSpan) -> Outcome:
         store.release(lease, keep=settled)
 
 
-def _settled(outcome: Outcome, path: str) -> bool:
-    """The record at ``path`` is done for good: imported or a duplicate, fully audited, moved."""
-    doc = outcome.doc
+def _settled(doc: StatusDoc | None) -> bool:
+    """The record is done for good: imported or a duplicate, fully audited, moved."""
     return (
-        outcome.status_path == path
-        and doc is not None
+        doc is not None
         and doc.state in ARCHIVED
         and not doc.unaudited()
         and doc.disposition is not None
@@ -712,7 +710,7 @@ def _finished_elsewhere(
     first = deps.store.load_status(path)
     if first is None or first.etag == blob.etag:
         return None
-    if not _settled(Outcome(first.state or "", path, first), path):
+    if not _settled(first):
         return None
     return _duplicate_of_finished(blob, path, first, sha, deps)
 
