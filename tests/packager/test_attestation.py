@@ -20,7 +20,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from testsupport import REPO
+from testsupport import REPO, write_ec_key
 
 from managed_hsm_emulator.attestation import (
     ROOT_CN,
@@ -567,17 +567,7 @@ def test_wrap_without_attestation_records_none(
 
 
 def _signer(folder: Path) -> Path:
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    signer = folder / "signer.pem"
-    signer.write_bytes(
-        ec.generate_private_key(ec.SECP256R1()).private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return signer
+    return write_ec_key(folder / "signer.pem")
 
 
 def test_approver_sees_the_attestation(
