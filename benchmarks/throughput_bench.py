@@ -22,32 +22,29 @@ Run: ``.venv/bin/python benchmarks/throughput_bench.py [--burst N] [--scale S] [
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
-import requests.adapters
 from azure.keyvault.keys import JsonWebKey
 from azure.storage.blob import BlobServiceClient
 from pipeline_bench import KEK_NAME, Package, kek_of, make_packages, production_trail
 
 from byok_pipeline.core.errors import InProgress, TransientError
 from byok_pipeline.localdev.azurite import Azurite
+from byok_pipeline.localdev.http_count import counting_requests
 from byok_pipeline.localdev.stack import emulator_deps
 from byok_pipeline.processing.processor import Deps, process_blob
 from byok_pipeline.processing.wiring import env_settings_kwargs
@@ -55,40 +52,6 @@ from managed_hsm_emulator.testing import EmulatorHandle, running_emulator
 
 REPO = Path(__file__).resolve().parent.parent
 PARTITIONS = 3
-
-
-class RequestCounter:
-    """Counts HTTP requests per service (by port) while ``on``: a wrapper around requests'
-    adapter, so every SDK client in this process is seen."""
-
-    def __init__(self) -> None:
-        self.ports: dict[int, str] = {}
-        self.counts: Counter[str] = Counter()
-        self.on = False
-        self._lock = threading.Lock()
-        original = requests.adapters.HTTPAdapter.send
-        counter = self
-
-        def send(adapter: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-            if counter.on:
-                parts = urlsplit(request.url)
-                kind = counter.ports.get(parts.port or 443, "other")
-                if kind == "hsm" and re.search(r"/sign$", parts.path):
-                    kind = "hsm (audit signatures)"
-                with counter._lock:
-                    counter.counts[kind] += 1
-            return original(adapter, request, *args, **kwargs)
-
-        requests.adapters.HTTPAdapter.send = send  # type: ignore[method-assign,assignment]  # counting wrapper, same call
-
-    @contextlib.contextmanager
-    def counting(self) -> Iterator[Counter[str]]:
-        self.counts = Counter()
-        self.on = True
-        try:
-            yield self.counts
-        finally:
-            self.on = False
 
 
 def deliver(name: str, deps: Deps, *, deadline: float) -> tuple[str, int]:
@@ -141,7 +104,7 @@ def _deps(
 
 
 def round_trips(
-    azurite: Azurite, hsm: EmulatorHandle, service: BlobServiceClient, counter: RequestCounter
+    azurite: Azurite, hsm: EmulatorHandle, service: BlobServiceClient
 ) -> dict[str, Any]:
     """Requests per package, happy path, production audit sink, 1 worker."""
     kek, kid, signer_kid = _kek_and_signer(hsm, "rt-audit-signer")
@@ -151,7 +114,15 @@ def round_trips(
         packages = make_packages(kek, kid, (type_name,), f"rt-{type_name}", 51)
         _drop(deps, packages)
         deliver(packages[0].blob_name, deps, deadline=time.monotonic() + 60)  # clients, tokens
-        with counter.counting() as counts:
+        ports = {_port(azurite.blob_url): "storage", _port(hsm.url): "hsm"}
+
+        def classify(_method: str, url: SplitResult, ports: dict[int, str] = ports) -> str:
+            kind = ports.get(url.port or 443, "other")
+            return (
+                "hsm (audit signatures)" if kind == "hsm" and url.path.endswith("/sign") else kind
+            )
+
+        with counting_requests(classify) as counts:
             states = Counter(
                 deliver(p.blob_name, deps, deadline=time.monotonic() + 60)[0] for p in packages[1:]
             )
@@ -327,7 +298,6 @@ def main() -> None:
         if not args.json:
             print(message, file=sys.stderr, flush=True)
 
-    counter = RequestCounter()
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="throughput-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -336,12 +306,11 @@ def main() -> None:
                 BlobServiceClient.from_connection_string(
             azurite.connection_string, **env_settings_kwargs()
         ) as service:  # fmt: skip
-            counter.ports = {_port(azurite.blob_url): "storage", _port(hsm.url): "hsm"}
             hsm.key_client().create_rsa_key(
                 KEK_NAME, size=3072, key_operations=["import"], hardware_protected=True
             )
             note("round trips per package ...")
-            report["round_trips"] = round_trips(azurite, hsm, service, counter)
+            report["round_trips"] = round_trips(azurite, hsm, service)
             note("overhead vs a bare import_key loop ...")
             report["overhead"] = overhead(azurite, hsm, service)
             report["burst"] = burst(

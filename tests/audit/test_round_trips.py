@@ -5,48 +5,29 @@ the benchmark (benchmarks/throughput_bench.py) prints the same figures."""
 
 from __future__ import annotations
 
-import threading
-from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
-import pytest
-import requests.adapters
 from audit_support import Audited
 
+from byok_pipeline.localdev.http_count import counting_requests
 from byok_pipeline.processing.processor import process_blob
 
 
-class _Count:
-    def __init__(self, ports: dict[int, str]) -> None:
-        self.ports = ports
-        self.counts: Counter[str] = Counter()
-        self.on = False
-        self.lock = threading.Lock()
+def _classifier(ports: dict[int, str]) -> Callable[[str, SplitResult], str]:
+    def classify(method: str, url: SplitResult) -> str:
+        kind = ports.get(url.port or 443, "other")
+        if kind == "hsm" and url.path.endswith("/sign"):
+            return "audit signature"
+        if kind == "hsm":
+            return f"hsm {method} {url.path.split('/')[1]}"
+        return kind
+
+    return classify
 
 
-def _counting(monkeypatch: pytest.MonkeyPatch, ports: dict[int, str]) -> _Count:
-    count = _Count(ports)
-    original = requests.adapters.HTTPAdapter.send
-
-    def send(adapter: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        if count.on:
-            parts = urlsplit(request.url)
-            kind = count.ports.get(parts.port or 443, "other")
-            if kind == "hsm" and parts.path.endswith("/sign"):
-                kind = "audit signature"
-            elif kind == "hsm":
-                kind = f"hsm {request.method} {parts.path.split('/')[1]}"
-            with count.lock:
-                count.counts[kind] += 1
-        return original(adapter, request, *args, **kwargs)
-
-    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", send)
-    return count
-
-
-def test_happy_path_round_trips(audited: Audited, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_happy_path_round_trips(audited: Audited) -> None:
     stack = audited.stack
     stack.deps.settings = replace(stack.deps.settings, policy_cache_seconds=5.0)
     stack.deps.authorization.settings = stack.deps.settings  # the production policy cache
@@ -54,17 +35,15 @@ def test_happy_path_round_trips(audited: Audited, monkeypatch: pytest.MonkeyPatc
         urlsplit(stack.azurite.blob_url).port or 443: "storage",
         urlsplit(stack.hsm.url).port or 443: "hsm",
     }
-    count = _counting(monkeypatch, ports)
     packages = [stack.package("ec-p256", f"rt-{i}") for i in range(4)]
     for pkg in packages:
         stack.drop_package(pkg)
     assert process_blob(packages[0].name, stack.deps).state == "imported"  # clients, tokens
-    count.on = True
-    for pkg in packages[1:]:
-        assert process_blob(pkg.name, stack.deps).state == "imported"
-    count.on = False
+    with counting_requests(_classifier(ports)) as counts:
+        for pkg in packages[1:]:
+            assert process_blob(pkg.name, stack.deps).state == "imported"
     n = len(packages) - 1
-    per_package = {kind: total / n for kind, total in count.counts.items()}
+    per_package = {kind: total / n for kind, total in counts.items()}
     assert per_package == {
         # drop, name index, claim, lease, identity, importing, append, outcome, append, marks,
         # copy, delete
