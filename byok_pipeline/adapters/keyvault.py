@@ -310,7 +310,7 @@ class HsmAdapter:
         failures = 0
         look = look_first
         waited = 0.0
-        hold = 0.0  # the service's wait after a 429
+        hold: float | None = None  # after a 429: the service's wait for this PUT
         while True:
             if look:
                 existing = self.find_imported(
@@ -318,7 +318,9 @@ class HsmAdapter:
                 )
                 if existing is not None:
                     return existing
+            paced = hold is None or hold <= 0  # this PUT's time was the pacer's, not the HSM's
             waited += self._pace(waited, hold)
+            hold = None
             if before_put is not None:
                 before_put()
             connect, read = self._put_timeouts()
@@ -344,7 +346,8 @@ class HsmAdapter:
                 look = True  # even a 429 may stand for an import done (a proxy's answer)
                 if err.throttled:
                     self.stats["throttled"] += 1
-                    self.pacer.throttled()
+                    if paced:  # the pacer learns from the PUTs it timed, not from retries
+                        self.pacer.throttled()  # that went when the HSM said
                     hold = err.retry_after if err.retry_after is not None else 1.0
                     continue
                 failures += 1
@@ -366,19 +369,25 @@ class HsmAdapter:
                     self._key_count = (stamp, count + 1)  # at most one too many: safe side
             return _imported(key)
 
-    def _pace(self, waited: float, hold: float = 0.0) -> float:
-        """Wait for this worker's next import slot, and at least ``hold`` seconds (the
-        service's Retry-After); returns the seconds waited.
+    def _pace(self, waited: float, hold: float | None = None) -> float:
+        """Wait for this worker's next import slot; returns the seconds waited. A PUT the HSM
+        throttled (``hold``: the service's Retry-After, when above 0) waits exactly that and
+        takes no slot: the service knows when its partition admits the PUT again, the pacer
+        (shared by all partitions) does not, and queueing a retry behind other partitions'
+        first tries idles its own partition (benchmarks/throughput_bench.py, 300 packages at
+        9/s: drained in 1.75x the HSM's floor that way, 1.18x without, 4 workers).
 
         Raises:
-            TransientError: ``throttled``, when the slot is further away than what is left of
-                BYOK_THROTTLE_WAIT_SECONDS (the token is given back).
+            TransientError: ``throttled``, when the wait is longer than what is left of
+                BYOK_THROTTLE_WAIT_SECONDS (a slot taken is given back).
         """
-        wait = max(self.pacer.reserve(), hold)
+        paced = hold is None or hold <= 0  # "Retry-After: 0" says nothing: the pacer's slot
+        wait = self.pacer.reserve() if paced or hold is None else hold
         if wait <= 0:
             return 0.0
         if waited + wait > self.settings.throttle_wait_seconds:
-            self.pacer.cancel()
+            if paced:
+                self.pacer.cancel()
             raise TransientError(
                 f"throttled: the HSM's import pace leaves no slot within "
                 f"{self.settings.throttle_wait_seconds:g} s",

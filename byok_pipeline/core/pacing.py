@@ -5,10 +5,13 @@ partition (Microsoft's scaling guidance; plan for 2 of the 3 partitions). Sendin
 earns 429s. Each process keeps one :class:`ImportPacer` per HSM:
 
 - tokens refill at ``rate`` per second, at most ``burst`` banked;
-- a 429 takes 5% off the rate (never below ``floor``) and empties the bucket
-  (multiplicative decrease); the throttled request itself waits the service's ``Retry-After``
-  (the caller does that: the HSM throttles per partition, which a client cannot see, so one
-  partition's 429 does not hold requests bound for the others);
+- a 429 to a PUT the pacer timed takes 5% off the rate (never below ``floor``) and empties
+  the bucket (multiplicative decrease). The throttled PUT itself waits the service's
+  ``Retry-After`` and then goes again without a token, and a 429 to such a retry teaches the
+  pacer nothing (the caller does both: the HSM throttles per partition, which a client cannot
+  see; the service knows when that partition admits the PUT, a retry queued behind other
+  partitions' first tries would leave its own partition idle, and a retry's 429 says nothing
+  about the pace of new PUTs);
 - each accepted import adds ``step`` (a tenth of the ceiling) back, up to the ceiling
   (additive increase). The decrease is gentle on purpose: a 429 costs the HSM nothing (it is
   not counted against its limits), while a rate cut idles every partition; measured in

@@ -194,7 +194,7 @@ def emulator_deps(hsm: Any, service: BlobServiceClient, prefix: str, **overrides
         retry_total=settings.retry_total,
         retry_backoff_factor=settings.retry_backoff,
         retry_backoff_max=settings.retry_backoff_max,
-        **env_settings_kwargs(),
+        **env_settings_kwargs(verify=str(hsm.ca)),
     )
     store = BlobStore(service, settings)
     store.ensure_containers()

@@ -77,9 +77,7 @@ def _connection_kwargs(
             connection_verify=verify or True,
         )
         return kwargs
-    kwargs |= env_settings_kwargs()
-    if verify:
-        kwargs["connection_verify"] = verify
+    kwargs |= env_settings_kwargs(verify=verify)
     return kwargs
 
 
@@ -94,26 +92,32 @@ def default_credential(env: Mapping[str, str] | None = None) -> TokenCredential:
     return DefaultAzureCredential(managed_identity_client_id=client_id)
 
 
-# Environment settings the requests library reads on every request when allowed to
-# (``trust_env``): proxies and CA bundles. Without any of them the scan is skipped.
-_REQUESTS_ENV = (
-    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
-    "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
-)  # fmt: skip
+# The CA-bundle variables the requests library reads (in this order, this exact spelling) when
+# it may read the environment (``trust_env``); proxies it reads from any ``*_proxy`` variable.
+_CA_BUNDLE_ENV = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 
 
 def env_settings_kwargs(
-    env: Mapping[str, str] | None = None, *, platform: str = sys.platform
+    env: Mapping[str, str] | None = None,
+    *,
+    platform: str = sys.platform,
+    verify: str | None = None,
 ) -> dict[str, Any]:
-    """``use_env_settings=False`` for the SDK clients on Linux when no proxy or CA-bundle
-    variable is set (in any letter case): the requests library would otherwise scan the whole
-    environment on every request (a few ms a package). With one set, or on another platform
-    (system proxy settings), the default (read them) stays."""
+    """``use_env_settings=False`` for the SDK clients on Linux when no proxy variable is set
+    (in any letter case): the requests library would otherwise scan the whole environment on
+    every request (a few ms a package). A CA bundle it would have read there
+    (``REQUESTS_CA_BUNDLE``, else ``CURL_CA_BUNDLE``) is passed as ``connection_verify``
+    instead, unless the caller trusts its own CA (``verify``, which wins as it would in
+    requests). With a proxy variable, or on another platform (system proxy settings), the
+    default (read them) stays."""
     env = os.environ if env is None else env
-    wanted = {name.lower() for name in _REQUESTS_ENV}
-    if not platform.startswith("linux") or any(name.lower() in wanted for name in env):
-        return {}
-    return {"use_env_settings": False}
+    own = {"connection_verify": verify} if verify else {}
+    if not platform.startswith("linux") or any(n.lower().endswith("_proxy") for n in env):
+        return own
+    bundle = next((env[name] for name in _CA_BUNDLE_ENV if env.get(name)), None)
+    if bundle and not verify:
+        own = {"connection_verify": bundle}
+    return {"use_env_settings": False, **own}
 
 
 def key_client(

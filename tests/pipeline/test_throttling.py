@@ -179,6 +179,28 @@ def test_retry_after_is_honoured_before_the_next_put(stack: Stack) -> None:
     assert stack.deps.hsm.stats["throttled"] >= 2
 
 
+def test_a_throttled_put_waits_the_service_not_the_pacer(stack: Stack) -> None:
+    """Each retry of a throttled PUT goes when the HSM said (Retry-After 1 s), not behind this
+    worker's pacer, whose next slot is 2.1 s away after a 429 (0.5/s, 5% off): a retry queued
+    behind other partitions' first tries would idle its own partition. The pacer learns from
+    the 429 of the PUT it timed, not from the retry's, which went when the HSM said."""
+    name, pkg, since = _throttled_package(
+        stack, "not-the-pacer", "ec-p256", rate=0.5, count=2, retry_after=1
+    )
+    try:
+        outcome = stack.deliver(pkg.name)
+    finally:
+        stack.hsm.clear_faults()
+    assert outcome.state == "imported"
+    puts = _puts(stack, name, since)
+    assert [p["status"] for p in puts] == [429, 429, 200]
+    times = [datetime.fromisoformat(p["time"]) for p in puts]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
+    assert all(0.99 <= gap < 1.9 for gap in gaps), gaps
+    assert stack.deps.hsm.stats["throttled"] == 2
+    assert stack.deps.hsm.pacer.state().throttled == 1
+
+
 def test_persistent_throttling_never_ends_failed(
     stack: Stack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
