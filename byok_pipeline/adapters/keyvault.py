@@ -318,8 +318,8 @@ class HsmAdapter:
                 )
                 if existing is not None:
                     return existing
-            paced = hold is None or hold <= 0  # this PUT's time was the pacer's, not the HSM's
-            waited += self._pace(waited, hold)
+            paced = hold is None or hold <= 0  # "Retry-After: 0" says nothing: the pacer's slot
+            waited += self._pace(waited, None if paced else hold)
             hold = None
             if before_put is not None:
                 before_put()
@@ -371,22 +371,23 @@ class HsmAdapter:
 
     def _pace(self, waited: float, hold: float | None = None) -> float:
         """Wait for this worker's next import slot; returns the seconds waited. A PUT the HSM
-        throttled (``hold``: the service's Retry-After, when above 0) waits exactly that and
-        takes no slot: the service knows when its partition admits the PUT again, the pacer
-        (shared by all partitions) does not, and queueing a retry behind other partitions'
-        first tries idles its own partition (benchmarks/throughput_bench.py, 300 packages at
-        9/s: drained in 1.75x the HSM's floor that way, 1.18x without, 4 workers).
+        throttled (``hold``: the service's Retry-After, above 0) waits that, but at least one
+        interval of the pacer's ceiling, and takes no slot: the service knows when its
+        partition admits the PUT again, the pacer (shared by all partitions) does not, and
+        queueing a retry behind other partitions' first tries idles its own partition
+        (benchmarks/throughput_bench.py, 300 packages at 9/s, 4 workers: drained in 1.75x
+        the HSM's floor that way, 1.18x without). The floor keeps a tiny Retry-After (a
+        proxy's ``retry-after-ms: 1``) from becoming a busy loop.
 
         Raises:
             TransientError: ``throttled``, when the wait is longer than what is left of
                 BYOK_THROTTLE_WAIT_SECONDS (a slot taken is given back).
         """
-        paced = hold is None or hold <= 0  # "Retry-After: 0" says nothing: the pacer's slot
-        wait = self.pacer.reserve() if paced or hold is None else hold
+        wait = self.pacer.reserve() if hold is None else max(hold, 1.0 / self.pacer.ceiling)
         if wait <= 0:
             return 0.0
         if waited + wait > self.settings.throttle_wait_seconds:
-            if paced:
+            if hold is None:
                 self.pacer.cancel()
             raise TransientError(
                 f"throttled: the HSM's import pace leaves no slot within "

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient
 from pipeline_support import Stack
 
@@ -181,12 +182,21 @@ def test_retry_after_is_honoured_before_the_next_put(stack: Stack) -> None:
 
 def test_a_throttled_put_waits_the_service_not_the_pacer(stack: Stack) -> None:
     """Each retry of a throttled PUT goes when the HSM said (Retry-After 1 s), not behind this
-    worker's pacer, whose next slot is 2.1 s away after a 429 (0.5/s, 5% off): a retry queued
-    behind other partitions' first tries would idle its own partition. The pacer learns from
-    the 429 of the PUT it timed, not from the retry's, which went when the HSM said."""
+    worker's pacer, in which other deliveries took four slots (2 s at 2/s) during each PUT: a
+    retry queued behind other partitions' first tries would idle its own partition. The
+    pacer learns from the 429 of the PUT it timed, not from the retry's, which went when the
+    HSM said."""
     name, pkg, since = _throttled_package(
-        stack, "not-the-pacer", "ec-p256", rate=0.5, count=2, retry_after=1
+        stack, "not-the-pacer", "ec-p256", rate=2.0, count=2, retry_after=1
     )
+    pacer = stack.deps.hsm.pacer
+
+    def others_take_slots(stage: str) -> None:
+        if stage == "before_put":
+            for _ in range(4):
+                pacer.reserve()
+
+    stack.deps.fault = others_take_slots
     try:
         outcome = stack.deliver(pkg.name)
     finally:
@@ -198,7 +208,74 @@ def test_a_throttled_put_waits_the_service_not_the_pacer(stack: Stack) -> None:
     gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
     assert all(0.99 <= gap < 1.9 for gap in gaps), gaps
     assert stack.deps.hsm.stats["throttled"] == 2
-    assert stack.deps.hsm.pacer.state().throttled == 1
+    assert pacer.state().throttled == 1
+
+
+class _TinyHoldClient:
+    """A KeyClient stand-in: no version of any key yet, and every import PUT answered 429 with
+    ``retry-after-ms: 1`` (what a proxy might send)."""
+
+    def __init__(self) -> None:
+        self.puts = 0
+
+    def list_properties_of_key_versions(self, name: str, **_: Any) -> Iterator[Any]:
+        raise ResourceNotFoundError(f"no key {name}")
+
+    def import_key(self, name: str, key: Any, **_: Any) -> Any:  # noqa: ARG002  # the SDK's signature
+        self.puts += 1
+        raise HttpResponseError(response=_Throttled())
+
+
+class _Throttled:
+    request = None
+    status_code = 429
+    reason = "Too Many Requests"
+    content_type = "application/json"
+    headers = {"retry-after-ms": "1", "Content-Type": "application/json"}  # noqa: RUF012  # read only
+
+    def text(self, encoding: str | None = None) -> str:  # noqa: ARG002  # azure-core's signature
+        return '{"error":{"code":"Throttled","message":"Request was not processed"}}'
+
+    def body(self) -> bytes:
+        return self.text().encode()
+
+
+def test_a_tiny_retry_after_is_no_busy_loop() -> None:
+    """A retry waits the HSM's Retry-After but at least one interval of the pacer's ceiling:
+    1 ms waits would otherwise send a PUT every millisecond for BYOK_THROTTLE_WAIT_SECONDS."""
+    from dataclasses import replace
+
+    from byok_pipeline.adapters.keyvault import HsmAdapter
+    from byok_pipeline.core.settings import Settings
+
+    clock = FakeClock()
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.now += seconds
+
+    settings = replace(
+        Settings.from_env({"BYOK_HSM_URL": "https://hsm.example.managedhsm.azure.net"}),
+        throttle_wait_seconds=2.0,
+    )
+    client = _TinyHoldClient()
+    hsm = HsmAdapter(
+        client,  # type: ignore[arg-type]  # a stand-in with the two methods import_once calls
+        settings,
+        sleep=sleep,
+        clock=clock,
+        pacer=ImportPacer(10.0, clock=clock),
+    )
+    with pytest.raises(TransientError) as caught:
+        hsm.import_once(
+            "tiny-hold", package_bytes=b"x", package_sha256="0" * 64, kty="EC-HSM",
+            crv="P-256", key_ops=("sign",), tags={}, request_id="r", look_first=False,
+        )  # fmt: skip
+    assert caught.value.throttled
+    assert 2 <= client.puts <= 22, client.puts  # at most ~2 s at 10 PUTs/s, not ~2,000 at 1 ms
+    assert min(slept) >= 0.1 - 1e-9, min(slept)
+    assert sum(slept) <= 2.0 + 1e-9
 
 
 def test_persistent_throttling_never_ends_failed(
