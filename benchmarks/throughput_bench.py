@@ -323,7 +323,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
     scales = args.scale or [10.0, 3.0]
-    if args.burst < 1 or min(scales) <= 0 or (args.workers or 1) < 1 or args.cold_runs < 1:
+    workers_bad = args.workers is not None and args.workers < 1
+    if args.burst < 1 or min(scales) <= 0 or workers_bad or args.cold_runs < 1:
         parser.error("--burst, --workers, --cold-runs must be at least 1 and --scale above 0")
 
     def note(message: str) -> None:
@@ -351,7 +352,7 @@ def main() -> None:
                     tmp,
                     args.burst,
                     scale=scale,
-                    workers=args.workers or round(2 * scale * PARTITIONS),
+                    workers=args.workers or max(1, round(2 * scale * PARTITIONS)),
                     note=note,
                     label=f"burst{i}",
                 )
