@@ -13,7 +13,7 @@ import argparse
 import hashlib
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from . import TOOL_NAME, __version__, cli_batch
 from .atomic import check_writable, write_files_atomically
 from .cli_common import (
+    Clock,
     add_attestation_options,
     add_kek_options,
     add_pkcs11_options,
@@ -63,7 +64,6 @@ if TYPE_CHECKING:  # imported where used: a plain `wrap` starts without x509 and
     from .approval import ApprovalClaims, ApprovalSigner, Approver
     from .checks import PackageReport
 
-Clock = Callable[[], datetime]
 DEFAULT_VALID_DAYS = 7
 MAX_VALID_DAYS = 366
 _MAX_APPROVALS_LISTED = 100

@@ -7,12 +7,12 @@ import argparse
 import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterator
-from datetime import datetime
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .cli_common import (
+    Clock,
     add_attestation_options,
     add_kek_options,
     add_pkcs11_options,
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from .batch_sources import BatchItem
     from .pkcs11_source import TokenSession
 
-Clock = Callable[[], datetime]
 MAX_GENERATE = 5000  # Managed HSM holds at most 5,000 keys (service-limits.md)
 MAX_PREFIX = 100  # PREFIX-TYPE-NNNN stays within a key name's 127 characters
 MAX_CSV_BYTES = 16 * 1024 * 1024

@@ -846,11 +846,14 @@ def _add_kek_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         action="store_true",
         help="add a version to an existing key of that name (default: refuse)",
     )
+    which = CliParser(add_help=False)  # the KEK that download and attest read
+    which.add_argument("--kid", help="the KEK's kid with version (default: $BYOK_KEK_KID)")
+    which.add_argument("--name", help="or the KEK's name (its latest version)")
     kd = kek_sub.add_parser(
-        "download", parents=[common], help="write the KEK public PEM; print kid and SPKI SHA-256"
+        "download",
+        parents=[common, which],
+        help="write the KEK public PEM; print kid and SPKI SHA-256",
     )
-    kd.add_argument("--kid", help="the KEK's kid with version (default: $BYOK_KEK_KID)")
-    kd.add_argument("--name", help="or the KEK's name (its latest version)")
     kd.add_argument("--out", required=True, metavar="KEK.pem")
     kd.add_argument(
         "--attestation",
@@ -861,11 +864,9 @@ def _add_kek_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     kd.add_argument("--force", action="store_true", help="replace existing files")
     ka = kek_sub.add_parser(
         "attest",
-        parents=[common],
+        parents=[common, which],
         help="save the KEK's attestation (the HSM's JSON); prints its SHA-256",
     )
-    ka.add_argument("--kid", help="the KEK's kid with version (default: $BYOK_KEK_KID)")
-    ka.add_argument("--name", help="or the KEK's name (its latest version)")
     ka.add_argument("--out", required=True, metavar="FILE", dest="attestation")
     ka.add_argument("--force", action="store_true", help="replace an existing file")
 

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from byok_pipeline.core.reasons import REASONS
-from byok_pipeline.core.status import STATES, StatusDoc, parse_utc
+from byok_pipeline.core.status import STATES, StatusDoc, parse_time
 
 WAITING = "waiting"
 #: every state ``byok status --state`` accepts
@@ -38,15 +38,6 @@ def use_colour(stream: TextIO, env: Mapping[str, str] | None = None) -> bool:
 def _paint(text: str, state: str, colour: bool) -> str:
     code = _COLOURS.get(state)
     return f"\033[{code}m{text}\033[0m" if colour and code else text
-
-
-def _parse(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        return parse_utc(text)
-    except ValueError:
-        return None
 
 
 def age(since: datetime | None, now: datetime) -> str:
@@ -90,7 +81,9 @@ def rows(
     named: set[str] = set()
     for doc in docs:
         named.add(doc.blob_name)
-        when = _parse(doc.drop_time) or (_parse(doc.history[0].time) if doc.history else None)
+        when = parse_time(doc.drop_time) or (
+            parse_time(doc.history[0].time) if doc.history else None
+        )
         out.append(Row(doc.blob_name, doc.state or "", doc.reason_code, doc.attempts, when, doc))
     for name, when in waiting:
         if name not in named:
@@ -139,7 +132,7 @@ def detail(doc: StatusDoc, now: datetime, max_attempts: int, *, colour: bool = F
         lines.append(f"  moved to:      {doc.disposition}")
     lines.append("  history:")
     for entry in doc.history:
-        when = _parse(entry.time)
+        when = parse_time(entry.time)
         lines.append(
             f"    {entry.time}  {entry.state:<19} attempt {entry.attempt}  ({age(when, now)} ago)"
         )
