@@ -60,3 +60,13 @@ def write_ec_key(path: Path) -> Path:
         )
     )
     return path
+
+
+class FakeClock:
+    """A monotonic clock (seconds) that moves only when a test sets ``now``."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now

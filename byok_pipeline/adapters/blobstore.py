@@ -329,10 +329,8 @@ class BlobStore:
         try:
             lease.acquire(lease_duration=self.settings.lease_seconds, **condition)
             self._lease_times[id(lease)] = time.monotonic()
-        except ResourceModifiedError:
-            raise InProgress(f"{path} was changed by another worker") from None
         except HttpResponseError as exc:
-            if exc.status_code == 412:
+            if exc.status_code == 412:  # ResourceModifiedError: the etag condition failed
                 raise InProgress(f"{path} was changed by another worker") from None
             if exc.status_code == 409:  # LeaseAlreadyPresent
                 raise InProgress(f"{path} is being processed by another worker") from None

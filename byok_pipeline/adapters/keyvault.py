@@ -7,7 +7,6 @@ the AES check value), which infra/assign-hsm-roles.sh creates and assigns.
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 import time
@@ -28,10 +27,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from byok_pipeline.adapters.transient import as_transient
 from byok_pipeline.core.errors import Rejected, TransientError
 from byok_pipeline.core.kek_facts import KekFacts
-from byok_pipeline.core.pacing import ImportPacer, pacer_for
+from byok_pipeline.core.pacing import Clock, ImportPacer, pacer_for
 from byok_pipeline.core.policy import ExistingKey
 from byok_pipeline.core.settings import Settings
+from offline_packager.errors import PackageFormatError
 from offline_packager.kid import KeyId
+from offline_packager.package_format import b64url_decode, b64url_encode
 
 TAG_PACKAGE_SHA256 = "byok-package-sha256"
 TAG_PACKAGE_ID = "byok-package-id"  # the canonical identity (core.identity): reformatted copies
@@ -48,7 +49,6 @@ KEK_CACHE_SECONDS = 60.0
 # How long a worker trusts its count of the HSM's keys (counted up after each new key).
 KEY_COUNT_CACHE_SECONDS = 60.0
 Sleep = Callable[[float], None]
-Clock = Callable[[], float]
 
 
 @dataclass(frozen=True)
@@ -501,7 +501,7 @@ class HsmAdapter:
             TransientError / Rejected: the encrypt call failed, or its answer is not one block.
         """
         name, version = kid.rstrip("/").split("/")[-2:]
-        zero = base64.urlsafe_b64encode(bytes(16)).rstrip(b"=").decode()
+        zero = b64url_encode(bytes(16))
         request = HttpRequest(
             "POST",
             f"/keys/{name}/{version}/encrypt",
@@ -513,10 +513,10 @@ class HsmAdapter:
             response = self.client.send_request(request, request_id=request_id)
             response.raise_for_status()
             value = str(response.json()["value"])
-            ciphertext = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+            ciphertext = b64url_decode(value)
         except AzureError as exc:
             raise translate(exc, what) from None
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, PackageFormatError):
             raise Rejected("hsm_refused", f"{what}: the answer holds no ciphertext") from None
         if len(ciphertext) < 16:
             raise Rejected("hsm_refused", f"{what}: the answer is shorter than one block")

@@ -194,7 +194,7 @@ class _Run:
         """
         outcome, sha = self.deps.authorization.snapshot()
         self._policy_sha256 = sha
-        if isinstance(outcome, PolicyInvalid):
+        if isinstance(outcome, PolicyInvalid):  # a fresh exception: the cached one is shared
             self._policy, self._policy_error = None, PolicyInvalid(outcome.message)
         else:
             self._policy, self._policy_error = outcome, None

@@ -24,6 +24,7 @@ import pytest
 from azure.core.exceptions import HttpResponseError
 from azure.keyvault.keys import JsonWebKey
 from emulator_support import error_of
+from testsupport import FakeClock
 
 from managed_hsm_emulator.errors import (
     HSM_KEY_LIMIT_CODE,
@@ -100,14 +101,6 @@ def small(tmp_path: Path) -> Iterator[EmulatorHandle]:
 
 
 # --- the model, with a fixed clock ------------------------------------------------------------
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_partition_is_sha256_of_the_lower_cased_name_mod_3() -> None:

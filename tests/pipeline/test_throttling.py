@@ -22,6 +22,7 @@ import pytest
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient
 from pipeline_support import Stack
+from testsupport import FakeClock
 
 from byok_pipeline.core.errors import InProgress, TransientError
 from byok_pipeline.core.pacing import ImportPacer
@@ -60,14 +61,6 @@ def _puts(stack: Stack, key_name: str, since: int) -> list[dict[str, Any]]:
 
 
 # -- the pacer (pure) ------------------------------------------------------------------------
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_pacer_spaces_requests_at_its_rate() -> None:
