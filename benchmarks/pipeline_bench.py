@@ -185,18 +185,22 @@ def make_packages(
 # --- the timed parts ------------------------------------------------------------------------
 
 
-def deliver(name: str, deps: Deps) -> tuple[str, int]:
-    """Deliver like the platform: redeliver on InProgress/TransientError. (state, redeliveries)."""
-    deadline = time.monotonic() + REDELIVERY_DEADLINE
+def deliver(name: str, deps: Deps, *, deadline: float | None = None) -> tuple[str, int]:
+    """Deliver like the platform: a handed-back package (InProgress, TransientError) comes
+    again after the wait it asked for (a throttled one's, at most 1 s), else after 0.2 s, until
+    ``deadline`` (monotonic; default REDELIVERY_DEADLINE from now). (state, redeliveries)."""
+    if deadline is None:
+        deadline = time.monotonic() + REDELIVERY_DEADLINE
     redeliveries = 0
     while True:
         try:
             return process_blob(name, deps).state, redeliveries
-        except (InProgress, TransientError):
+        except (InProgress, TransientError) as exc:
             if time.monotonic() > deadline:
                 return "transient-exhausted", redeliveries
             redeliveries += 1
-            time.sleep(0.2)
+            wait = getattr(exc, "retry_after", None)
+            time.sleep(min(1.0, wait) if wait is not None else 0.2)
 
 
 def run_pipeline(

@@ -45,33 +45,17 @@ from urllib.parse import SplitResult, urlsplit
 
 from azure.keyvault.keys import JsonWebKey
 from azure.storage.blob import BlobServiceClient
-from pipeline_bench import KEK_NAME, Package, kek_of, make_packages, production_trail
+from pipeline_bench import KEK_NAME, Package, deliver, kek_of, make_packages, production_trail
 
-from byok_pipeline.core.errors import InProgress, TransientError
 from byok_pipeline.localdev.azurite import Azurite
 from byok_pipeline.localdev.http_count import counting_requests
 from byok_pipeline.localdev.stack import emulator_deps
-from byok_pipeline.processing.processor import Deps, process_blob
+from byok_pipeline.processing.processor import Deps
 from byok_pipeline.processing.wiring import env_settings_kwargs
 from managed_hsm_emulator.testing import EmulatorHandle, running_emulator
 
 REPO = Path(__file__).resolve().parent.parent
 PARTITIONS = 3
-
-
-def deliver(name: str, deps: Deps, *, deadline: float) -> tuple[str, int]:
-    """Deliver like the platform: a handed-back package comes again after the wait it asked
-    for (a throttled one), else shortly. Returns (state, hand-backs)."""
-    handbacks = 0
-    while True:
-        try:
-            return process_blob(name, deps).state, handbacks
-        except (InProgress, TransientError) as exc:
-            handbacks += 1
-            if time.monotonic() > deadline:
-                return "gave-up", handbacks
-            wait = getattr(exc, "retry_after", None)
-            time.sleep(min(1.0, wait) if wait is not None else 0.1)
 
 
 def _drop(deps: Deps, packages: list[Package]) -> None:
@@ -118,7 +102,7 @@ def round_trips(
         deps = _deps(azurite, hsm, service, f"rt{type_name[:2]}", signer_kid)
         packages = make_packages(kek, kid, (type_name,), f"rt-{type_name}", 51)
         _drop(deps, packages)
-        deliver(packages[0].blob_name, deps, deadline=time.monotonic() + 60)  # clients, tokens
+        deliver(packages[0].blob_name, deps)  # clients, tokens
         ports = {_port(azurite.blob_url): "storage", _port(hsm.url): "hsm"}
 
         def classify(_method: str, url: SplitResult, ports: dict[int, str] = ports) -> str:
@@ -128,9 +112,7 @@ def round_trips(
             )
 
         with counting_requests(classify) as counts:
-            states = Counter(
-                deliver(p.blob_name, deps, deadline=time.monotonic() + 60)[0] for p in packages[1:]
-            )
+            states = Counter(deliver(p.blob_name, deps)[0] for p in packages[1:])
         n = len(packages) - 1
         result[type_name] = {
             "packages": n,
@@ -163,11 +145,9 @@ def overhead(azurite: Azurite, hsm: EmulatorHandle, service: BlobServiceClient) 
         deps = _deps(azurite, hsm, service, f"ov{int(trail)}", signer_kid if trail else None)
         pkgs = make_packages(kek, kid, types, f"ov-{int(trail)}", n + 1)
         _drop(deps, pkgs)
-        deliver(pkgs[0].blob_name, deps, deadline=time.monotonic() + 60)
+        deliver(pkgs[0].blob_name, deps)
         t0 = time.perf_counter()
-        states = Counter(
-            deliver(p.blob_name, deps, deadline=time.monotonic() + 60)[0] for p in pkgs[1:]
-        )
+        states = Counter(deliver(p.blob_name, deps)[0] for p in pkgs[1:])
         figures[label] = (time.perf_counter() - t0) / n * 1000
         figures[f"{label}_states"] = dict(states)
     figures["ratio"] = figures["pipeline_ms"] / figures["import_key_ms"]
