@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from byok_pipeline.adapters.transient import as_transient
 from byok_pipeline.core.errors import Rejected, TransientError
+from byok_pipeline.core.identity import same_package
 from byok_pipeline.core.kek_facts import KekFacts
 from byok_pipeline.core.pacing import Clock, ImportPacer, pacer_for
 from byok_pipeline.core.policy import ExistingKey
@@ -119,9 +120,9 @@ def is_ours(tags: dict[str, str] | None, package_sha256: str, package_id: str | 
     """A version's tags say it is this package's import: its digest, or (a reformatted copy)
     its canonical identity."""
     tags = tags or {}
-    if tags.get(TAG_PACKAGE_SHA256) == package_sha256:
-        return True
-    return package_id is not None and tags.get(TAG_PACKAGE_ID) == package_id
+    return same_package(
+        tags.get(TAG_PACKAGE_SHA256), tags.get(TAG_PACKAGE_ID), package_sha256, package_id
+    )
 
 
 def _error_code(exc: HttpResponseError) -> str | None:

@@ -25,3 +25,13 @@ def package_id(package: ByokPackage, kid: KeyId) -> str:
     digest.update(normal.encode("ascii") + b"\n")
     digest.update(package.ciphertext)
     return digest.hexdigest()
+
+
+def same_package(
+    sha256_tag: str | None, id_tag: str | None, package_sha256: str, package_id: str | None
+) -> bool:
+    """A key version's tags name this package: its file's SHA-256, or (a reformatted copy)
+    its canonical identity."""
+    if sha256_tag == package_sha256:
+        return True
+    return package_id is not None and id_tag == package_id

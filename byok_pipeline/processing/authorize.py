@@ -17,6 +17,7 @@ from byok_pipeline.adapters.authorization_store import Attachments
 from byok_pipeline.adapters.keyvault import HsmAdapter
 from byok_pipeline.core.approvals import ApprovalTally, refused_summary, tally
 from byok_pipeline.core.errors import Rejected
+from byok_pipeline.core.identity import same_package
 from byok_pipeline.core.metadata import ImportOptions, options_from_manifest
 from byok_pipeline.core.policy import (
     ExistingKey,
@@ -183,9 +184,8 @@ def check_existing(
     """
     check_target_type(auth.rule, key_name, target_type)
     existing = hsm.existing_key(key_name, request_id=request_id)
-    if existing is not None and (
-        existing.package_sha256_tag == package_sha256
-        or (package_id is not None and existing.package_id_tag == package_id)
+    if existing is not None and same_package(
+        existing.package_sha256_tag, existing.package_id_tag, package_sha256, package_id
     ):
         # this very package: nothing to protect
         return ExistingCheck(existing, existing.kid.rstrip("/").split("/")[-1])
