@@ -5,7 +5,11 @@ and the Function's cold start. Not a test: it prints figures, measured side by s
   (the signed audit trail included) and HSM requests (key operations, and the audit trail's
   signatures apart), with the production audit sink (one signed append per package).
 * **Overhead**: the pipeline's time per package (1 worker) against a bare ``import_key`` loop,
-  same emulator, same kind of packages, one after the other in this run.
+  same emulator, same kind of packages, one after the other in this run; this process's CPU per
+  package for both; and the time (and CPU) one storage request takes through azure-storage-blob
+  (ranged GET, PUT, HEAD) against the same GET sent by ``http.client``, with the floor that sets
+  under any pipeline making 10 storage requests per package (the issue's target) through the
+  SDK, one after the other (each depends on the one before), and its import.
 * **Burst**: N packages (default 1000) dropped at once into a pipeline served by an emulator in
   service-limits mode (``--limits managed-hsm --limits-scale S``: S imports per second per
   partition, 3 partitions), once at S=10 (~30/s, the issue's figure) and once at S=3 (~9/s).
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import json
 import os
 import statistics
@@ -136,22 +141,68 @@ def overhead(azurite: Azurite, hsm: EmulatorHandle, service: BlobServiceClient) 
         client.import_key(pkg.key_name, jwk, hardware_protected=True)
 
     bare(loop_pkgs[0])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for pkg in loop_pkgs[1:]:
         bare(pkg)
-    loop_s = (time.perf_counter() - t0) / n
-    figures: dict[str, Any] = {"import_key_ms": loop_s * 1000}
+    figures: dict[str, Any] = {
+        "import_key_ms": (time.perf_counter() - t0) / n * 1000,
+        "import_key_cpu_ms": (time.process_time() - c0) / n * 1000,
+    }
     for label, trail in (("pipeline_ms", False), ("pipeline_with_trail_ms", True)):
         deps = _deps(azurite, hsm, service, f"ov{int(trail)}", signer_kid if trail else None)
         pkgs = make_packages(kek, kid, types, f"ov-{int(trail)}", n + 1)
         _drop(deps, pkgs)
         deliver(pkgs[0].blob_name, deps)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         states = Counter(deliver(p.blob_name, deps)[0] for p in pkgs[1:])
         figures[label] = (time.perf_counter() - t0) / n * 1000
+        figures[f"{label.removesuffix('_ms')}_cpu_ms"] = (time.process_time() - c0) / n * 1000
         figures[f"{label}_states"] = dict(states)
     figures["ratio"] = figures["pipeline_ms"] / figures["import_key_ms"]
     figures["ratio_with_trail"] = figures["pipeline_with_trail_ms"] / figures["import_key_ms"]
+    return figures
+
+
+def storage_request_cost(
+    azurite: Azurite, service: BlobServiceClient
+) -> dict[str, dict[str, float]]:
+    """Time and this process's CPU (ms) per storage request through azure-storage-blob, by kind
+    of request the pipeline makes, against the same GET sent by ``http.client``: what one
+    request costs a pipeline built on the SDK, a floor under its time per package."""
+    n = 300
+    container = service.get_container_client("sdkcost")
+    container.create_container(public_access="blob")  # the raw client reads anonymously
+    blob = container.get_blob_client("package.byok")
+    body = os.urandom(3000)  # about a package's size
+    blob.upload_blob(body)
+    kinds: dict[str, Callable[[], object]] = {
+        "sdk_ranged_get": lambda: blob.download_blob(offset=0, length=65537).readall(),
+        "sdk_put": lambda: blob.upload_blob(body, overwrite=True),
+        "sdk_head": blob.get_blob_properties,
+    }
+    url = urlsplit(azurite.blob_url)
+    raw = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port)
+
+    def raw_get() -> object:
+        raw.request("GET", f"{url.path}/devstoreaccount1/sdkcost/package.byok")
+        with raw.getresponse() as response:
+            if response.status != 200:
+                raise RuntimeError(f"raw GET answered {response.status}")
+            return response.read()
+
+    kinds["http_client_get"] = raw_get
+    figures: dict[str, dict[str, float]] = {}
+    for kind, call in kinds.items():
+        for _ in range(20):
+            call()
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(n):
+            call()
+        figures[kind] = {
+            "ms": (time.perf_counter() - t0) / n * 1000,
+            "cpu_ms": (time.process_time() - c0) / n * 1000,
+        }
+    raw.close()
     return figures
 
 
@@ -326,6 +377,7 @@ def main() -> None:
             report["round_trips"] = round_trips(azurite, hsm, service)
             note("overhead vs a bare import_key loop ...")
             report["overhead"] = overhead(azurite, hsm, service)
+            report["storage_request_ms"] = storage_request_cost(azurite, service)
             report["bursts"] = [
                 burst(
                     azurite,
@@ -355,6 +407,20 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"overhead: bare import_key {o['import_key_ms']:.1f} ms/package; pipeline "
           f"{o['pipeline_ms']:.1f} ms ({o['ratio']:.2f}x), with the signed trail "
           f"{o['pipeline_with_trail_ms']:.1f} ms ({o['ratio_with_trail']:.2f}x)")  # fmt: skip
+    print(f"  this process's CPU per package: bare import_key {o['import_key_cpu_ms']:.1f} ms, "
+          f"pipeline {o['pipeline_cpu_ms']:.1f} ms, with the signed trail "
+          f"{o['pipeline_with_trail_cpu_ms']:.1f} ms")  # fmt: skip
+    r = report["storage_request_ms"]
+    print("  one storage request, time (this process's CPU): azure-storage-blob "
+          + ", ".join(f"{k.removeprefix('sdk_').replace('_', ' ')} {v['ms']:.2f} ms "
+                      f"({v['cpu_ms']:.2f})" for k, v in r.items() if k.startswith("sdk_"))
+          + f"; the same GET by http.client {r['http_client_get']['ms']:.2f} ms "
+          f"({r['http_client_get']['cpu_ms']:.2f})")  # fmt: skip
+    fastest = min(v["ms"] for k, v in r.items() if k.startswith("sdk_"))
+    floor = 10 * fastest + o["import_key_ms"]
+    print(f"  floor: 10 storage requests (the issue's target) through the SDK, one after the "
+          f"other, and the import: at least {floor:.1f} ms per package, "
+          f"{floor / o['import_key_ms']:.1f}x the bare import")  # fmt: skip
     for b in report["bursts"]:
         print_burst(b)
     c = report["cold_start_ms"]

@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from .errors import ApprovalError, ByokError, PackageFormatError, SignerKeyError
 from .kek import spki_sha256
 from .manifest import parse_manifest
-from .package_format import load_json_strict, shown
+from .package_format import b64url_encode, load_json_strict, shown
 
 __all__ = [
     "ALGORITHMS",
@@ -167,11 +167,6 @@ class ApprovalSigner(Protocol):
 # --- small helpers ----------------------------------------------------------------------------
 
 
-def b64url(data: bytes) -> str:
-    """Unpadded base64url."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 def _b64url_decode(value: object, what: str) -> bytes:
     """Strict unpadded, canonical base64url (one encoding per byte string).
 
@@ -184,7 +179,7 @@ def _b64url_decode(value: object, what: str) -> bytes:
         raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
     except (binascii.Error, ValueError):
         raise ApprovalError(f"{what} is not unpadded base64url") from None
-    if b64url(raw) != value:
+    if b64url_encode(raw) != value:
         raise ApprovalError(f"{what} is not canonical base64url (stray trailing bits)")
     return raw
 
@@ -296,7 +291,7 @@ def _describe_key(public_key: object) -> str:
 
 def approval_signing_input(protected_b64: str, manifest: bytes) -> bytes:
     """``ASCII(protected) || "." || base64url(manifest)``: what the signature covers."""
-    return protected_b64.encode("ascii") + b"." + b64url(manifest).encode("ascii")
+    return protected_b64.encode("ascii") + b"." + b64url_encode(manifest).encode("ascii")
 
 
 def _manifest_package_sha256(manifest: bytes, *, reason: str) -> str:
@@ -829,7 +824,9 @@ def sign_approval(
         "byok_signed_at": format_time(signed_at),
         "byok_not_after": format_time(until),
     }
-    protected = b64url(json.dumps(header, sort_keys=True, separators=(",", ":")).encode("ascii"))
+    protected = b64url_encode(
+        json.dumps(header, sort_keys=True, separators=(",", ":")).encode("ascii")
+    )
     signing_input = approval_signing_input(protected, manifest)
     signature = signer.sign(signing_input)
     _check_produced_signature(signer, signature)
@@ -843,5 +840,5 @@ def sign_approval(
             raise ApprovalError(
                 "the signer produced a signature that does not verify under its public key"
             ) from None
-    doc = {"protected": protected, "signature": b64url(signature)}
+    doc = {"protected": protected, "signature": b64url_encode(signature)}
     return (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode("ascii")

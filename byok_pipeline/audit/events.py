@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from byok_pipeline import __version__
-from byok_pipeline.core.status import StatusDoc, utc
+from byok_pipeline.core.status import HistoryEntry, StatusDoc, utc
 
 STATE_EVENTS = {
     "received": "byok.received",
@@ -146,9 +146,11 @@ def event_for_state(doc: StatusDoc, state: str, attempt: int, at: str) -> dict[s
     return event
 
 
-def verified_event(doc: StatusDoc, at: datetime) -> dict[str, Any]:
-    """``byok.verified``: the imported key matched the manifest fingerprint."""
-    event = event_for_state(doc, "imported", doc.attempts, utc(at))
+def verified_event(doc: StatusDoc, imported: HistoryEntry) -> dict[str, Any]:
+    """``byok.verified``: the imported key matched the manifest fingerprint. Attempt and time
+    are those of the ``imported`` history entry, so an event emitted again (after a crash
+    between its append and its audited mark) is an identical copy, which export skips."""
+    event = event_for_state(doc, "imported", imported.attempt, imported.time)
     event["event"] = "byok.verified"
     event["fingerprint_result"] = "match"
     return event

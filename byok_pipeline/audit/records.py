@@ -48,6 +48,7 @@ from datetime import date, datetime
 from typing import Any, NoReturn, Protocol
 
 from byok_pipeline.core.errors import TransientError
+from offline_packager.package_format import b64url_encode
 
 PREFIX = "trail/"
 GENESIS = "0" * 64
@@ -185,10 +186,6 @@ def seal_record(body: Mapping[str, Any]) -> dict[str, Any]:
     return record
 
 
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 def b64url_decode(text: str) -> bytes:
     """Raises: MalformedRecord: not 86 base64url characters (64 bytes) without padding."""
     if not _B64URL.fullmatch(text):
@@ -202,7 +199,7 @@ def sign_record(record: Mapping[str, Any], signer: Signer) -> dict[str, Any]:
     value = signer.sign_digest(bytes.fromhex(sealed["record_sha256"]))
     if len(value) != 64:
         raise ValueError("an ES256 signature is 64 bytes (r || s)")
-    sealed["signature"] = {"kid": signer.kid, "alg": SIGNATURE_ALG, "value": b64url(value)}
+    sealed["signature"] = {"kid": signer.kid, "alg": SIGNATURE_ALG, "value": b64url_encode(value)}
     return sealed
 
 

@@ -622,7 +622,7 @@ class _Recorder:
             entry = self.doc.history[-1]
             _audit(self.sink, event_for_state(self.doc, state, entry.attempt, entry.time))
             if state == "imported" and self.doc.fingerprint_result == "match":
-                _audit(self.sink, verified_event(self.doc, datetime.now(UTC)))
+                _audit(self.sink, verified_event(self.doc, entry))
 
 
 # -- status / watch -------------------------------------------------------------------------------

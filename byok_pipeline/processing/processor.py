@@ -213,7 +213,7 @@ class _Run:
         for entry in entries:
             events.append(event_for_state(self.doc, entry.state, entry.attempt, entry.time))
             if entry.state == "imported" and self.doc.fingerprint_result == "match":
-                events.append(verified_event(self.doc, self.deps.clock()))
+                events.append(verified_event(self.doc, entry))
         emit_or_retry(self.deps.audit, *events)
         for entry in entries:
             entry.audited = True

@@ -164,8 +164,9 @@ class _Died(BaseException):
 def test_7_claimed_package_is_always_findable_by_name(
     stack: Stack, monkeypatch: pytest.MonkeyPatch, at: str
 ) -> None:
-    """The claim carries its name tag in the same request: a worker dying right after it
-    leaves a record ``byok status NAME`` finds, and redelivery finishes it."""
+    """The name index is written before the claim (``BlobStore.create_status``): a worker
+    dying right after the claim or the lease leaves a record ``byok status NAME`` finds, and
+    redelivery finishes it."""
     pkg = stack.package("oct-256", f"die-{at.replace('_', '-')}")
     stack.drop_package(pkg)
     real_create, real_lease = BlobStore.create_status, BlobStore.lease

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -56,6 +56,37 @@ def test_missing_audit_record_is_completed_after_the_platform_gave_up(stack: Sta
     status = stack.deps.store.status_by_name(pkg.name)
     assert status is not None
     assert status.summary()["audit_pending"] is False
+
+
+class LandsThenFails(MemoryAuditSink):
+    """Keeps every batch, but answers the one holding an event named in ``lost`` with an error
+    (the append landed; its answer was lost, or the worker died before its audited mark)."""
+
+    def __init__(self, lost: set[str]) -> None:
+        super().__init__()
+        self.lost = lost
+
+    def emit_many(self, events: Sequence[Mapping[str, Any]]) -> None:
+        super().emit_many(events)
+        if hit := self.lost & {str(e["event"]) for e in events}:
+            self.lost -= hit
+            raise ConnectionError("the append's answer was lost")
+
+
+def test_events_emitted_again_after_a_lost_mark_are_identical_copies(stack: Stack) -> None:
+    # at least once, never different: `byok audit export` skips a copy only if it is identical
+    sink = LandsThenFails({"byok.imported"})
+    stack.deps.audit = sink
+    pkg = stack.package("oct-256", "audit-copy")
+    stack.drop_package(pkg)
+    with pytest.raises(TransientError, match="audit"):
+        stack.deliver(pkg.name)
+    later = stack.deps.clock() + timedelta(minutes=7)
+    stack.deps.clock = lambda: later  # the redelivery comes minutes later
+    assert stack.deliver(pkg.name).state == "imported"
+    outcome = [e for e in sink.events if e["event"] in ("byok.imported", "byok.verified")]
+    assert [e["event"] for e in outcome] == ["byok.imported", "byok.verified"] * 2
+    assert outcome[2:] == outcome[:2]
 
 
 def test_redrop_of_same_bytes_first_completes_the_first_records_audit(stack: Stack) -> None:
