@@ -131,6 +131,12 @@ def load_trust(path: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def printable(text: str) -> str:
+    """Escape what a terminal would act on or cannot print (ESC, CR, lone surrogates): folder
+    names and record fields are chosen by whoever wrote the files."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def verify_signature(key: ec.EllipticCurvePublicKey, digest_hex: str, value_b64: str) -> bool:
     import base64
 
@@ -284,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             else {}
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"cannot read the input: {exc}", file=sys.stderr)
+        print(printable(f"cannot read the input: {exc}"), file=sys.stderr)
         return 1
     chains: dict[str, list[tuple[str, date, Path]]] = {}
     for path in sorted(args.folder.rglob("*.jsonl")):
@@ -293,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 day = date(int(match[2]), int(match[3]), int(match[4]))
             except ValueError:  # not a date: not a trail file
-                print(f"ignored (not a day folder): {path}", file=sys.stderr)
+                print(printable(f"ignored (not a day folder): {path}"), file=sys.stderr)
                 continue
             chains.setdefault(match[5], []).append((match[1], day, path))
     first_bad: dict[str, tuple[int, str]] = {}
@@ -330,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         if chain not in chains and chain not in first_bad:
             first_bad[chain] = (1, "sequence 1: missing_chain: no file of it")
     for chain in sorted(set(chains) | set(first_bad)):
-        print(f"BROKEN {chain} {first_bad[chain][1]}" if chain in first_bad else f"OK {chain}")
+        line = f"BROKEN {chain} {first_bad[chain][1]}" if chain in first_bad else f"OK {chain}"
+        print(printable(line))
     print("BROKEN" if first_bad else "OK")
     return 2 if first_bad else 0
 

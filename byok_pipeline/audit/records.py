@@ -275,9 +275,9 @@ def parse_line(raw: bytes) -> dict[str, Any]:
         if not isinstance(record.get(name), str) or not _HEX64.fullmatch(record[name]):
             raise MalformedRecord(f"no valid {name}")
     signature = record.get("signature")
-    if ("batch_start" in record) != (signature is not None):
+    if ("batch_start" in record) != ("signature" in record):  # `"signature": null` is no absence
         raise MalformedRecord("batch_start and signature go together")
-    if signature is not None:
+    if "signature" in record:
         if not _positive_int(record["batch_start"]) or record["batch_start"] > sequence:
             raise MalformedRecord("no valid batch_start")
         if (

@@ -323,13 +323,41 @@ def _usage_error(args: argparse.Namespace, message: str) -> int:
     return EXIT_USAGE
 
 
+def terminal_safe(text: str) -> str:
+    """``text`` with every character a terminal would act on, or could not print, escaped
+    (control characters such as ESC and CR, lone surrogates): a break names what a stored line
+    holds, which whoever wrote the line chose."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def _break_lines(report: Report) -> list[str]:
     return [
-        f"{b.chain_id} sequence {b.sequence}: {b.kind}"
-        + (f" at {b.blob}:{b.line}" if b.blob else "")
-        + f": {b.detail}"
+        terminal_safe(
+            f"{b.chain_id} sequence {b.sequence}: {b.kind}"
+            + (f" at {b.blob}:{b.line}" if b.blob else "")
+            + f": {b.detail}"
+        )
         for b in report.breaks
     ]
+
+
+#: A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(value: object) -> object:
+    """A CSV cell: lists and objects (approvers, the signature) as JSON, never a repr; text
+    made terminal-safe, and prefixed with ``'`` when a spreadsheet would take it for a formula
+    (uploaders choose blob names and the uploader field)."""
+    if isinstance(value, list | dict):
+        value = json.dumps(value, sort_keys=True)
+    if not isinstance(value, str):
+        return value
+    return _csv_text(value)
+
+
+def _csv_text(text: str) -> str:
+    return ("'" if text.startswith(_FORMULA_START) else "") + terminal_safe(text)
 
 
 def _print_verify(args: argparse.Namespace, report: Report) -> int:
@@ -402,16 +430,10 @@ def _print_export(args: argparse.Namespace, report: Report, stored: Sequence[Tra
     if args.format == "csv":
         extra = sorted({k for r in records for k in r} - set(CSV_COLUMNS))
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=[*CSV_COLUMNS, *extra], lineterminator="\n")
+        fields = [*CSV_COLUMNS, *map(_csv_text, extra)]  # field names are the writer's too
+        writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
-        # lists and objects (approvers, the signature) as JSON in their cell, never a repr
-        writer.writerows(
-            {
-                k: json.dumps(v, sort_keys=True) if isinstance(v, list | dict) else v
-                for k, v in r.items()
-            }
-            for r in records
-        )
+        writer.writerows({_csv_text(k): _csv_cell(v) for k, v in r.items()} for r in records)
         sys.stdout.write(out.getvalue())
     else:
         query = {"key_name": args.key} if args.key else {"package_sha256": args.package}

