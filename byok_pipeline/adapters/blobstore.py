@@ -257,33 +257,16 @@ class BlobStore:
             raise _transient_or_raise(exc, "reading status index") from None
         return str(json.loads(raw)["status"])
 
-    # -- canonical identities (exactly-once across reformatted copies) -------------------------
+    # -- claims: canonical identities, and key names a policy protects -------------------------
     def claim_identity(self, package_id: str, path: str) -> tuple[str, str | None]:
-        """Make ``identities/<package_id>`` point at ``path`` unless it points elsewhere.
-
-        Returns (the path it points at, its etag for :meth:`take_identity`).
+        """Make ``identities/<package_id>`` point at ``path`` unless it points elsewhere
+        (exactly-once across reformatted copies). Returns (the path it points at, its etag for
+        :meth:`take_identity`).
 
         Raises:
             TransientError: storage failed.
         """
-        blob = self._status_blob(f"identities/{package_id}.json")
-        body = json.dumps({"status": path}).encode()
-        try:
-            result = blob.upload_blob(body, overwrite=False)
-            return path, str(result["etag"])
-        except ResourceExistsError:
-            pass
-        except HttpResponseError as exc:
-            if exc.status_code not in (409, 412):
-                raise _transient_or_raise(exc, "claiming identity") from None
-        except AzureError as exc:
-            raise _transient_or_raise(exc, "claiming identity") from None
-        try:
-            downloader = blob.download_blob()
-            raw = downloader.readall()
-        except AzureError as exc:
-            raise _transient_or_raise(exc, "reading identity") from None
-        return str(json.loads(raw)["status"]), downloader.properties.etag
+        return self._claim(f"identities/{package_id}.json", path, "identity")
 
     def take_identity(self, package_id: str, path: str, etag: str | None) -> bool:
         """Re-point an identity whose record was refused at ``path``, if nobody else did first
@@ -292,18 +275,62 @@ class BlobStore:
         Raises:
             TransientError: storage failed.
         """
-        blob = self._status_blob(f"identities/{package_id}.json")
+        return self._take(f"identities/{package_id}.json", path, etag, "identity")
+
+    def claim_key_name(self, key_name: str, path: str) -> tuple[str, str | None]:
+        """Make ``keys/<key name, case-folded>`` point at ``path`` unless it points elsewhere:
+        one record at a time imports a key name the policy protects from new versions (Managed
+        HSM's names are case-insensitive). Returns (the path it points at, its etag for
+        :meth:`take_key_name`).
+
+        Raises:
+            TransientError: storage failed.
+        """
+        return self._claim(_key_name_blob(key_name), path, "key name")
+
+    def take_key_name(self, key_name: str, path: str, etag: str | None) -> bool:
+        """Re-point a key name whose record has finished at ``path``, if nobody else did first
+        (``etag`` condition). True if taken.
+
+        Raises:
+            TransientError: storage failed.
+        """
+        return self._take(_key_name_blob(key_name), path, etag, "key name")
+
+    def _claim(self, name: str, path: str, what: str) -> tuple[str, str | None]:
+        blob = self._status_blob(name)
         body = json.dumps({"status": path}).encode()
         try:
-            blob.upload_blob(body, overwrite=True, etag=etag, match_condition=_if_match())
+            result = blob.upload_blob(body, overwrite=False)
+            return path, str(result["etag"])
+        except ResourceExistsError:
+            pass
+        except HttpResponseError as exc:
+            if exc.status_code not in (409, 412):
+                raise _transient_or_raise(exc, f"claiming {what}") from None
+        except AzureError as exc:
+            raise _transient_or_raise(exc, f"claiming {what}") from None
+        try:
+            downloader = blob.download_blob()
+            raw = downloader.readall()
+        except AzureError as exc:
+            raise _transient_or_raise(exc, f"reading {what}") from None
+        return str(json.loads(raw)["status"]), downloader.properties.etag
+
+    def _take(self, name: str, path: str, etag: str | None, what: str) -> bool:
+        body = json.dumps({"status": path}).encode()
+        try:
+            self._status_blob(name).upload_blob(
+                body, overwrite=True, etag=etag, match_condition=_if_match()
+            )
         except ResourceModifiedError:
             return False
         except HttpResponseError as exc:
             if exc.status_code == 412:
                 return False
-            raise _transient_or_raise(exc, "claiming identity") from None
+            raise _transient_or_raise(exc, f"claiming {what}") from None
         except AzureError as exc:
-            raise _transient_or_raise(exc, "claiming identity") from None
+            raise _transient_or_raise(exc, f"claiming {what}") from None
         return True
 
     def load_status(self, path: str) -> StatusDoc | None:
@@ -455,6 +482,10 @@ class BlobStore:
         if doc is None and is_key_name(name):
             doc = self.status_by_name(f"{name}.byok")
         return doc
+
+
+def _key_name_blob(key_name: str) -> str:
+    return f"keys/{quote(key_name.casefold(), safe='')}.json"
 
 
 def _if_match() -> Any:

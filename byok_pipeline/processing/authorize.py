@@ -151,6 +151,14 @@ def _signed_options(manifest: bytes, uploaded: ImportOptions, package_sha256: st
     return replace(signed, uploader=uploaded.uploader, tags=uploaded.tags)
 
 
+def one_import_per_name(auth: Authorization) -> bool:
+    """Whether two packages for one key name must not both be imported: with a policy whose
+    rule for the name allows no new version, a second import would add one, so records of that
+    name import one at a time (the processor claims the name before the existing-key check).
+    Without a policy a version on top of the pipeline's own import is allowed anyway."""
+    return auth.policy is not None and not (auth.rule is not None and auth.rule.allow_new_version)
+
+
 @dataclass(frozen=True)
 class ExistingCheck:
     """What :func:`check_existing` found: the key of that name (None: a new name) and the

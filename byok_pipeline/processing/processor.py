@@ -43,6 +43,7 @@ from byok_pipeline.processing.authorize import (
     AwaitingApproval,
     authorize,
     check_existing,
+    one_import_per_name,
 )
 from byok_pipeline.processing.importer import fingerprint_result, import_validated, validate
 from offline_packager.guard import refuses
@@ -439,6 +440,8 @@ class _Run:
         doc.target_type = validated.target_type.name
         doc.target_type_source = "inferred" if validated.target_type_inferred else "stated"
         doc.key_ops = list(validated.key_ops)
+        if one_import_per_name(auth):  # before the check: what it sees stays true to the PUT
+            self._claim_key_name(doc.key_name)
         checked = check_existing(
             deps.hsm,
             auth,
@@ -477,6 +480,35 @@ class _Run:
         )
         deps.fault("after_import")
         return imported
+
+    def _claim_key_name(self, key_name: str) -> None:
+        """Claim the key name for this record (``keys/<name>``), so that no other record of the
+        same name (in any case: Managed HSM's names are case-insensitive) passes the
+        existing-key check while this one may still import: two packages for one new name
+        under a rule that allows no new version would otherwise both see no key and both
+        import, the second as a new version. A record that has finished (any terminal state)
+        gives the claim up to the next; one still in progress makes this one wait.
+
+        Raises:
+            InProgress: another record of this key name is being processed.
+            TransientError: storage failed.
+        """
+        store = self.deps.store
+        for _ in range(3):
+            owner, etag = store.claim_key_name(key_name, self.path)
+            if owner == self.path:
+                return
+            other = store.load_status(owner)
+            if other is not None and not other.terminal:
+                self.doc.attempts -= 1  # waiting for another package is not an attempt
+                self.save()
+                raise InProgress(
+                    f"another package for key {key_name!r} ({other.blob_name[:200]!r}) is being "
+                    "imported; this one waits for its outcome"
+                )
+            if store.take_key_name(key_name, self.path, etag):
+                return
+        raise InProgress(f"other packages for key {key_name!r} are claiming it; retry later")
 
     def _take_over(self, found: ImportedKey) -> ImportedKey:
         """This package is already imported (a version tagged with it): recorded as this

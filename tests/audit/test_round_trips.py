@@ -1,14 +1,17 @@
 """Round trips per package on the happy path, counted at the HTTP layer with the production
-audit sink (issue 12: 12 storage requests, audit included; on the HSM the existing-key read, the
-import PUT, and the trail's two signatures). A change that adds a request fails here;
+audit sink (issue 12: 12 storage requests, audit included, 13 when the policy protects the name;
+on the HSM the existing-key read, the import PUT, and the trail's two signatures). A change that adds a request fails here;
 the benchmark (benchmarks/throughput_bench.py) prints the same figures."""
 
 from __future__ import annotations
 
+import json
+import secrets
 from collections.abc import Callable
 from dataclasses import replace
 from urllib.parse import SplitResult, urlsplit
 
+import pytest
 from audit_support import Audited
 
 from byok_pipeline.localdev.http_count import counting_requests
@@ -27,15 +30,22 @@ def _classifier(ports: dict[int, str]) -> Callable[[str, SplitResult], str]:
     return classify
 
 
-def test_happy_path_round_trips(audited: Audited) -> None:
+@pytest.mark.parametrize("protected", [False, True], ids=["no-policy", "protecting-policy"])
+def test_happy_path_round_trips(audited: Audited, *, protected: bool) -> None:
+    """With a policy whose rule allows no new version of the name, one storage request more:
+    the record claims the key name before the existing-key check (one import per name)."""
     stack = audited.stack
     stack.deps.settings = replace(stack.deps.settings, policy_cache_seconds=5.0)
     stack.deps.authorization.settings = stack.deps.settings  # the production policy cache
+    if protected:
+        policy = {"policy_version": 1, "rules": [{"prefix": "rt-"}]}
+        stack.deps.authorization.put_policy(json.dumps(policy).encode())
     ports = {
         urlsplit(stack.azurite.blob_url).port or 443: "storage",
         urlsplit(stack.hsm.url).port or 443: "hsm",
     }
-    packages = [stack.package("ec-p256", f"rt-{i}") for i in range(4)]
+    tag = secrets.token_hex(3)  # the emulator outlives the test: names of its own
+    packages = [stack.package("ec-p256", f"rt-{tag}-{i}") for i in range(4)]
     for pkg in packages:
         stack.drop_package(pkg)
     assert process_blob(packages[0].name, stack.deps).state == "imported"  # clients, tokens
@@ -45,9 +55,9 @@ def test_happy_path_round_trips(audited: Audited) -> None:
     n = len(packages) - 1
     per_package = {kind: total / n for kind, total in counts.items()}
     assert per_package == {
-        # drop, name index, claim, lease, identity, importing, append, outcome, append, marks,
-        # copy, delete
-        "storage": 12,
+        # drop, name index, claim, lease, identity, (key name), importing, append, outcome,
+        # append, marks, copy, delete
+        "storage": 13 if protected else 12,
         "hsm GET keys": 1,  # the existing key (import authorization); the KEK comes from cache
         "hsm PUT keys": 1,  # the import
         "audit signature": 2,  # one per signed append

@@ -19,8 +19,10 @@ from hypothesis import strategies as st
 from pipeline_support import Package, Stack
 
 from byok_pipeline.cli.upload import manifest_json
-from byok_pipeline.core.errors import TransientError
+from byok_pipeline.core.errors import InProgress, TransientError
 from byok_pipeline.core.metadata import META_MANIFEST_SHA256
+from byok_pipeline.processing import processor
+from byok_pipeline.processing.authorize import check_existing
 from byok_pipeline.processing.processor import Outcome
 from offline_packager.approval import sign_approval, software_signer
 
@@ -210,6 +212,46 @@ def test_names_and_types_follow_the_policy(
     outcome = _deliver(stack, again.name)
     assert (outcome.state, outcome.reason_code) == ("rejected", "existing_key_protected")
     assert _versions(stack, f"app{uid}-ok") == 1
+
+
+def test_two_packages_for_one_protected_name_import_one_at_a_time(
+    stack: Stack, uid: str, approver_keys: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two different packages for one new key name (in two cases: Managed HSM's names are
+    case-insensitive) under a rule that allows no new version: the second may not run its
+    existing-key check while the first may still import (review finding: both saw no key,
+    both imported, the second as a new version of a protected key)."""
+    _set_policy(stack, _policy(approver_keys, {"prefix": f"race{uid}-"}))
+    first = stack.package("oct-256", f"race{uid}-k")
+    second = stack.package("oct-256", f"RACE{uid}-K")
+    stack.drop_package(first)
+    stack.drop_package(second)
+    real_check = check_existing
+    inner: list[BaseException | Outcome] = []
+    calls: list[str] = []
+
+    def second_runs_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        checked = real_check(*args, **kwargs)
+        calls.append(args[2])
+        if len(calls) == 1:  # the first passed its check and is about to import: the second
+            try:
+                inner.append(stack.deliver(second.name))
+            except (InProgress, TransientError) as exc:
+                inner.append(exc)
+        return checked
+
+    monkeypatch.setattr(processor, "check_existing", second_runs_meanwhile)
+    assert _deliver(stack, first.name).state == "imported"
+    (waited,) = inner
+    assert isinstance(waited, InProgress), waited
+    assert "is being imported" in str(waited)
+    monkeypatch.setattr(processor, "check_existing", real_check)
+    waiting = stack.deps.store.status_by_name(second.name)
+    assert waiting is not None
+    assert (waiting.state, waiting.attempts) == ("received", 0)  # waiting is not an attempt
+    outcome = _deliver(stack, second.name)  # the first has finished: the claim passes on
+    assert (outcome.state, outcome.reason_code) == ("rejected", "existing_key_protected")
+    assert _versions(stack, f"race{uid}-k") == 1
 
 
 @pytest.mark.parametrize(
