@@ -107,7 +107,8 @@ def check_online(
     Raises:
         Rejected: ``kid_wrong_hsm``, ``kek_*``, lengths and types, ``already_imported``,
             ``key_name_not_allowed``, ``target_type_not_allowed_for_name``,
-            ``approval_invalid``, ``policy_invalid``, ``existing_key_protected``,
+            ``approval_invalid``, ``policy_invalid``, ``fingerprint_unverifiable``,
+            ``existing_key_protected``,
             ``key_version_limit``, ``hsm_key_limit``, ``key_exists``.
         TransientError: the HSM or storage failed; the message also offers ``--force-offline``.
     """
@@ -116,6 +117,7 @@ def check_online(
         AwaitingApproval,
         authorize,
         check_existing,
+        check_verifiable,
     )
     from byok_pipeline.processing.importer import validate
 
@@ -152,6 +154,7 @@ def check_online(
         auth = Authorization(policy, rule, local.options, exc.approvals)
         waiting = {"missing": exc.approvals.missing, "required": exc.approvals.required}
     target = validated.target_type.name
+    check_verifiable(auth, validated.key_ops)
     with _offering_force_offline():
         checked = check_existing(
             hsm, auth, name, target, package_sha256=local.sha256, package_id=None, request_id=cid

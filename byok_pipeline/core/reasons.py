@@ -43,6 +43,7 @@ REASONS: dict[str, str] = {
     "approval_unknown_approver": "An approval is signed by an id that is not in the rule's approver group: the approver must be added to the policy, or another approver signs.",
     "approval_expired": "The approvals were not complete before the policy's approval deadline, or an approval (or its approver) is past its validity: collect fresh approvals and upload the package again.",
     "approval_wrong_package": "An approval signs another package, manifest or key name: the approver signs the manifest of exactly this package, for this key name.",
+    "fingerprint_unverifiable": "Approvals were required and the approved manifest gives an AES check value, which the HSM computes only with the encrypt operation the key lacks: package the key with encrypt among its operations and have it approved again, or import it under a rule without approvals.",
     "policy_invalid": "The configured import policy is invalid (the message names the field): nothing is imported until an administrator fixes it (`byok policy validate`, `byok policy set`); then upload again.",
     # the HSM
     "key_version_limit": "The key already has as many versions as Managed HSM keeps (100 per key, BYOK_HSM_MAX_VERSIONS_PER_KEY); versions cannot be deleted one by one: import under a new key name (and move its users), then upload again.",

@@ -3,12 +3,14 @@ and the package's M-of-N approvals; then, once the KEK is read, the protection o
 
 Order (fixed, documented in README "Import authorization"): the name (never the KEK's; a rule
 must match when there is a policy) → the stated target type → the approvals (over the manifest
-the package was uploaded with) → [KEK checks] → the inferred target type → the existing key.
+the package was uploaded with) → [KEK checks] → the inferred target type → an approved
+fingerprint the import can verify → the existing key.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Protocol
@@ -149,6 +151,28 @@ def _signed_options(manifest: bytes, uploaded: ImportOptions, package_sha256: st
     if signed.package_sha256 != package_sha256:
         raise Rejected("manifest_mismatch", "the manifest describes another package")
     return replace(signed, uploader=uploaded.uploader, tags=uploaded.tags)
+
+
+def check_verifiable(auth: Authorization, key_ops: Sequence[str]) -> None:
+    """An approved fingerprint must be one the import can verify: approvers signed that the
+    package holds the key with this fingerprint. An AES key's check value is computed in the HSM
+    by encrypting a zero block, so a key without ``encrypt`` among its operations could only be
+    recorded ``unverified`` (review finding: a manifest with another key's check value, approved,
+    was imported enabled).
+
+    Raises:
+        Rejected: ``fingerprint_unverifiable``.
+    """
+    fp = auth.options.fingerprint
+    if auth.approvals is None or fp is None or fp.kind != "kcv" or "encrypt" in key_ops:
+        return
+    raise Rejected(
+        "fingerprint_unverifiable",
+        "the approved manifest gives the AES key's check value, which the HSM computes only with "
+        "the encrypt operation, and the key's operations lack it: package the key again with "
+        "encrypt among its key operations and have it approved again, or import it under a rule "
+        "that needs no approvals (its fingerprint is then recorded unverified)",
+    )
 
 
 def one_import_per_name(auth: Authorization) -> bool:

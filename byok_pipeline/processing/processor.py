@@ -43,6 +43,7 @@ from byok_pipeline.processing.authorize import (
     AwaitingApproval,
     authorize,
     check_existing,
+    check_verifiable,
     one_import_per_name,
 )
 from byok_pipeline.processing.importer import fingerprint_result, import_validated, validate
@@ -440,6 +441,7 @@ class _Run:
         doc.target_type = validated.target_type.name
         doc.target_type_source = "inferred" if validated.target_type_inferred else "stated"
         doc.key_ops = list(validated.key_ops)
+        check_verifiable(auth, validated.key_ops)
         if one_import_per_name(auth):  # before the check: what it sees stays true to the PUT
             self._claim_key_name(doc.key_name)
         checked = check_existing(

@@ -214,6 +214,35 @@ def test_names_and_types_follow_the_policy(
     assert _versions(stack, f"app{uid}-ok") == 1
 
 
+@pytest.mark.parametrize("lie", [False, True], ids=["true-check-value", "another-keys"])
+def test_an_approved_check_value_the_hsm_cannot_compute_is_refused(
+    stack: Stack, uid: str, approver_keys: dict[str, Any], *, lie: bool
+) -> None:
+    """Approvers sign that the package holds the AES key with this check value; a wrap-only
+    key's check value cannot be computed in the HSM (no encrypt), so it would be imported
+    enabled and `unverified` even when the manifest names another key's (review finding)."""
+    _set_policy(
+        stack,
+        _policy(
+            approver_keys,
+            {"prefix": f"wrap{uid}-", "approvals": {"group": "custodians", "required": 2}},
+        ),
+    )
+    pkg = stack.package("oct-256", f"wrap{uid}-k", key_ops=("wrapKey", "unwrapKey"))
+    if lie:
+        other = stack.package("oct-256", f"other{uid}", key_ops=("wrapKey", "unwrapKey"))
+        pkg.manifest["target"]["fingerprint"] = other.manifest["target"]["fingerprint"]
+    manifest = _drop_with_manifest(stack, pkg)
+    for who in ("alice", "bob"):
+        _approve(stack, pkg, manifest, who, approver_keys[who])
+    outcome = _deliver(stack, pkg.name)
+    assert (outcome.state, outcome.reason_code) == ("rejected", "fingerprint_unverifiable")
+    assert outcome.doc is not None
+    assert outcome.doc.message is not None
+    assert "encrypt" in outcome.doc.message
+    assert f"wrap{uid}-k" not in {k.name for k in stack.hsm.key_client().list_properties_of_keys()}
+
+
 def test_two_packages_for_one_protected_name_import_one_at_a_time(
     stack: Stack, uid: str, approver_keys: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -308,3 +308,32 @@ def test_the_readme_block_runs(
     assert json.loads(capsys.readouterr().out)["checks"]["online"] == "skipped: --force-offline"
     versions = stack.hsm.key_client().list_properties_of_key_versions("payments-2026")
     assert len(list(versions)) == 2
+
+
+def test_an_approved_check_value_the_hsm_cannot_compute_is_refused_before_upload(
+    gate_env: Stack, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Under a rule that needs approvals, a wrap-only AES key's check value could never be
+    verified by the pipeline (fingerprint_unverifiable): the gate says so before anything goes,
+    whether or not the approvals are there yet."""
+    stack = gate_env
+    tag = secrets.token_hex(3)
+    approver = ec.generate_private_key(ec.SECP256R1()).public_key()
+    pem = approver.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    policy = {
+        "policy_version": 1,
+        "approver_groups": {"custodians": {"approvers": [{"id": "alice", "public_key_pem": pem}]}},
+        "rules": [{"prefix": f"gwrap{tag}-", "approvals": {"group": "custodians", "required": 1}}],
+    }
+    stack.deps.authorization.put_policy(json.dumps(policy).encode())  # this test's stack only
+    wrap_only = stack.package("oct-256", f"gwrap{tag}-k", key_ops=("wrapKey", "unwrapKey"))
+    refusal = _refused(capsys, str(_write(tmp_path, wrap_only)))
+    assert refusal["reason"] == "fingerprint_unverifiable"
+    assert "encrypt" in refusal["message"]
+    _nothing_sent(stack)
+    can_encrypt = stack.package("oct-256", f"gwrap{tag}-e", key_ops=("encrypt", "decrypt"))
+    assert main(["upload", str(_write(tmp_path, can_encrypt)), "--json"]) == 0  # approvals later
+    uploaded = json.loads(capsys.readouterr().out)
+    assert uploaded["checks"]["online"]["approvals_missing"] == {"missing": 1, "required": 1}
