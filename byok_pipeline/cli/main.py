@@ -487,12 +487,19 @@ def _authorize_direct(settings: Settings, hsm: Any, doc: Any, target_type: str) 
     Raises:
         Rejected: ``key_name_not_allowed``, ``target_type_not_allowed_for_name``,
             ``approval_invalid``, ``existing_key_protected``, ``policy_invalid``.
+        ConfigError: BYOK_POLICY_REQUIRED is true and no storage is configured (the policy
+            cannot be read, so nothing may be imported without it).
     """
     from byok_pipeline.core.policy import check_existing_key, check_name, check_target_type
 
     storage = os.environ.get("BYOK_STORAGE") or os.environ.get(
         "BYOK_STORAGE__blobServiceUri"  # noqa: SIM112  # the Functions identity-connection name
     )
+    if settings.policy_required and not storage:  # review finding: the policy was skipped
+        raise ConfigError(
+            "BYOK_POLICY_REQUIRED is true but no storage is configured, so the import policy "
+            "cannot be read: set BYOK_STORAGE (the account holding the policy) and run again"
+        )
     policy = _authz(settings).policy() if storage else None
     doc.policy_sha256 = policy.sha256 if policy else None
     rule = check_name(policy, doc.key_name, kek_name=settings.kek_name)

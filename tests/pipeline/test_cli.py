@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shlex
 import subprocess
 import sys
@@ -148,6 +149,30 @@ def test_import_refusals_have_exit_2_and_reason(
     wrong.write_bytes(VENDOR_SAMPLE.read_bytes())
     result = run_json(capsys, "import", str(wrong), expect=2)
     assert result["reason"] == "kid_wrong_hsm"
+
+
+def test_import_without_storage_cannot_skip_a_required_policy(
+    cli_env: Stack,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """BYOK_POLICY_REQUIRED without storage: the policy cannot be read, so `byok import` imports
+    nothing (review finding: it went on without any policy)."""
+    stack = cli_env
+    kek_pem = tmp_path / "kek.pem"
+    kek_pem.write_bytes(stack.kek_pem)
+    out = tmp_path / f"nopolicy-{secrets.token_hex(3)}.byok"
+    assert package_main(["wrap", "--kek", str(kek_pem), "--kek-kid", stack.kek_kid, "--generate", "oct-256",
+                         "--out", str(out)]) == 0  # fmt: skip
+    capsys.readouterr()
+    monkeypatch.setenv("BYOK_POLICY_REQUIRED", "true")
+    monkeypatch.delenv("BYOK_STORAGE", raising=False)
+    refused = run_json(capsys, "import", str(out), expect=1)
+    assert refused["reason"] == "config_error"
+    assert "BYOK_POLICY_REQUIRED" in refused["message"]
+    names = {k.name for k in stack.hsm.key_client().list_properties_of_keys()}
+    assert out.name.removesuffix(".byok") not in names
 
 
 def test_missing_settings_fail_clearly(
