@@ -26,6 +26,7 @@ from azure.core.exceptions import (
 from azure.storage.blob import BlobServiceClient
 
 from byok_pipeline.adapters.transient import as_transient
+from byok_pipeline.core.approvals import MAX_APPROVAL_FILES
 from byok_pipeline.core.errors import Rejected, TransientError
 from byok_pipeline.core.policy import MAX_POLICY_BYTES, ImportPolicy, PolicyInvalid, load_policy
 from byok_pipeline.core.settings import Settings
@@ -49,6 +50,7 @@ class Attachments:
 
     manifest: bytes | None
     approvals: tuple[tuple[str, bytes], ...]
+    unread: int = 0  # approval files over MAX_APPROVAL_FILES, listed but not read
 
 
 class AuthorizationStore:
@@ -208,7 +210,8 @@ class AuthorizationStore:
 
     # -- attachments ---------------------------------------------------------------------------
     def attachments(self, package_sha256: str) -> Attachments:
-        """The manifest and approvals stored for a package (bounded sizes).
+        """The manifest and approvals stored for a package: bounded sizes, and at most
+        MAX_APPROVAL_FILES approval files read (in name order; the others are counted).
 
         Raises:
             TransientError: storage failed.
@@ -216,17 +219,21 @@ class AuthorizationStore:
         container = self.service.get_container_client(self.settings.approvals_container)
         manifest: bytes | None = None
         approvals: list[tuple[str, bytes]] = []
+        unread = 0
         try:
             for item in container.list_blobs(name_starts_with=f"{package_sha256}/"):
                 leaf = item.name.split("/", 1)[1]
                 if leaf == MANIFEST_BLOB:
                     manifest = self._read_bounded(item.name, int(item.size), MAX_MANIFEST_BYTES)
                 elif leaf.startswith(APPROVAL_PREFIX):
+                    if len(approvals) >= MAX_APPROVAL_FILES:
+                        unread += 1
+                        continue
                     data = self._read_bounded(item.name, int(item.size), MAX_APPROVAL_BYTES)
                     approvals.append((leaf, data if data is not None else b""))
         except AzureError as exc:
             raise _transient(exc, "reading the package's approvals") from None
-        return Attachments(manifest, tuple(approvals))
+        return Attachments(manifest, tuple(approvals), unread)
 
     def _read_bounded(self, name: str, size: int, limit: int) -> bytes | None:
         """The blob's bytes; None when the listing says it is over ``limit`` (never read), or

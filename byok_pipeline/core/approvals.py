@@ -27,8 +27,10 @@ from offline_packager.approval import (
     verify_approval,
 )
 
-#: How many approval files of one package are looked at (more are refused unread).
-MAX_APPROVAL_FILES = 64
+#: How many approval files of one package are read per delivery (storage reads stay bounded
+#: whatever a writer of the approvals container puts there); every file read is checked, so
+#: junk below this count hides no approval, and more are named in the status as not read.
+MAX_APPROVAL_FILES = 256
 
 
 def _ts(value: datetime) -> str:
@@ -108,11 +110,13 @@ def tally(
     key_name: str,
     package_sha256: str,
     now: datetime,
+    unread: int = 0,
 ) -> ApprovalTally:
-    """Count the approvals in ``files`` (name, bytes) against the rule's group."""
+    """Count the approvals in ``files`` (name, bytes) against the rule's group; every file is
+    checked (the store bounds how many are read: ``unread`` more were not)."""
     given: dict[str, GivenApproval] = {}
     refused: list[RefusedApproval] = []
-    for name, data in sorted(files)[:MAX_APPROVAL_FILES]:
+    for name, data in sorted(files):
         try:
             approval = _check_one(
                 data,
@@ -133,8 +137,15 @@ def tally(
                 not_after=_ts(approval.not_after),
                 file=name,
             )
-    for name, _ in sorted(files)[MAX_APPROVAL_FILES:]:
-        refused.append(RefusedApproval(_short(name), "approval_invalid", "too many approval files"))
+    if unread:
+        refused.append(
+            RefusedApproval(
+                f"{unread} more file(s)",
+                "approval_invalid",
+                f"not read: a package has at most {MAX_APPROVAL_FILES} approval files read; "
+                "remove the files that are not approvals of this package",
+            )
+        )
     return ApprovalTally(
         group=requirement.group,
         required=requirement.required,

@@ -108,6 +108,7 @@ def authorize(
         key_name=key_name,
         package_sha256=package_sha256,
         now=now,
+        unread=attachments.unread,
     )
     if result.complete:
         return Authorization(policy, rule, signed, result)

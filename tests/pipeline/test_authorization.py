@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pipeline_support import Package, Stack
 
+from byok_pipeline.adapters import authorization_store
 from byok_pipeline.cli.upload import manifest_json
 from byok_pipeline.core.errors import InProgress, TransientError
 from byok_pipeline.core.metadata import META_MANIFEST_SHA256
@@ -391,6 +392,34 @@ def test_two_of_three_waits_then_imports(
         ]
         not in text
     )
+
+
+def test_junk_approval_files_hide_no_approval_and_their_reads_are_bounded(
+    stack: Stack, uid: str, approver_keys: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever may write the approvals container can add files that sort before the real
+    approvals: each file read is checked (the tally once stopped at 64 by name, so 64 junk files
+    hid both approvals), and the reads stop at MAX_APPROVAL_FILES, the rest named in the status
+    as not read."""
+    monkeypatch.setattr(authorization_store, "MAX_APPROVAL_FILES", 80)  # the bound, kept small here
+    _set_policy(stack, _two_of_three(approver_keys, uid))
+    pkg = stack.package("ec-p256", f"pay-key-{uid}")
+    manifest = _drop_with_manifest(stack, pkg)
+    for i in range(70):  # sort before approval-alice.json / approval-bob.json
+        _store_approval(stack, pkg, f"approval-0{i:03d}.json", b"junk")
+    _approve(stack, pkg, manifest, "alice", approver_keys["alice"])
+    _approve(stack, pkg, manifest, "bob", approver_keys["bob"])
+    outcome = _deliver(stack, pkg.name)
+    assert outcome.state == "imported"
+    assert outcome.doc is not None
+    assert outcome.doc.approvals is not None
+    assert sorted(a["approver_id"] for a in outcome.doc.approvals["given"]) == ["alice", "bob"]
+
+    other = stack.package("ec-p256", f"pay-key-{uid}x")  # no rule: not the point, just a sha
+    for i in range(90):
+        _store_approval(stack, other, f"approval-0{i:03d}.json", b"junk")
+    found = stack.deps.authorization.attachments(hashlib.sha256(other.data).hexdigest())
+    assert (len(found.approvals), found.unread) == (80, 10)
 
 
 def test_an_approval_by_the_same_approver_counts_once(
