@@ -649,8 +649,10 @@ def parse_approvers(doc: object) -> dict[str, Approver]:
             expires = parse_time(entry["expires"], f"{where}.expires", reason="approvers_invalid")
         public_key = _load_public_pem(entry["public_key_pem"], where)
         approver = make_approver(entry["id"], public_key, expires=expires, where=where)
-        if approver.id in approvers:
-            raise bad(f"{where}.id: {approver.id!r} is listed twice")
+        same = [known for known in approvers if known.casefold() == approver.id.casefold()]
+        if same:  # ids that differ only in case name one person twice, to a reader
+            also = "" if same[0] == approver.id else f" (as {same[0]!r})"
+            raise bad(f"{where}.id: {approver.id!r} is listed twice{also}")
         if approver.spki_sha256 in by_key:
             raise bad(
                 f"{where}.public_key_pem: the same key as approver {by_key[approver.spki_sha256]!r}"

@@ -869,6 +869,10 @@ APPROVERS_REFUSALS: dict[str, tuple[Callable[[dict[str, SignerKey]], object], st
         lambda k: {"approvers": [_entry("a", k["ES256"]), _entry("a", k["EdDSA"])]},
         "approvers[1].id: 'a' is listed twice",
     ),
+    "id twice in two cases": (
+        lambda k: {"approvers": [_entry("alice", k["ES256"]), _entry("Alice", k["EdDSA"])]},
+        "approvers[1].id: 'Alice' is listed twice (as 'alice')",
+    ),
     "duplicate key": (
         lambda k: {"approvers": [_entry("a", k["ES256"]), _entry("b", k["ES256"])]},
         "approvers[1].public_key_pem: the same key as approver 'a'",
