@@ -39,7 +39,9 @@ KNOWN = frozenset(
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _KCV = re.compile(r"[0-9A-F]{6}")
 _MAX_TAGS_TEXT = 8192  # ten tags of 256 + 256 characters, JSON-quoted, fit easily
-_RESERVED_TAGS = frozenset({"byok-package-sha256", "byok-kek-kid"})
+# the tags the pipeline writes on an imported version (adapters.keyvault): what finds a version
+# again (exactly-once, take-over), never from an uploader (any case: a reader may fold it)
+_RESERVED_TAGS = frozenset({"byok-package-sha256", "byok-package-id", "byok-kek-kid"})
 MAX_TAGS = 10
 _KNOWN_KEY_OPS = frozenset(op for t in TARGET_TYPES.values() for op in t.allowed_key_ops)
 
@@ -142,7 +144,7 @@ def parse_tags(text: str) -> dict[str, str]:
         raise _bad("tags must be a JSON object of short strings")
     if len(tags) > MAX_TAGS:
         raise _bad(f"at most {MAX_TAGS} tags")
-    if _RESERVED_TAGS & tags.keys():
+    if _RESERVED_TAGS & {name.casefold() for name in tags}:
         raise _bad(f"tag names {sorted(_RESERVED_TAGS)} are reserved for the pipeline")
     return tags
 

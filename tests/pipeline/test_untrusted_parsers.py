@@ -10,6 +10,7 @@ with hostile inputs; whatever escapes other than its refusal fails the test. The
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -129,6 +130,18 @@ def test_metadata_parsers_refuse_bad_metadata() -> None:
     manifests: list[Any] = [None, [], "x", {"target": []}, {"target": {"fingerprint": 1}},
                             {"package": "x"}, {"target": {"type": ["rsa-2048"]}}]  # fmt: skip
     assert _accepted(options_from_manifest, manifests, Rejected) == []
+
+
+@pytest.mark.parametrize(
+    "name", ["byok-package-sha256", "byok-package-id", "byok-kek-kid", "BYOK-Package-Id"]
+)
+def test_the_pipelines_own_tags_are_refused_from_an_uploader(name: str) -> None:
+    """The tags that find an imported version again (exactly-once, take-over) come from the
+    pipeline only: ``byok import --tag byok-package-id=...`` could plant another package's
+    identity (review finding: that one was not reserved)."""
+    with pytest.raises(Rejected, match="reserved for the pipeline") as refused:
+        parse_tags(json.dumps({name: "0" * 64}))
+    assert refused.value.reason == "bad_metadata"
 
 
 def test_event_subject_keeps_a_trailing_newline() -> None:
