@@ -288,6 +288,8 @@ class ChainSummary:
     first_recorded: str | None = None
     last_recorded: str | None = None
     head: dict[str, Any] | None = None  # sequence and record_sha256 of the last signed record
+    # sequences a good signature covers (through the links inside its batch); not in to_dict
+    authenticated: frozenset[int] = field(default=frozenset(), repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -329,6 +331,16 @@ class Report:
     @property
     def heads(self) -> dict[str, dict[str, Any]]:
         return {cid: dict(c.head) for cid, c in sorted(self.chains.items()) if c.head}
+
+    def vouched(self) -> dict[str, frozenset[int]]:
+        """Chain id -> the sequences this verification vouches for: covered by a good signature
+        and before the chain's first break (whatever follows a break is suspect, even when
+        signed: ``byok audit export`` marks those records ``trail_verified: false``)."""
+        bad = self.first_bad()
+        return {
+            cid: frozenset(s for s in c.authenticated if s < bad.get(cid, s + 1))
+            for cid, c in self.chains.items()
+        }
 
     def first_bad(self) -> dict[str, int]:
         """Chain id -> its first bad sequence (over every kind)."""
@@ -772,6 +784,7 @@ def _check_chain(
         base_seq, prev_sha = 0, GENESIS
     links_ok = _links(checker, ordered, base_seq, prev_sha)
     authenticated = _batches(checker, signer, chain, links_ok, base_seq)
+    summary.authenticated = frozenset(authenticated)
     # link breaks, now attributed: a record whose own batch is signed and that chains to
     # something else than the record before names that record as replaced; otherwise the
     # record itself does not belong there (forged, or rewritten without the key)

@@ -66,10 +66,20 @@ CSV_COLUMNS = (
     "pipeline_version",
     "prev_sha256",
     "record_sha256",
+    "trail_verified",
 )
-#: Trail fields: a retried event's copies differ only in these.
+#: Trail fields: a retried event's copies differ only in these (and in what the export adds).
 _NOT_CONTENT = frozenset(
-    {"chain_id", "sequence", "prev_sha256", "recorded", "record_sha256", "batch_start", "signature"}
+    {
+        "chain_id",
+        "sequence",
+        "prev_sha256",
+        "recorded",
+        "record_sha256",
+        "batch_start",
+        "signature",
+        "trail_verified",
+    }
 )
 
 
@@ -384,12 +394,18 @@ def _print_verify(args: argparse.Namespace, report: Report) -> int:
 
 
 def history(
-    records: Sequence[Mapping[str, Any]], *, key: str | None, package: str | None
+    records: Sequence[Mapping[str, Any]],
+    *,
+    key: str | None,
+    package: str | None,
+    vouched: Mapping[str, frozenset[int]] | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
-    """The records of one key (and of every package that imported into it) or one package,
+    """The records of one key (and of every package a record names it in) or one package,
     merged across chains by ``recorded`` (then chain and sequence); copies of an event
     re-emitted after a retry are skipped (their count is returned). Trail start and seal
-    records are never part of a history."""
+    records are never part of a history. With ``vouched`` (:meth:`Report.vouched`) each record
+    says whether the verification vouches for it (``trail_verified``), and of copies a vouched
+    one is kept: a record anyone appended, with any ``recorded``, never hides a signed one."""
     from byok_pipeline.audit.records import SEAL_EVENT, START_EVENT
 
     events = [dict(r) for r in records if r.get("event") not in (START_EVENT, SEAL_EVENT)]
@@ -407,10 +423,16 @@ def history(
         ]
     else:
         chosen = [r for r in events if r.get("package_sha256") == package]
-    chosen.sort(
-        key=lambda r: (str(r.get("recorded")), str(r.get("chain_id")), int(r.get("sequence") or 0))
-    )
-    seen: set[str] = set()
+
+    def merged(r: Mapping[str, Any]) -> tuple[str, str, int]:
+        return str(r.get("recorded")), str(r.get("chain_id")), int(r.get("sequence") or 0)
+
+    chosen.sort(key=merged)
+    if vouched is not None:
+        for record in chosen:
+            sequences = vouched.get(str(record.get("chain_id")), frozenset())
+            record["trail_verified"] = record.get("sequence") in sequences
+    seen: dict[str, int] = {}  # content -> index in unique
     unique: list[dict[str, Any]] = []
     copies = 0
     for record in chosen:
@@ -419,14 +441,20 @@ def history(
         )
         if content in seen:
             copies += 1
+            kept = seen[content]
+            if record.get("trail_verified") and not unique[kept].get("trail_verified"):
+                unique[kept] = record
             continue
-        seen.add(content)
+        seen[content] = len(unique)
         unique.append(record)
+    unique.sort(key=merged)  # a vouched copy kept in an earlier one's place sorts as itself
     return unique, copies
 
 
 def _print_export(args: argparse.Namespace, report: Report, stored: Sequence[TrailRecord]) -> int:
-    records, copies = history([s.record for s in stored], key=args.key, package=args.package)
+    records, copies = history(
+        [s.record for s in stored], key=args.key, package=args.package, vouched=report.vouched()
+    )
     if args.format == "csv":
         extra = sorted({k for r in records for k in r} - set(CSV_COLUMNS))
         out = io.StringIO()

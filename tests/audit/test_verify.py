@@ -835,3 +835,57 @@ def test_csv_export_cells_are_no_formulas(
     assert audit_main(["export", "--key", "sheet", "--trust", trust_file, *cli_env]) == 0
     exported = json.loads(capsys.readouterr().out)["records"]
     assert exported[0]["blob_name"] == steps[0]["blob_name"]
+
+
+def test_export_marks_what_the_verification_vouches_for(
+    service: BlobServiceClient,
+    world: World,
+    cli_env: list[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A broken trail is exported all the same (exit 2): each record says whether the
+    verification vouches for it, and a copy appended by anyone, dated before the signed
+    record, does not take that record's place (review finding: forged and genuine records
+    looked alike)."""
+    t = DAY3 + timedelta(hours=5)
+    steps = package_events("marked", 1, t)
+    world.a.append(steps, t)
+    w = world.a
+    assert w.last is not None
+    forged = records.seal_record(  # byok.imported again, as an earlier, unsigned record
+        {
+            **steps[3],
+            "chain_id": w.chain_id,
+            "sequence": w.last["sequence"] + 1,
+            "prev_sha256": w.last["record_sha256"],
+            "recorded": stamp(t - timedelta(hours=1)),
+        }
+    )
+    w.trail.blobs[(w.container, w.blob)].append(records.encode_line(forged))
+    upload(service, world.trail)
+    trust_file = str(world.write_trust(tmp_path / "trust.json"))
+    argv = ["export", "--key", "marked", "--trust", trust_file, *cli_env]
+    assert audit_main(argv) == 2  # broken: the unsigned record
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["copies_skipped"] == 1
+    got = [(r["event"], r["sequence"], r["trail_verified"]) for r in exported["records"]]
+    assert all(verified for _, _, verified in got), got
+    assert forged["sequence"] not in [seq for _, seq, _ in got]
+    assert [e for e, _, _ in got] == [s["event"] for s in steps]
+
+    extra = records.seal_record(  # a record of its own (not a copy): exported, not vouched for
+        {
+            **event("byok.rejected", t, state="rejected", key_name="marked"),
+            "chain_id": w.chain_id,
+            "sequence": forged["sequence"] + 1,
+            "prev_sha256": forged["record_sha256"],
+            "recorded": stamp(t + timedelta(minutes=1)),
+        }
+    )
+    blob = service.get_blob_client(w.container, w.blob)
+    blob.append_block(records.encode_line(extra))
+    assert audit_main([*argv, "--format", "csv"]) == 2
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(r["event"], r["trail_verified"]) for r in rows][-1] == ("byok.rejected", "False")
+    assert {r["trail_verified"] for r in rows[:-1]} == {"True"}
