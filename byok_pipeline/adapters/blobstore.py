@@ -266,7 +266,8 @@ class BlobStore:
         Raises:
             TransientError: storage failed.
         """
-        return self._claim(f"identities/{package_id}.json", path, "identity")
+        owner, etag, _ = self._claim(f"identities/{package_id}.json", path, "identity")
+        return owner, etag
 
     def take_identity(self, package_id: str, path: str, etag: str | None) -> bool:
         """Re-point an identity whose record was refused at ``path``, if nobody else did first
@@ -277,11 +278,11 @@ class BlobStore:
         """
         return self._take(f"identities/{package_id}.json", path, etag, "identity")
 
-    def claim_key_name(self, key_name: str, path: str) -> tuple[str, str | None]:
+    def claim_key_name(self, key_name: str, path: str) -> tuple[str, str | None, bool]:
         """Make ``keys/<key name, case-folded>`` point at ``path`` unless it points elsewhere:
         one record at a time imports a key name the policy protects from new versions (Managed
         HSM's names are case-insensitive). Returns (the path it points at, its etag for
-        :meth:`take_key_name`).
+        :meth:`take_key_name`, whether this call created it).
 
         Raises:
             TransientError: storage failed.
@@ -297,12 +298,12 @@ class BlobStore:
         """
         return self._take(_key_name_blob(key_name), path, etag, "key name")
 
-    def _claim(self, name: str, path: str, what: str) -> tuple[str, str | None]:
+    def _claim(self, name: str, path: str, what: str) -> tuple[str, str | None, bool]:
         blob = self._status_blob(name)
         body = json.dumps({"status": path}).encode()
         try:
             result = blob.upload_blob(body, overwrite=False)
-            return path, str(result["etag"])
+            return path, str(result["etag"]), True
         except ResourceExistsError:
             pass
         except HttpResponseError as exc:
@@ -315,7 +316,7 @@ class BlobStore:
             raw = downloader.readall()
         except AzureError as exc:
             raise _transient_or_raise(exc, f"reading {what}") from None
-        return str(json.loads(raw)["status"]), downloader.properties.etag
+        return str(json.loads(raw)["status"]), downloader.properties.etag, False
 
     def _take(self, name: str, path: str, etag: str | None, what: str) -> bool:
         body = json.dumps({"status": path}).encode()
@@ -332,6 +333,20 @@ class BlobStore:
         except AzureError as exc:
             raise _transient_or_raise(exc, f"claiming {what}") from None
         return True
+
+    def status_leased(self, path: str) -> bool:
+        """Whether a worker holds the status document's lease now (one HEAD).
+
+        Raises:
+            TransientError: storage failed.
+        """
+        try:
+            props = self._status_blob(path).get_blob_properties()
+        except ResourceNotFoundError:
+            return False
+        except AzureError as exc:
+            raise _transient_or_raise(exc, "reading status lease") from None
+        return str(props.lease.state) == "leased"
 
     def load_status(self, path: str) -> StatusDoc | None:
         try:

@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import NoReturn
 
 from azure.storage.blob import BlobLeaseClient
 
@@ -488,29 +489,51 @@ class _Run:
         same name (in any case: Managed HSM's names are case-insensitive) passes the
         existing-key check while this one may still import: two packages for one new name
         under a rule that allows no new version would otherwise both see no key and both
-        import, the second as a new version. A record that has finished (any terminal state)
-        gives the claim up to the next; one still in progress makes this one wait.
+        import, the second as a new version.
+
+        The claim passes to another record when its owner has finished (any final state), or
+        is idle: no worker holds its lease and no import PUT of it may still land (a drop
+        withdrawn after a failed try, a record waiting for approvals, a retired record). An
+        owner claiming again on a later attempt re-takes the claim conditionally, so a record
+        that judged it idle a moment before fails its take.
 
         Raises:
-            InProgress: another record of this key name is being processed.
+            InProgress: another record of this key name is being processed (not an attempt).
             TransientError: storage failed.
         """
         store = self.deps.store
         for _ in range(3):
-            owner, etag = store.claim_key_name(key_name, self.path)
+            owner, etag, created = store.claim_key_name(key_name, self.path)
             if owner == self.path:
-                return
+                if created or store.take_key_name(key_name, self.path, etag):
+                    return
+                continue  # taken meanwhile: see by whom
             other = store.load_status(owner)
-            if other is not None and not other.terminal:
-                self.doc.attempts -= 1  # waiting for another package is not an attempt
-                self.save()
-                raise InProgress(
+            if (
+                other is not None
+                and not other.terminal
+                and (store.status_leased(owner) or _import_may_land(other, self.deps))
+            ):
+                self._wait(
                     f"another package for key {key_name!r} ({other.blob_name[:200]!r}) is being "
                     "imported; this one waits for its outcome"
                 )
             if store.take_key_name(key_name, self.path, etag):
                 return
-        raise InProgress(f"other packages for key {key_name!r} are claiming it; retry later")
+        self._wait(f"other packages for key {key_name!r} are claiming it; this one waits")
+
+    def _wait(self, why: str) -> NoReturn:
+        """Hand the package back to wait for another record: not an attempt; ``byok status``
+        shows why.
+
+        Raises:
+            InProgress: always.
+            TransientError: storage failed (writing the status).
+        """
+        self.doc.attempts -= 1
+        self.doc.last_error = why
+        self.save()
+        raise InProgress(why)
 
     def _take_over(self, found: ImportedKey) -> ImportedKey:
         """This package is already imported (a version tagged with it): recorded as this
@@ -589,11 +612,7 @@ class _Run:
 
     def import_in_flight(self) -> bool:
         """An import PUT of an earlier delivery may still land: too recent to import again."""
-        if not self.doc.import_attempt_at:  # set from `importing` on (or by a retired record)
-            return False
-        grace = self.deps.settings.lease_seconds + self.deps.hsm.put_timeout_seconds() + 5
-        age = (self.deps.clock() - parse_utc(self.doc.import_attempt_at)).total_seconds()
-        return age < grace
+        return _import_may_land(self.doc, self.deps)
 
     def disable_after_import(self) -> str:
         """Best effort: disable a version that was imported but will not end ``imported``."""
@@ -619,6 +638,16 @@ class _Run:
         except (Rejected, TransientError):
             return f"; the imported version {doc.imported_kid} could NOT be disabled: disable it by hand"
         return f"; the imported version {doc.imported_kid} was disabled"
+
+
+def _import_may_land(doc: StatusDoc, deps: Deps) -> bool:
+    """An import PUT of ``doc``'s record may still land: sent less than the lease plus the
+    PUT's timeouts ago."""
+    if not doc.import_attempt_at:  # set from `importing` on (or by a retired record)
+        return False
+    grace = deps.settings.lease_seconds + deps.hsm.put_timeout_seconds() + 5
+    age = (deps.clock() - parse_utc(doc.import_attempt_at)).total_seconds()
+    return age < grace
 
 
 # A record in one of these states gives up its identity to a new drop of the same package (as a

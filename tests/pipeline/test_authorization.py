@@ -422,6 +422,76 @@ def test_junk_approval_files_hide_no_approval_and_their_reads_are_bounded(
     assert (len(found.approvals), found.unread) == (80, 10)
 
 
+def test_an_idle_owner_of_a_key_name_does_not_block_it(
+    stack: Stack, uid: str, approver_keys: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A package that claimed its key name and then failed a try, whose drop was withdrawn and
+    replaced by a corrected one: the new package takes the claim (no worker holds the first
+    record and no PUT of it can land) instead of waiting forever (review finding). The first,
+    coming back, meets the new key and is refused."""
+    _set_policy(stack, _policy(approver_keys, {"prefix": f"idle{uid}-"}))
+    first = stack.package("oct-256", f"idle{uid}-k")
+    stack.drop_package(first)
+    real_check = check_existing
+
+    def hsm_down(*args: Any, **kwargs: Any) -> Any:
+        raise TransientError("the HSM is unreachable", reason="transient")
+
+    monkeypatch.setattr(processor, "check_existing", hsm_down)
+    with pytest.raises(TransientError):
+        stack.deliver(first.name)  # claimed the name, then failed: received, idle
+    monkeypatch.setattr(processor, "check_existing", real_check)
+    held = stack.deps.store.status_by_name(first.name)
+    assert held is not None
+    assert held.state == "received"
+    first_bytes = (
+        stack.service.get_blob_client(stack.settings.incoming_container, first.name)
+        .download_blob()
+        .readall()
+    )
+    stack.service.get_blob_client(stack.settings.incoming_container, first.name).delete_blob()
+
+    corrected = stack.package("oct-256", f"idle{uid}-k")  # the same name, other bytes
+    stack.drop_package(corrected)
+    outcome = _deliver(stack, corrected.name)
+    assert outcome.state == "imported"
+    assert _versions(stack, f"idle{uid}-k") == 1
+
+    # the first drop comes back (uploaded again): its record claims again, meets the key
+    stack.drop(first.name, first_bytes, first.options.to_metadata())
+    again = _deliver(stack, first.name)
+    assert (again.state, again.reason_code) == ("rejected", "existing_key_protected")
+    assert _versions(stack, f"idle{uid}-k") == 1
+
+
+def test_a_waiting_package_says_what_it_waits_for(
+    stack: Stack, uid: str, approver_keys: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the owner of its key name is at work, `byok status` of the other package names
+    the one it waits for; waiting is not an attempt."""
+    _set_policy(stack, _policy(approver_keys, {"prefix": f"says{uid}-"}))
+    first = stack.package("oct-256", f"says{uid}-k")
+    second = stack.package("oct-256", f"SAYS{uid}-K")
+    stack.drop_package(first)
+    stack.drop_package(second)
+    seen: list[Any] = []
+    real_check = check_existing
+
+    def second_comes(*args: Any, **kwargs: Any) -> Any:
+        if not seen:
+            with pytest.raises(InProgress):
+                stack.deliver(second.name)
+            seen.append(stack.deps.store.status_by_name(second.name))
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(processor, "check_existing", second_comes)
+    assert _deliver(stack, first.name).state == "imported"
+    (waiting,) = seen
+    assert waiting is not None
+    assert waiting.attempts == 0
+    assert first.name in (waiting.last_error or "")
+
+
 def test_an_approval_by_the_same_approver_counts_once(
     stack: Stack, uid: str, approver_keys: dict[str, Any]
 ) -> None:

@@ -228,15 +228,23 @@ def _expired_kek(stack: Stack) -> str:
 PER_APPROVAL = {"approval_unknown_approver", "approval_wrong_package"}
 
 
-#: Reasons that need a history of earlier records: each is produced by the named test.
+#: Reasons that need a history of earlier records, or signed approvals: each is produced by the
+#: named test.
 STAGED_ELSEWHERE = {
     "earlier_version_disabled": "test_review_regressions_2.py::test_a_disabled_version_is_never_taken_over",
+    "fingerprint_unverifiable": "test_authorization.py::test_an_approved_check_value_the_hsm_cannot_compute_is_refused",
 }
 
 
 def test_every_documented_reason_has_a_case() -> None:
     # kek_wrong_size cannot be staged (the HSM creates only valid KEK sizes): unit-tested below
     assert set(REASONS) == set(CASES) | {"kek_wrong_size"} | PER_APPROVAL | set(STAGED_ELSEWHERE)
+
+
+def test_the_reasons_staged_elsewhere_name_real_tests() -> None:
+    for where in STAGED_ELSEWHERE.values():
+        file, name = where.split("::")
+        assert f"def {name}(" in (REPO / "tests" / "pipeline" / file).read_text(), where
 
 
 def test_every_reason_is_in_the_readme() -> None:
