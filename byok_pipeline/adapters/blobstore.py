@@ -334,20 +334,6 @@ class BlobStore:
             raise _transient_or_raise(exc, f"claiming {what}") from None
         return True
 
-    def status_leased(self, path: str) -> bool:
-        """Whether a worker holds the status document's lease now (one HEAD).
-
-        Raises:
-            TransientError: storage failed.
-        """
-        try:
-            props = self._status_blob(path).get_blob_properties()
-        except ResourceNotFoundError:
-            return False
-        except AzureError as exc:
-            raise _transient_or_raise(exc, "reading status lease") from None
-        return str(props.lease.state) == "leased"
-
     def load_status(self, path: str) -> StatusDoc | None:
         try:
             return StatusDoc.from_json(self._status_blob(path).download_blob().readall())

@@ -492,10 +492,12 @@ class _Run:
         import, the second as a new version.
 
         The claim passes to another record when its owner has finished (any final state), or
-        is idle: no worker holds its lease and no import PUT of it may still land (a drop
-        withdrawn after a failed try, a record waiting for approvals, a retired record). An
-        owner claiming again on a later attempt re-takes the claim conditionally, so a record
-        that judged it idle a moment before fails its take.
+        is idle: this record can lease the owner's status (no worker holds it; and once leased
+        here, a worker whose lease ran out can no longer renew it, so it sends no PUT on its
+        old check) and no import PUT of it may still land (a drop withdrawn after a failed try,
+        a record waiting for approvals, a retired record). An owner claiming again on a later
+        attempt re-takes the claim conditionally, so a record that judged it idle a moment
+        before fails its take.
 
         Raises:
             InProgress: another record of this key name is being processed (not an attempt).
@@ -509,17 +511,29 @@ class _Run:
                     return
                 continue  # taken meanwhile: see by whom
             other = store.load_status(owner)
-            if (
-                other is not None
-                and not other.terminal
-                and (store.status_leased(owner) or _import_may_land(other, self.deps))
-            ):
-                self._wait(
-                    f"another package for key {key_name!r} ({other.blob_name[:200]!r}) is being "
-                    "imported; this one waits for its outcome"
-                )
-            if store.take_key_name(key_name, self.path, etag):
-                return
+            if other is None or other.terminal:
+                if store.take_key_name(key_name, self.path, etag):
+                    return
+                continue
+            busy = (
+                f"another package for key {key_name!r} ({other.blob_name[:200]!r}) is being "
+                "imported; this one waits for its outcome"
+            )
+            # unfinished: judged idle only under its own lease, taken here as a fence (review
+            # finding: a worker paused past its lease renewed it and sent its PUT after another
+            # record had judged it idle; once another lease was taken, its renewal fails)
+            try:
+                fence = store.lease(owner)
+            except InProgress:
+                self._wait(busy)
+            try:
+                other = store.load_status(owner)  # read under the fence: not stale
+                if other is not None and not other.terminal and _import_may_land(other, self.deps):
+                    self._wait(busy)
+                if store.take_key_name(key_name, self.path, etag):
+                    return
+            finally:
+                store.release(fence)
         self._wait(f"other packages for key {key_name!r} are claiming it; this one waits")
 
     def _wait(self, why: str) -> NoReturn:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import secrets
 import threading
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -462,6 +463,43 @@ def test_an_idle_owner_of_a_key_name_does_not_block_it(
     again = _deliver(stack, first.name)
     assert (again.state, again.reason_code) == ("rejected", "existing_key_protected")
     assert _versions(stack, f"idle{uid}-k") == 1
+
+
+def test_an_owner_whose_lease_ran_out_sends_no_put_once_its_name_passed_on(
+    stack: Stack, uid: str, approver_keys: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner of a key name pauses past its lease after its existing-key check (a stalled
+    worker, a slow HSM read); another record finds it idle and imports. The owner, resuming,
+    must not renew its lease and import on its old check (review finding: it did, two
+    versions): the other record leased its status as a fence before taking the name."""
+    settings = replace(stack.deps.settings, lease_seconds=15)  # Azure's shortest lease
+    stack.deps.settings = stack.deps.store.settings = settings
+    stack.deps.hsm.settings = replace(stack.deps.hsm.settings, lease_seconds=15)
+    _set_policy(stack, _policy(approver_keys, {"prefix": f"exp{uid}-"}))
+    first = stack.package("oct-256", f"exp{uid}-k")
+    second = stack.package("oct-256", f"EXP{uid}-K")
+    stack.drop_package(first)
+    stack.drop_package(second)
+    real_check = check_existing
+    inner: list[str] = []
+
+    def stalls(*args: Any, **kwargs: Any) -> Any:
+        checked = real_check(*args, **kwargs)
+        if not inner:
+            inner.append("stalled")
+            time.sleep(16)  # the first's lease runs out
+            inner.append(_deliver(stack, second.name).state)
+        return checked
+
+    monkeypatch.setattr(processor, "check_existing", stalls)
+    with pytest.raises(InProgress):  # its lease is gone: it stops before any PUT
+        stack.deliver(first.name)
+    monkeypatch.setattr(processor, "check_existing", real_check)
+    assert inner == ["stalled", "imported"]
+    assert _versions(stack, f"exp{uid}-k") == 1
+    again = _deliver(stack, first.name)
+    assert (again.state, again.reason_code) == ("rejected", "existing_key_protected")
+    assert _versions(stack, f"exp{uid}-k") == 1
 
 
 def test_a_waiting_package_says_what_it_waits_for(
