@@ -68,19 +68,6 @@ CSV_COLUMNS = (
     "record_sha256",
     "trail_verified",
 )
-#: Trail fields: a retried event's copies differ only in these (and in what the export adds).
-_NOT_CONTENT = frozenset(
-    {
-        "chain_id",
-        "sequence",
-        "prev_sha256",
-        "recorded",
-        "record_sha256",
-        "batch_start",
-        "signature",
-        "trail_verified",
-    }
-)
 
 
 def _day(text: str) -> date:
@@ -406,7 +393,10 @@ def history(
     records are never part of a history. With ``vouched`` (:meth:`Report.vouched`) each record
     says whether the verification vouches for it (``trail_verified``), and of copies a vouched
     one is kept: a record anyone appended, with any ``recorded``, never hides a signed one."""
-    from byok_pipeline.audit.records import SEAL_EVENT, START_EVENT
+    from byok_pipeline.audit.records import SEAL_EVENT, START_EVENT, TRAIL_FIELDS
+
+    # a retried event's copies differ only in the trail's fields (and in what export adds)
+    not_content = {*TRAIL_FIELDS, "trail_verified"}
 
     events = [dict(r) for r in records if r.get("event") not in (START_EVENT, SEAL_EVENT)]
     if key is not None:
@@ -437,7 +427,7 @@ def history(
     copies = 0
     for record in chosen:
         content = json.dumps(
-            {k: v for k, v in record.items() if k not in _NOT_CONTENT}, sort_keys=True
+            {k: v for k, v in record.items() if k not in not_content}, sort_keys=True
         )
         if content in seen:
             copies += 1
