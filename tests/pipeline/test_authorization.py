@@ -8,6 +8,7 @@ import json
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -245,6 +246,25 @@ def test_an_approved_check_value_the_hsm_cannot_compute_is_refused(
     assert f"wrap{uid}-k" not in {k.name for k in stack.hsm.key_client().list_properties_of_keys()}
 
 
+def _during_first_check(monkeypatch: pytest.MonkeyPatch, during: Callable[[], None]) -> None:
+    """Run ``during`` once, right after the first existing-key check of the test: that record
+    holds its key name and is about to import. ``_undo_check`` puts the real check back."""
+    ran: list[bool] = []
+
+    def hooked(*args: Any, **kwargs: Any) -> Any:
+        checked = check_existing(*args, **kwargs)
+        if not ran:
+            ran.append(True)
+            during()
+        return checked
+
+    monkeypatch.setattr(processor, "check_existing", hooked)
+
+
+def _undo_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(processor, "check_existing", check_existing)
+
+
 def test_two_packages_for_one_protected_name_import_one_at_a_time(
     stack: Stack, uid: str, approver_keys: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -257,26 +277,20 @@ def test_two_packages_for_one_protected_name_import_one_at_a_time(
     second = stack.package("oct-256", f"RACE{uid}-K")
     stack.drop_package(first)
     stack.drop_package(second)
-    real_check = check_existing
     inner: list[BaseException | Outcome] = []
-    calls: list[str] = []
 
-    def second_runs_meanwhile(*args: Any, **kwargs: Any) -> Any:
-        checked = real_check(*args, **kwargs)
-        calls.append(args[2])
-        if len(calls) == 1:  # the first passed its check and is about to import: the second
-            try:
-                inner.append(stack.deliver(second.name))
-            except (InProgress, TransientError) as exc:
-                inner.append(exc)
-        return checked
+    def second_comes() -> None:
+        try:
+            inner.append(stack.deliver(second.name))
+        except (InProgress, TransientError) as exc:
+            inner.append(exc)
 
-    monkeypatch.setattr(processor, "check_existing", second_runs_meanwhile)
+    _during_first_check(monkeypatch, second_comes)
     assert _deliver(stack, first.name).state == "imported"
     (waited,) = inner
     assert isinstance(waited, InProgress), waited
     assert "is being imported" in str(waited)
-    monkeypatch.setattr(processor, "check_existing", real_check)
+    _undo_check(monkeypatch)
     waiting = stack.deps.store.status_by_name(second.name)
     assert waiting is not None
     assert (waiting.state, waiting.attempts) == ("received", 0)  # waiting is not an attempt
@@ -433,7 +447,6 @@ def test_an_idle_owner_of_a_key_name_does_not_block_it(
     _set_policy(stack, _policy(approver_keys, {"prefix": f"idle{uid}-"}))
     first = stack.package("oct-256", f"idle{uid}-k")
     stack.drop_package(first)
-    real_check = check_existing
 
     def hsm_down(*args: Any, **kwargs: Any) -> Any:
         raise TransientError("the HSM is unreachable", reason="transient")
@@ -441,7 +454,7 @@ def test_an_idle_owner_of_a_key_name_does_not_block_it(
     monkeypatch.setattr(processor, "check_existing", hsm_down)
     with pytest.raises(TransientError):
         stack.deliver(first.name)  # claimed the name, then failed: received, idle
-    monkeypatch.setattr(processor, "check_existing", real_check)
+    _undo_check(monkeypatch)
     held = stack.deps.store.status_by_name(first.name)
     assert held is not None
     assert held.state == "received"
@@ -480,21 +493,17 @@ def test_an_owner_whose_lease_ran_out_sends_no_put_once_its_name_passed_on(
     second = stack.package("oct-256", f"EXP{uid}-K")
     stack.drop_package(first)
     stack.drop_package(second)
-    real_check = check_existing
     inner: list[str] = []
 
-    def stalls(*args: Any, **kwargs: Any) -> Any:
-        checked = real_check(*args, **kwargs)
-        if not inner:
-            inner.append("stalled")
-            time.sleep(16)  # the first's lease runs out
-            inner.append(_deliver(stack, second.name).state)
-        return checked
+    def stalls() -> None:
+        inner.append("stalled")
+        time.sleep(16)  # the first's lease runs out
+        inner.append(_deliver(stack, second.name).state)
 
-    monkeypatch.setattr(processor, "check_existing", stalls)
+    _during_first_check(monkeypatch, stalls)
     with pytest.raises(InProgress):  # its lease is gone: it stops before any PUT
         stack.deliver(first.name)
-    monkeypatch.setattr(processor, "check_existing", real_check)
+    _undo_check(monkeypatch)
     assert inner == ["stalled", "imported"]
     assert _versions(stack, f"exp{uid}-k") == 1
     again = _deliver(stack, first.name)
@@ -513,16 +522,13 @@ def test_a_waiting_package_says_what_it_waits_for(
     stack.drop_package(first)
     stack.drop_package(second)
     seen: list[Any] = []
-    real_check = check_existing
 
-    def second_comes(*args: Any, **kwargs: Any) -> Any:
-        if not seen:
-            with pytest.raises(InProgress):
-                stack.deliver(second.name)
-            seen.append(stack.deps.store.status_by_name(second.name))
-        return real_check(*args, **kwargs)
+    def second_comes() -> None:
+        with pytest.raises(InProgress):
+            stack.deliver(second.name)
+        seen.append(stack.deps.store.status_by_name(second.name))
 
-    monkeypatch.setattr(processor, "check_existing", second_comes)
+    _during_first_check(monkeypatch, second_comes)
     assert _deliver(stack, first.name).state == "imported"
     (waiting,) = seen
     assert waiting is not None
